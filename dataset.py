@@ -1,0 +1,475 @@
+"""Image folders -> torchvision ``ImageFolder`` datasets and ``DataLoader`` objects.
+
+A dataset folder has one subfolder per class (the torchvision ``ImageFolder``
+layout)::
+
+    root/
+    ├── cat/
+    │   ├── 001.jpg
+    │   └── ...
+    └── dog/
+        └── ...
+
+Problems with the user's folders (missing, no classes, an empty class, train and
+test classes that differ, every image of a class unreadable) raise
+:class:`errors.UserError` with a one-line message. Unreadable image files are
+found once, up front, and skipped with one warning; a file that still fails to
+decode later, at load time, raises :class:`ImageLoadError` naming the file.
+
+Hidden entries (names starting with ``.``, such as ``.ipynb_checkpoints/`` or
+macOS ``._photo.jpg`` resource forks) are ignored, unlike plain ``ImageFolder``,
+which would make them a class or try to decode them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Callable, Optional, Union
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
+
+from errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# ImageNet statistics; the pretrained torchvision weights expect inputs
+# normalized with them, and fine-tuning keeps the same input distribution.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Area range of RandomResizedCrop when fine-tuning. The ImageNet default lower
+# bound of 0.08 suits training from scratch on 1.28M images; on a small
+# fine-tuning set such tight crops often cut the object out of the picture, so
+# keep at least about a third of the image.
+TRAIN_CROP_SCALE = (0.35, 1.0)
+
+# Evaluation crops the central 87.5% of the image: resize the short side to
+# image_size / 0.875 (256 for 224), then center-crop image_size (torchvision
+# reference recipe).
+TEST_CROP_RATIO = 0.875
+
+# How many offending names a warning or an error message lists before "...".
+MAX_NAMES_SHOWN = 3
+
+
+class ImageLoadError(UserError):
+    """An image file that passed the up-front scan but failed to load.
+
+    DataLoader workers send exceptions to the main process as
+    ``type(exc)(text)``, where ``text`` is the worker's whole formatted
+    traceback. To keep the command line's one-line ``error:`` message, the
+    constructor recovers our own message from the last line of such a text.
+    """
+
+    def __init__(self, message: str) -> None:
+        lines = message.strip().splitlines()
+        if len(lines) > 1:
+            tag = f"{type(self).__name__}: "
+            for line in reversed(lines):
+                if tag in line:
+                    message = line.split(tag, 1)[1]
+                    break
+        super().__init__(message)
+
+
+def _one_line(exc: BaseException) -> str:
+    """Why Pillow failed, on one line (callers name the file themselves)."""
+    if isinstance(exc, UnidentifiedImageError):
+        # Its own text is "cannot identify image file <_io.BufferedReader name=...>".
+        return "not a recognised image format"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _preview(names: Sequence[str], *, limit: int = MAX_NAMES_SHOWN, quote: bool = True) -> str:
+    """``'a', 'b', 'c'`` plus ``and N more`` when there are more than ``limit``."""
+    shown = ", ".join(repr(str(n)) if quote else str(n) for n in names[:limit])
+    if len(names) > limit:
+        shown += f" and {len(names) - limit} more"
+    return shown
+
+
+def _check_positive_int(name: str, value: object, *, minimum: int = 1) -> None:
+    # bool is an int subclass, but ``batch_size=True`` is always a mistake.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _has_image_extension(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _list_classes(root: str) -> list[str]:
+    """Sorted non-hidden subfolder names of ``root`` (symlinks followed)."""
+    with os.scandir(root) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not _is_hidden(e.name))
+
+
+def _list_images(class_dir: str) -> list[str]:
+    """Image files under ``class_dir``, recursively, in ``ImageFolder`` order."""
+    found = []
+    for dirpath, dirnames, filenames in sorted(os.walk(class_dir, followlinks=True)):
+        # Pruning in place stops os.walk from descending into hidden folders.
+        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+        found.extend(
+            os.path.join(dirpath, f)
+            for f in sorted(filenames)
+            if not _is_hidden(f) and _has_image_extension(f)
+        )
+    return found
+
+
+def check_image_folder(path: PathLike, *, role: str) -> list[str]:
+    """Check that ``path`` is a usable image-classification folder.
+
+    Only names are looked at (no image is opened), so this is cheap.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Folder with one subfolder of images per class.
+    role : str
+        What the folder is for (``"train"``, ``"test"``), used in messages.
+
+    Returns
+    -------
+    list of str
+        The class names, sorted (class ``i`` is ``classes[i]``).
+
+    Raises
+    ------
+    errors.UserError
+        If ``path`` is missing or not a directory, has no class subfolders, has
+        a class folder without image files, or has fewer than 2 classes.
+    """
+    root = os.fspath(path)
+    if not os.path.exists(root):
+        raise UserError(f"{role} folder {root} does not exist")
+    if not os.path.isdir(root):
+        raise UserError(f"{role} folder {root} is not a directory")
+    classes = _list_classes(root)
+    if not classes:
+        raise UserError(
+            f"{role} folder {root} has no class subfolders "
+            f"(expected {os.path.join(root, '<class>', '<image>')})"
+        )
+    empty = [c for c in classes if not _list_images(os.path.join(root, c))]
+    if empty:
+        raise UserError(
+            f"{role} folder {root}: class folder(s) {_preview(empty)} contain no images "
+            f"(extensions {', '.join(IMG_EXTENSIONS)})"
+        )
+    if len(classes) < 2:
+        raise UserError(
+            f"{role} folder {root} has only 1 class ({classes[0]!r}); a classifier needs at least 2"
+        )
+    return classes
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Return ``img`` as a 3-channel RGB image (grey, RGBA, palette, CMYK, ...)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        # Going through RGBA avoids Pillow's warning about palette transparency.
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+class ToRGB:
+    """Transform that converts a PIL image to RGB (see :func:`to_rgb`)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return to_rgb(img)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode the image at ``path`` fully, as RGB.
+
+    Raises
+    ------
+    ImageLoadError
+        If the file cannot be read or decoded; the message names the file.
+    """
+    try:
+        # Open through a file object so the file is closed at once
+        # (https://github.com/python-pillow/Pillow/issues/835).
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()  # decode now, while the file is open (RGB is not converted)
+            return to_rgb(img)
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ...
+        raise ImageLoadError(f"cannot load image {path}: {_one_line(exc)}") from exc
+
+
+def build_transforms(image_size: int, *, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """Preprocessing of a PIL image into a normalized ``(3, image_size, image_size)`` tensor.
+
+    Parameters
+    ----------
+    image_size : int
+        Side of the square network input, e.g. 224.
+    train : bool
+        ``True``: random resized crop (area in :data:`TRAIN_CROP_SCALE`) and
+        horizontal flip. ``False``: resize the short side to
+        ``round(image_size / TEST_CROP_RATIO)`` and center-crop ``image_size``.
+
+    Returns
+    -------
+    torchvision.transforms.Compose
+        Any PIL mode is converted to RGB first; the output is normalized with
+        :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD`.
+
+    References
+    ----------
+    .. [1] torchvision classification reference scripts, ``presets.py``:
+       https://github.com/pytorch/vision/tree/main/references/classification
+    """
+    _check_positive_int("image_size", image_size)
+    if train:
+        geometry = [
+            transforms.RandomResizedCrop(image_size, scale=TRAIN_CROP_SCALE),
+            transforms.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [
+            transforms.Resize(round(image_size / TEST_CROP_RATIO)),
+            transforms.CenterCrop(image_size),
+        ]
+    return transforms.Compose(
+        [
+            ToRGB(),
+            *geometry,
+            transforms.ToTensor(),  # uint8 HWC [0, 255] -> float CHW [0, 1]
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class ScannedImageFolder(ImageFolder):
+    """An ``ImageFolder`` over a sample list that was scanned beforehand.
+
+    It has the usual ``classes``, ``class_to_idx``, ``samples`` and ``targets``
+    attributes; the unreadable files found by the scan are simply not in
+    ``samples``. Images are loaded with :func:`load_rgb`.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        *,
+        classes: Sequence[str],
+        samples: Sequence[tuple[str, int]],
+        transform: Optional[Callable] = None,
+    ) -> None:
+        # ImageFolder.__init__ calls find_classes and make_dataset below.
+        self._scanned = (list(classes), list(samples))
+        super().__init__(os.fspath(root), transform=transform, loader=load_rgb)
+        del self._scanned
+
+    def find_classes(self, directory: PathLike) -> tuple[list[str], dict[str, int]]:
+        classes = self._scanned[0]
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(  # type: ignore[override]  # a staticmethod in DatasetFolder
+        self,
+        directory: PathLike,
+        class_to_idx: dict[str, int],
+        extensions: Optional[tuple[str, ...]] = None,
+        is_valid_file: Optional[Callable[[str], bool]] = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        return self._scanned[1]
+
+
+def _scan_folder(root: str, classes: Sequence[str], *, role: str) -> list[tuple[str, int]]:
+    """List the samples of ``root`` and drop the files Pillow cannot verify.
+
+    ``Image.verify()`` reads the header and, for PNG, checks every chunk's CRC,
+    without decoding pixels; this finds non-images, empty and most broken files
+    at a fraction of the cost of a decode. What it misses (e.g. a truncated JPEG)
+    raises :class:`ImageLoadError` when loaded.
+    """
+    candidates = [
+        (path, idx)
+        for idx, cls in enumerate(classes)
+        for path in _list_images(os.path.join(root, cls))
+    ]
+    samples, bad = [], []
+    for path, idx in tqdm(candidates, desc=f"checking {role} images", unit="img",
+                          leave=False, disable=None):
+        try:
+            with open(path, "rb") as f:
+                Image.open(f).verify()
+        except Exception as exc:  # Pillow raises many exception types for bad files
+            bad.append(f"{path} ({_one_line(exc)})")
+        else:
+            samples.append((path, idx))
+    if bad:
+        warnings.warn(
+            f"skipped {len(bad)} unreadable image file(s) in {role} folder {root}: {_preview(bad, quote=False)}",
+            stacklevel=3,
+        )
+    present = {idx for _, idx in samples}
+    emptied = [c for i, c in enumerate(classes) if i not in present]
+    if emptied:
+        raise UserError(
+            f"{role} folder {root}: every image of class(es) {_preview(emptied)} is unreadable"
+        )
+    return samples
+
+
+def build_datasets(
+    train_path: Optional[PathLike],
+    test_path: Optional[PathLike],
+    *,
+    image_size: int,
+) -> tuple[Optional[ScannedImageFolder], Optional[ScannedImageFolder], list[str]]:
+    """Build the train and test datasets from two class folders.
+
+    Parameters
+    ----------
+    train_path, test_path : str, os.PathLike or None
+        Class folders (see :func:`check_image_folder`). Either may be ``None``
+        (evaluation needs only a test folder), not both.
+    image_size : int
+        Network input size, see :func:`build_transforms`.
+
+    Returns
+    -------
+    train_ds, test_ds : ScannedImageFolder or None
+        ``None`` where the path was ``None``. Train uses the augmenting
+        transforms, test the deterministic ones.
+    classes : list of str
+        Sorted class names, the same for both folders.
+
+    Raises
+    ------
+    errors.UserError
+        For the folder problems of :func:`check_image_folder`, when the test
+        classes differ from the train classes, or when every image of a class is
+        unreadable. Unreadable files are otherwise skipped with one warning.
+    """
+    _check_positive_int("image_size", image_size)
+    if train_path is None and test_path is None:
+        raise ValueError("build_datasets needs train_path or test_path, got neither")
+    # Check every folder before the (slower) image scan so mistakes fail fast.
+    folders = {}
+    for role, path in (("train", train_path), ("test", test_path)):
+        if path is not None:
+            root = os.fspath(path)
+            folders[role] = (root, check_image_folder(root, role=role))
+    if len(folders) == 2:
+        (train_root, train_classes), (test_root, test_classes) = folders["train"], folders["test"]
+        if train_classes != test_classes:
+            only_train = sorted(set(train_classes) - set(test_classes))
+            only_test = sorted(set(test_classes) - set(train_classes))
+            raise UserError(
+                f"test folder {test_root} must have the same classes as train folder {train_root}: "
+                f"only in train: [{_preview(only_train)}]; only in test: [{_preview(only_test)}]"
+            )
+
+    datasets: dict[str, ScannedImageFolder] = {}
+    for role, (root, classes) in folders.items():
+        samples = _scan_folder(root, classes, role=role)
+        datasets[role] = ScannedImageFolder(
+            root, classes=classes, samples=samples,
+            transform=build_transforms(image_size, train=role == "train"),
+        )
+        logger.info("%s: %d images in %d classes from %s", role, len(samples), len(classes), root)
+    classes = next(iter(folders.values()))[1]
+    return datasets.get("train"), datasets.get("test"), classes
+
+
+def build_loaders(
+    train_ds: Optional[Dataset],
+    test_ds: Optional[Dataset],
+    *,
+    batch_size: int,
+    workers: int,
+    distributed: bool = False,
+    seed: int = 0,
+    num_replicas: Optional[int] = None,
+    rank: Optional[int] = None,
+) -> tuple[Optional[DataLoader], Optional[DataLoader], Optional[DistributedSampler]]:
+    """Wrap the datasets in DataLoaders.
+
+    Parameters
+    ----------
+    train_ds, test_ds : Dataset or None
+        ``None`` gives a ``None`` loader.
+    batch_size : int
+        Images per batch (per process when distributed).
+    workers : int
+        Loader worker processes; 0 loads in the main process. With workers,
+        they persist across epochs (no re-fork per epoch).
+    distributed : bool
+        Use a ``DistributedSampler`` for both loaders: train shuffled, test in
+        order. It pads the test set to a multiple of the world size, so a few
+        test images can be counted twice; that is accepted here.
+    seed : int
+        Seeds the train shuffling and the worker RNGs (random augmentation).
+    num_replicas, rank : int, optional
+        Passed to ``DistributedSampler``; by default it asks
+        ``torch.distributed``. Only with ``distributed=True``.
+
+    Returns
+    -------
+    train_loader, test_loader : DataLoader or None
+    train_sampler : DistributedSampler or None
+        Call ``train_sampler.set_epoch(epoch)`` every epoch so that each epoch
+        is shuffled differently; ``None`` when not distributed.
+    """
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("workers", workers, minimum=0)
+    if not distributed and (num_replicas is not None or rank is not None):
+        raise ValueError(
+            f"num_replicas={num_replicas!r} and rank={rank!r} need distributed=True"
+        )
+    common = dict(
+        batch_size=batch_size,
+        num_workers=workers,
+        # Page-locked host memory only helps copies to a GPU.
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
+
+    train_loader = train_sampler = None
+    if train_ds is not None:
+        # The generator also seeds each worker's RNGs, so the random crops and
+        # flips are reproducible for a given seed and worker count.
+        generator = torch.Generator().manual_seed(seed)
+        if distributed:
+            train_sampler = DistributedSampler(
+                train_ds, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
+            )
+            train_loader = DataLoader(train_ds, sampler=train_sampler, generator=generator, **common)
+        else:
+            train_loader = DataLoader(train_ds, shuffle=True, generator=generator, **common)
+
+    test_loader = None
+    if test_ds is not None:
+        test_sampler = (
+            DistributedSampler(test_ds, num_replicas=num_replicas, rank=rank, shuffle=False)
+            if distributed else None
+        )
+        test_loader = DataLoader(test_ds, sampler=test_sampler, shuffle=False, **common)
+    return train_loader, test_loader, train_sampler

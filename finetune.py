@@ -1,0 +1,776 @@
+"""Training and evaluation engine: one epoch, evaluation, a full fine-tuning run, latency.
+
+Modelled on torchvision's ``references/classification/train.py`` (``train_one_epoch``,
+``evaluate``, the ``utils.init_distributed_mode`` helper) with a few deliberate choices:
+
+* Everything is device-agnostic: callers pass one ``torch.device`` (see
+  :func:`resolve_device`) and nothing here calls ``.cuda()``.
+* Mixed precision is used on CUDA only: ``torch.autocast`` with bfloat16 when the GPU
+  supports it, otherwise float16 together with a :class:`torch.amp.GradScaler`.
+  On CPU and MPS training runs in float32.
+* The learning rate follows a short linear warm-up and then a cosine decay, stepped once
+  per batch (fine-tuning runs are often only a few epochs long, so a per-epoch schedule
+  would be too coarse).
+* A non-finite loss stops training with :class:`NonFiniteLossError` instead of silently
+  producing a model full of NaNs.
+* Distributed data parallel (``torchrun``) is supported: :func:`init_distributed` reads
+  the torchrun environment, metrics are summed over all ranks, and only the main rank
+  shows progress bars and logs. Wrapping the model in ``DistributedDataParallel`` is the
+  caller's job; :func:`fit` works with a wrapped or a plain model.
+
+Accuracies are fractions in ``[0, 1]``; losses are sample-weighted means.
+
+References
+----------
+.. [1] torchvision classification reference scripts,
+       https://github.com/pytorch/vision/tree/main/references/classification
+.. [2] I. Loshchilov and F. Hutter, "SGDR: Stochastic Gradient Descent with Warm
+       Restarts", ICLR 2017 (cosine learning-rate schedule).
+.. [3] P. Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour",
+       arXiv:1706.02677, 2017 (linear learning-rate warm-up).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from errors import UserError
+
+logger = logging.getLogger(__name__)
+
+#: Default L2 penalty for SGD; the value used to train VGG (Simonyan & Zisserman, 2015).
+DEFAULT_WEIGHT_DECAY = 5e-4
+#: Default SGD momentum.
+DEFAULT_MOMENTUM = 0.9
+#: Fraction of all optimisation steps spent in the linear warm-up.
+WARMUP_FRACTION = 0.05
+#: Learning-rate multiplier at the first warm-up step (ramps linearly to 1).
+WARMUP_START_FACTOR = 0.1
+#: Learning-rate multiplier the cosine decay ends at.
+FINAL_LR_FACTOR = 0.0
+
+#: Device names accepted by :func:`resolve_device` (``cuda:N`` selects GPU number N).
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+_CUDA_INDEX_RE = re.compile(r"cuda:(\d+)")
+
+#: Environment variables set by ``torchrun`` for each worker.
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The training loss became NaN or infinite (usually a learning rate that is too high).
+
+    It is a :class:`errors.UserError`, so the command line reports it as one line.
+    """
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn a ``--device`` value into a :class:`torch.device`, checking it is usable.
+
+    Parameters
+    ----------
+    name : str
+        One of ``"auto"`` (CUDA if available, else MPS if available, else CPU),
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``; case and surrounding
+        whitespace are ignored.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    errors.UserError
+        If the name is unknown, or names an accelerator (or GPU index) that this
+        machine or this PyTorch build does not have.
+    """
+    key = name.strip().lower()
+    if key == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if key == "cpu":
+        return torch.device("cpu")
+    match = _CUDA_INDEX_RE.fullmatch(key)
+    if key == "cuda" or match:
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"device {name!r} requested but CUDA is not available "
+                f"(torch {torch.__version__}); use 'cpu' or 'auto'"
+            )
+        if match:
+            index, count = int(match.group(1)), torch.cuda.device_count()
+            if index >= count:
+                raise UserError(
+                    f"device {name!r} requested but only {count} CUDA device(s) exist "
+                    f"(valid: cuda:0..cuda:{count - 1})"
+                )
+        return torch.device(key)
+    if key == "mps":
+        if not _mps_available():
+            raise UserError(
+                f"device {name!r} requested but MPS (Apple GPU) is not available; "
+                "use 'cpu' or 'auto'"
+            )
+        return torch.device("mps")
+    raise UserError(f"unknown device {name!r}; allowed: {', '.join(DEVICE_CHOICES)}")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return backend is not None and backend.is_available()
+
+
+def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype to use on ``device``, or ``None`` for full precision.
+
+    bfloat16 on CUDA GPUs that support it (no loss scaling needed), float16 on older
+    CUDA GPUs (pair it with a :class:`torch.amp.GradScaler`), ``None`` on CPU and MPS.
+    """
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued kernels so host-side timings cover the work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ----------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in a (possibly disabled) distributed run."""
+
+    enabled: bool
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that should log, show progress and write files."""
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Join the process group described by torchrun's environment, if there is one.
+
+    When ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` are all set and ``WORLD_SIZE > 1``,
+    the default process group is initialised from the environment (``MASTER_ADDR`` /
+    ``MASTER_PORT``): NCCL on CUDA, where the device becomes ``cuda:LOCAL_RANK``, and
+    Gloo on CPU. Otherwise nothing is initialised and a disabled :class:`DistInfo` is
+    returned together with ``device`` unchanged.
+
+    Parameters
+    ----------
+    device : torch.device
+        The device chosen by :func:`resolve_device`.
+
+    Returns
+    -------
+    (DistInfo, torch.device)
+        The process's place in the run and the device it must use.
+
+    Raises
+    ------
+    errors.UserError
+        For malformed torchrun variables, a missing ``MASTER_ADDR``/``MASTER_PORT``,
+        an MPS device (no distributed backend), or a LOCAL_RANK without a matching GPU.
+    """
+    if not all(var in os.environ for var in _TORCHRUN_VARS):
+        return DistInfo(enabled=False, rank=0, world_size=1, local_rank=0), device
+    try:
+        rank, world_size, local_rank = (int(os.environ[var]) for var in _TORCHRUN_VARS)
+    except ValueError:
+        values = ", ".join(f"{var}={os.environ[var]!r}" for var in _TORCHRUN_VARS)
+        raise UserError(f"torchrun variables must be integers, got {values}") from None
+    if world_size <= 1:
+        return DistInfo(enabled=False, rank=0, world_size=1, local_rank=0), device
+    if not 0 <= rank < world_size:
+        raise UserError(f"RANK={rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={world_size})")
+    missing = [var for var in ("MASTER_ADDR", "MASTER_PORT") if var not in os.environ]
+    if missing:
+        raise UserError(
+            f"distributed run (WORLD_SIZE={world_size}) but {' and '.join(missing)} "
+            "not set; launch with torchrun"
+        )
+    if not dist.is_available():
+        raise UserError("this PyTorch build has no torch.distributed support")
+
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA "
+                "device(s) are visible"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise UserError(
+            f"distributed training is not supported on device {str(device)!r}; "
+            "use 'cuda' or 'cpu'"
+        )
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            # Binding NCCL to this rank's GPU up front avoids guessing (and a warning).
+            device_id=device if backend == "nccl" else None,
+        )
+    logger.info("distributed: rank %d/%d (local %d), backend %s, device %s",
+                rank, world_size, local_rank, backend, device)
+    return DistInfo(enabled=True, rank=rank, world_size=world_size, local_rank=local_rank), device
+
+
+def cleanup_distributed() -> None:
+    """Destroy the default process group if one was initialised (safe to call always)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_main_process() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (identity when not distributed).
+
+    float64 keeps sample counts and loss sums exact enough; the tensor lives on
+    ``device`` because NCCL only reduces GPU tensors.
+    """
+    if not _distributed():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel/DataParallel wrapper, else the model."""
+    return model.module if isinstance(
+        model, (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    ) else model
+
+
+# ------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int, *, deterministic: bool = False) -> None:
+    """Seed Python's, NumPy's and PyTorch's (CPU and all CUDA devices) random generators.
+
+    With the same seed, two CPU runs of the same code produce bit-identical weights
+    (data-loader shuffling, weight initialisation and dropout all draw from these
+    generators; use ``num_workers=0`` or a seeded ``worker_init_fn`` for loaders).
+
+    Parameters
+    ----------
+    seed : int
+        The seed.
+    deterministic : bool, default False
+        Also ask PyTorch for deterministic kernels (``torch.use_deterministic_algorithms``
+        in warn-only mode, cuDNN benchmarking off). Slower on GPU; CPU runs are already
+        reproducible without it. This changes process-wide PyTorch settings.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # NumPy only accepts 32-bit seeds
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.cuda.manual_seed_all(seed)  # explicit; lazily applied if CUDA is not initialised
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+# ------------------------------------------------------------------ train / evaluate
+
+
+def _check_amp(amp_dtype: torch.dtype | None) -> None:
+    if amp_dtype not in (None, torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}"
+        )
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    epoch: int,
+    scaler: torch.amp.GradScaler | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    criterion: nn.Module | None = None,
+    amp_dtype: torch.dtype | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Train ``model`` for one pass over ``loader``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (plain or wrapped in ``DistributedDataParallel``), already on ``device``.
+        It is put in training mode.
+    loader : iterable of (inputs, targets)
+        Batches of inputs and integer class targets.
+    optimizer : torch.optim.Optimizer
+        Stepped once per batch.
+    device : torch.device
+        Batches are moved here.
+    epoch : int
+        Only used for the progress bar and error messages.
+    scaler : torch.amp.GradScaler, optional
+        Loss scaler for float16 autocast; ``None`` for bfloat16 or full precision.
+    scheduler : LRScheduler, optional
+        Stepped once per batch, after the optimizer.
+    criterion : nn.Module, optional
+        Loss function of ``(logits, targets)``; default ``nn.CrossEntropyLoss()``.
+    amp_dtype : torch.dtype, optional
+        Run the forward pass under ``torch.autocast`` with this dtype; ``None`` (default)
+        means full precision. :func:`autocast_dtype_for` gives the usual choice.
+    show_progress : bool, default True
+        Show a tqdm bar with running loss/accuracy (always hidden on non-main ranks).
+
+    Returns
+    -------
+    dict
+        ``loss`` (sample-weighted mean of the per-batch training loss), ``acc``
+        (fraction of correct top-1 predictions, measured on the training batches while
+        the weights change) and ``n`` (samples seen), summed over all ranks when
+        distributed.
+
+    Raises
+    ------
+    NonFiniteLossError
+        If a batch's loss is NaN or infinite (on any rank); no update is made from it.
+    ValueError
+        If the loader yields no batches, or ``amp_dtype`` is not a supported dtype.
+    """
+    _check_amp(amp_dtype)
+    criterion = nn.CrossEntropyLoss() if criterion is None else criterion
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, dynamic_ncols=True,
+               disable=not show_progress or not _is_main_process())
+    for step, (inputs, targets) in enumerate(bar):
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            logits = model(inputs)  # (B, num_classes)
+            loss = criterion(logits, targets)
+
+        # One host sync per step: the loss and the batch's correct count together.
+        batch_loss, batch_correct = torch.stack(
+            [loss.detach().float(), (logits.argmax(dim=1) == targets).sum().float()]
+        ).tolist()
+        if not _all_ranks_finite(batch_loss, device):
+            raise NonFiniteLossError(
+                f"training loss became non-finite ({batch_loss} on this rank) at epoch "
+                f"{epoch}, batch {step}; try a lower learning rate"
+            )
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+        batch_size = targets.shape[0]
+        loss_sum += batch_loss * batch_size
+        correct += int(batch_correct)
+        seen += batch_size
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
+                        refresh=False)
+    bar.close()
+
+    loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], device)
+    if seen == 0:
+        raise ValueError("the training loader yielded no batches")
+    return {"loss": loss_sum / seen, "acc": correct / seen, "n": int(seen)}
+
+
+def _all_ranks_finite(value: float, device: torch.device) -> bool:
+    """Whether ``value`` is finite on every rank.
+
+    All ranks must agree before any of them raises: a rank that stopped early would
+    leave the others blocked in DDP's gradient all-reduce.
+    """
+    finite = math.isfinite(value)
+    if not _distributed():
+        return finite
+    flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device,
+    criterion: nn.Module | None = None,
+    amp_dtype: torch.dtype | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Loss and top-1 accuracy of ``model`` over ``loader``.
+
+    Runs under ``torch.inference_mode()`` with the model in eval mode; the model's
+    previous train/eval mode is restored afterwards. A ``DistributedDataParallel``
+    wrapper is looked through, so evaluation makes no collective calls per batch.
+
+    When distributed, the sums of loss, correct predictions and samples are all-reduced,
+    so every rank gets the global figures. Note that ``DistributedSampler`` (with its
+    default ``drop_last=False``) pads the dataset by repeating a few samples until it
+    divides evenly among the ranks: ``n`` is then the padded size
+    ``ceil(len(dataset) / world_size) * world_size`` and the repeated samples count
+    twice, a bias of at most ``world_size - 1`` samples.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model, already on ``device``.
+    loader : iterable of (inputs, targets)
+        Batches of inputs and integer class targets.
+    device : torch.device
+        Batches are moved here.
+    criterion : nn.Module, optional
+        Loss function of ``(logits, targets)`` returning the batch mean; default
+        ``nn.CrossEntropyLoss()``.
+    amp_dtype : torch.dtype, optional
+        Autocast dtype for the forward pass; ``None`` for full precision.
+    show_progress : bool, default True
+        Show a tqdm bar (always hidden on non-main ranks).
+
+    Returns
+    -------
+    dict
+        ``loss`` (sample-weighted mean), ``acc`` (fraction correct) and ``n`` (samples).
+
+    Raises
+    ------
+    ValueError
+        If the loader yields no samples (on all ranks together).
+    """
+    _check_amp(amp_dtype)
+    criterion = nn.CrossEntropyLoss() if criterion is None else criterion
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    # Accumulate on the device and read back once, so the loop never waits on the GPU.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    try:
+        with torch.inference_mode():
+            bar = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
+                       disable=not show_progress or not _is_main_process())
+            for inputs, targets in bar:
+                inputs = inputs.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                with _autocast(device, amp_dtype):
+                    logits = net(inputs)  # (B, num_classes)
+                    loss = criterion(logits, targets)
+                batch_size = targets.shape[0]
+                loss_sum += loss.double() * batch_size
+                correct += (logits.argmax(dim=1) == targets).sum()
+                seen += batch_size
+            bar.close()
+    finally:
+        net.train(was_training)
+
+    loss_total, correct_total, seen_total = _all_reduce_sum(
+        [loss_sum.item(), correct.item(), seen], device
+    )
+    if seen_total == 0:
+        raise ValueError("the evaluation loader yielded no samples")
+    return {"loss": loss_total / seen_total, "acc": correct_total / seen_total,
+            "n": int(seen_total)}
+
+
+# ------------------------------------------------------------------------------ fit
+
+
+def warmup_cosine_factor(step: int, *, warmup_steps: int, total_steps: int,
+                         start_factor: float = WARMUP_START_FACTOR,
+                         final_factor: float = FINAL_LR_FACTOR) -> float:
+    """Learning-rate multiplier at optimisation step ``step`` (0-based).
+
+    Linear from ``start_factor`` to 1 over the first ``warmup_steps`` steps [1]_, then a
+    half cosine from 1 down to ``final_factor`` at ``total_steps`` [2]_::
+
+        f(t) = start + (1 - start) * t / W                              for t < W
+        f(t) = final + (1 - final) * (1 + cos(pi * (t - W) / (T - W))) / 2   otherwise
+
+    Parameters
+    ----------
+    step : int
+        Number of optimiser steps already taken.
+    warmup_steps : int
+        ``W``; 0 disables the warm-up.
+    total_steps : int
+        ``T``, the number of optimiser steps in the whole run.
+    start_factor, final_factor : float
+        Multipliers at the first step and at the end.
+
+    Returns
+    -------
+    float
+
+    References
+    ----------
+    .. [1] Goyal et al., "Accurate, Large Minibatch SGD", arXiv:1706.02677, 2017.
+    .. [2] Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm
+           Restarts", ICLR 2017.
+    """
+    if step < warmup_steps:
+        return start_factor + (1.0 - start_factor) * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    test_loader=None,
+    *,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    momentum: float = DEFAULT_MOMENTUM,
+    train_sampler=None,
+    label_smoothing: float = 0.0,
+    amp: bool = True,
+    show_progress: bool = True,
+    log: logging.Logger | None = None,
+) -> list[dict]:
+    """Fine-tune ``model``: SGD with momentum, warm-up + cosine LR, evaluation each epoch.
+
+    Only parameters with ``requires_grad=True`` are optimised, so freezing layers is
+    done by the caller before calling ``fit`` (frozen parameters are not touched, not
+    even by weight decay). The model may be wrapped in ``DistributedDataParallel`` by
+    the caller; metrics are then global and only rank 0 logs.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Model to train in place; moved to ``device``.
+    train_loader : DataLoader
+        Training batches; must have a length (the schedule is per batch).
+    test_loader : DataLoader, optional
+        Evaluated after every epoch when given.
+    epochs : int
+        Number of epochs, >= 1.
+    lr : float
+        Peak learning rate, > 0 (reached at the end of the warm-up).
+    device : torch.device
+        Where to train.
+    weight_decay : float, default DEFAULT_WEIGHT_DECAY
+        L2 penalty applied by SGD to all trainable parameters.
+    momentum : float, default DEFAULT_MOMENTUM
+        SGD momentum.
+    train_sampler : sampler with ``set_epoch``, optional
+        Typically a ``DistributedSampler``; ``set_epoch(epoch)`` (0-based) is called
+        before each epoch so shuffling differs per epoch. When omitted and
+        ``train_loader.sampler`` is a ``DistributedSampler``, that one is used.
+    label_smoothing : float, default 0.0
+        Label smoothing of the training cross-entropy (the test loss is unsmoothed).
+    amp : bool, default True
+        Use mixed precision where :func:`autocast_dtype_for` allows it (CUDA only).
+    show_progress : bool, default True
+        Show tqdm bars (main rank only).
+    log : logging.Logger, optional
+        Logger for the one-line-per-epoch summary; default this module's logger.
+
+    Returns
+    -------
+    list of dict
+        One dict per epoch with ``epoch`` (1-based), ``lr`` (learning rate at the
+        start of the epoch), ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``
+        (``None`` without a test loader) and ``seconds`` (wall time of the epoch,
+        evaluation included).
+
+    Raises
+    ------
+    ValueError
+        If ``epochs < 1``, ``lr <= 0``, another option is out of range, the model has
+        no trainable parameters or the training loader is empty (the option errors are
+        :class:`errors.UserError`).
+    NonFiniteLossError
+        If training diverges.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise UserError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise UserError(f"learning rate must be a finite number > 0, got {lr!r}")
+    if weight_decay < 0:
+        raise UserError(f"weight decay must be >= 0, got {weight_decay!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise UserError(f"momentum must be in [0, 1), got {momentum!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise UserError(f"label smoothing must be in [0, 1), got {label_smoothing!r}")
+    log = logger if log is None else log
+
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError("the training loader yielded no batches")
+    if train_sampler is None and isinstance(
+        getattr(train_loader, "sampler", None), torch.utils.data.DistributedSampler
+    ):
+        train_sampler = train_loader.sampler
+
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    total_steps = epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        partial(warmup_cosine_factor, warmup_steps=int(WARMUP_FRACTION * total_steps),
+                total_steps=total_steps),
+    )
+    amp_dtype = autocast_dtype_for(device) if amp else None
+    # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    train_criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    is_main = _is_main_process()
+
+    history = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(
+            model, train_loader, optimizer, device=device, epoch=epoch + 1, scaler=scaler,
+            scheduler=scheduler, criterion=train_criterion, amp_dtype=amp_dtype,
+            show_progress=show_progress,
+        )
+        test = (evaluate(model, test_loader, device=device, amp_dtype=amp_dtype,
+                         show_progress=show_progress)
+                if test_loader is not None else None)
+        record = {
+            "epoch": epoch + 1,
+            "lr": epoch_lr,
+            "train_loss": train["loss"],
+            "train_acc": train["acc"],
+            "test_loss": test["loss"] if test else None,
+            "test_acc": test["acc"] if test else None,
+            "seconds": time.perf_counter() - start,
+        }
+        history.append(record)
+        if is_main:
+            test_part = (f"  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
+                         if test else "")
+            log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%%s  (%.1f s)",
+                     epoch + 1, epochs, epoch_lr, record["train_loss"],
+                     100 * record["train_acc"], test_part, record["seconds"])
+    return history
+
+
+# -------------------------------------------------------------------------- latency
+
+
+def measure_latency(model: nn.Module, example: torch.Tensor, *, warmup: int = 3,
+                    repeats: int = 10) -> dict:
+    """Wall-clock time of ``model(example)`` in milliseconds.
+
+    The model is put in eval mode (restored afterwards) and called under
+    ``torch.inference_mode()``; ``example`` must already be on the model's device.
+    On CUDA/MPS the device is synchronised around each call so the time covers the
+    kernels, not just their launch. This only measures; it judges nothing.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to time.
+    example : torch.Tensor
+        One input batch, e.g. of shape (B, 3, 224, 224).
+    warmup : int, default 3
+        Untimed calls first (allocator, cuDNN autotuning, lazy initialisation).
+    repeats : int, default 10
+        Timed calls, >= 1.
+
+    Returns
+    -------
+    dict
+        ``median_ms``, ``min_ms``, ``mean_ms`` and ``times_ms`` (the ``repeats`` times).
+
+    Raises
+    ------
+    ValueError
+        If ``warmup < 0`` or ``repeats < 1``.
+    """
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup!r}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    device = example.device
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    times_ms = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                net(example)
+            for _ in range(repeats):
+                _synchronize(device)
+                start = time.perf_counter()
+                net(example)
+                _synchronize(device)
+                times_ms.append((time.perf_counter() - start) * 1e3)
+    finally:
+        net.train(was_training)
+    return {
+        "median_ms": statistics.median(times_ms),
+        "min_ms": min(times_ms),
+        "mean_ms": statistics.fmean(times_ms),
+        "times_ms": times_ms,
+    }

@@ -1,0 +1,380 @@
+"""Tests for finetune.py: tiny models, synthetic tensors, CPU only.
+
+Includes a real two-process DistributedDataParallel run over gloo.
+"""
+
+import logging
+import math
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import finetune
+from errors import UserError
+from finetune import (
+    DistInfo,
+    NonFiniteLossError,
+    cleanup_distributed,
+    evaluate,
+    fit,
+    init_distributed,
+    measure_latency,
+    resolve_device,
+    seed_everything,
+    train_one_epoch,
+    warmup_cosine_factor,
+)
+
+CPU = torch.device("cpu")
+NUM_CLASSES = 3
+FEATURES = 8
+DIST_WORLD_SIZE = 2
+DIST_TRAIN_SIZE = 96
+DIST_TEST_SIZE = 25  # odd on purpose: DistributedSampler pads it to 26
+DIST_TIMEOUT_S = 120
+
+
+def blobs(n: int, *, seed: int = 0) -> TensorDataset:
+    """Three well-separated Gaussian blobs in FEATURES dimensions (linearly separable)."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.arange(n) % NUM_CLASSES
+    centres = 4.0 * torch.eye(NUM_CLASSES, FEATURES)
+    inputs = centres[targets] + 0.5 * torch.randn(n, FEATURES, generator=gen)
+    return TensorDataset(inputs, targets)
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, NUM_CLASSES))
+
+
+def tiny_convnet() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, NUM_CLASSES),
+    )
+
+
+# ------------------------------------------------------------------------- devices
+
+
+def test_resolve_device_cpu_and_auto():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device(" CPU ") == CPU
+    assert isinstance(resolve_device("auto"), torch.device)
+
+
+def test_resolve_device_unknown_name_lists_allowed():
+    with pytest.raises(UserError, match=r"'tpu'.*auto, cpu, cuda, cuda:N, mps"):
+        resolve_device("tpu")
+
+
+def test_resolve_device_unavailable_accelerators(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("cuda", "cuda:0", "mps"):
+        with pytest.raises(UserError, match=f"'{name}'.*not available"):
+            resolve_device(name)
+    assert resolve_device("auto") == CPU
+
+
+def test_resolve_device_cuda_index(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match=r"'cuda:3'.*only 1 CUDA"):
+        resolve_device("cuda:3")
+
+
+def test_init_distributed_without_torchrun_is_disabled(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info, device = init_distributed(CPU)
+    assert info == DistInfo(enabled=False, rank=0, world_size=1, local_rank=0)
+    assert info.is_main and device == CPU
+    # A single-process torchrun is not distributed either.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert init_distributed(CPU)[0].enabled is False
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(UserError, match="WORLD_SIZE='two'"):
+        init_distributed(CPU)
+    cleanup_distributed()  # no process group: must be a no-op
+
+
+# -------------------------------------------------------------------- fit / train
+
+
+def test_fit_learns_separable_problem(caplog):
+    seed_everything(0)
+    model = mlp()
+    train = DataLoader(blobs(120), batch_size=16, shuffle=True)
+    test = DataLoader(blobs(60, seed=1), batch_size=32)
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        history = fit(model, train, test, epochs=4, lr=0.1, device=CPU, show_progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss",
+                               "test_acc", "seconds"}
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["train_acc"] >= 0.95
+    assert history[-1]["test_acc"] >= 0.95
+    # Cosine decay: the learning rate falls after the warm-up.
+    assert history[-1]["lr"] < history[1]["lr"] <= 0.1
+    epoch_lines = [r.getMessage() for r in caplog.records if "epoch" in r.getMessage()]
+    assert len(epoch_lines) == 4 and "test loss" in epoch_lines[0]
+
+
+def test_fit_on_conv_net_without_test_loader():
+    seed_everything(0)
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.arange(48) % NUM_CLASSES
+    # Class c has a bright channel c: trivially learnable by conv + global pooling.
+    images = 0.1 * torch.randn(48, 3, 8, 8, generator=gen)
+    images[torch.arange(48), targets] += 1.0
+    history = fit(tiny_convnet(), DataLoader(TensorDataset(images, targets), batch_size=8,
+                                             shuffle=True),
+                  epochs=3, lr=0.2, device=CPU, show_progress=False)
+    assert history[-1]["test_loss"] is None and history[-1]["test_acc"] is None
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_fit_leaves_frozen_parameters_untouched():
+    seed_everything(0)
+    model = mlp()
+    model[0].requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model[0].state_dict().items()}
+    trainable = model[2].weight.detach().clone()
+    # Weight decay > 0 would shrink frozen weights too if they reached the optimizer.
+    fit(model, DataLoader(blobs(48), batch_size=16), epochs=2, lr=0.1, device=CPU,
+        weight_decay=0.1, show_progress=False)
+    for key, value in model[0].state_dict().items():
+        assert torch.equal(value, frozen[key]), key
+    assert not torch.equal(model[2].weight, trainable)
+
+
+def test_fit_validates_arguments():
+    model, loader = mlp(), DataLoader(blobs(12), batch_size=4)
+    with pytest.raises(ValueError, match="epochs.*0"):
+        fit(model, loader, epochs=0, lr=0.1, device=CPU)
+    with pytest.raises(ValueError, match="learning rate.*-0.5"):
+        fit(model, loader, epochs=1, lr=-0.5, device=CPU)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fit(model, loader, epochs=1, lr=0.1, device=CPU)
+
+
+def _train_with_seed(seed: int) -> dict:
+    seed_everything(seed)
+    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Dropout(0.2),
+                          nn.Linear(16, NUM_CLASSES))
+    loader = DataLoader(blobs(64), batch_size=8, shuffle=True)
+    fit(model, loader, epochs=2, lr=0.05, device=CPU, show_progress=False)
+    return model.state_dict()
+
+
+def test_same_seed_gives_identical_weights():
+    first, second, other = _train_with_seed(7), _train_with_seed(7), _train_with_seed(8)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_train_one_epoch_metrics_are_sample_weighted():
+    # With lr=0 the weights never change, so the epoch's training metrics must equal
+    # evaluate()'s on the same data, even with a short last batch (10 = 4 + 4 + 2).
+    seed_everything(0)
+    model, loader = mlp(), DataLoader(blobs(10), batch_size=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    train = train_one_epoch(model, loader, optimizer, device=CPU, epoch=1,
+                            show_progress=False)
+    test = evaluate(model, loader, device=CPU, show_progress=False)
+    assert train["n"] == test["n"] == 10
+    assert train["loss"] == pytest.approx(test["loss"], rel=1e-6)
+    assert train["acc"] == test["acc"]
+
+
+def test_non_finite_loss_raises_and_skips_the_update():
+    model = mlp()
+    with torch.no_grad():
+        model[2].bias[0] = float("nan")
+    before = model[0].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite \(nan.*epoch 3, batch 0"):
+        train_one_epoch(model, DataLoader(blobs(8), batch_size=4), optimizer, device=CPU,
+                        epoch=3, show_progress=False)
+    assert torch.equal(model[0].weight, before)
+    assert issubclass(NonFiniteLossError, FloatingPointError)
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_train_one_epoch_mixed_precision_path(amp_dtype):
+    # The CUDA code path (autocast, GradScaler for float16) exercised on CPU.
+    assert finetune.autocast_dtype_for(CPU) is None
+    seed_everything(0)
+    model, loader = mlp(), DataLoader(blobs(32), batch_size=8)
+    before = model[0].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu") if amp_dtype == torch.float16 else None
+    result = train_one_epoch(model, loader, optimizer, device=CPU, epoch=1, scaler=scaler,
+                             amp_dtype=amp_dtype, show_progress=False)
+    assert math.isfinite(result["loss"]) and result["n"] == 32
+    assert model[0].weight.dtype == torch.float32  # autocast never casts the weights
+    assert not torch.equal(model[0].weight, before)
+    with pytest.raises(ValueError, match="amp_dtype.*float64"):
+        train_one_epoch(model, loader, optimizer, device=CPU, epoch=1,
+                        amp_dtype=torch.float64, show_progress=False)
+
+
+def test_fit_raises_when_training_diverges():
+    seed_everything(0)
+    with pytest.raises(NonFiniteLossError, match="lower learning rate"):
+        fit(mlp(), DataLoader(blobs(64), batch_size=8), epochs=3, lr=1e30, device=CPU,
+            show_progress=False)
+
+
+def test_warmup_cosine_schedule_shape():
+    kwargs = {"warmup_steps": 10, "total_steps": 100}
+    factors = [warmup_cosine_factor(t, **kwargs) for t in range(100)]
+    assert factors[0] == pytest.approx(finetune.WARMUP_START_FACTOR)
+    assert all(a < b for a, b in zip(factors[:10], factors[1:11]))  # warm-up rises
+    assert factors[10] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(factors[10:], factors[11:]))  # cosine falls
+    assert 0 < factors[-1] < 0.01
+    assert warmup_cosine_factor(100, **kwargs) == pytest.approx(finetune.FINAL_LR_FACTOR)
+    assert warmup_cosine_factor(0, warmup_steps=0, total_steps=5) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------ evaluate
+
+
+class FixedLogits(nn.Module):
+    """Returns its input as the logits, so predictions are known in advance."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_evaluate_exact_accuracy_and_loss():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0],
+                           [1.0, 0.0, 0.0], [0.0, 0.0, 5.0], [0.0, 2.0, 0.0],
+                           [4.0, 0.0, 0.0]])
+    predictions = logits.argmax(dim=1)  # 0, 1, 2, 0, 2, 1, 0
+    targets = torch.tensor([0, 1, 0, 0, 1, 1, 2])  # 4 of 7 right
+    model = FixedLogits().train()
+    result = evaluate(model, DataLoader(TensorDataset(logits, targets), batch_size=3),
+                      device=CPU, show_progress=False)
+    assert (predictions == targets).sum() == 4
+    assert result["n"] == 7
+    assert result["acc"] == pytest.approx(4 / 7)
+    assert result["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item())
+    assert model.training  # previous mode restored
+
+
+def test_evaluate_uses_eval_mode_and_no_grad():
+    seen = {}
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen["training"], seen["grad"] = self.training, torch.is_grad_enabled()
+            return x
+
+    evaluate(Probe(), DataLoader(TensorDataset(torch.eye(3), torch.arange(3))), device=CPU,
+             show_progress=False)
+    assert seen == {"training": False, "grad": False}
+
+
+# ------------------------------------------------------------------------- latency
+
+
+def test_measure_latency_returns_positive_finite_times():
+    model = tiny_convnet().train()
+    result = measure_latency(model, torch.randn(2, 3, 16, 16), warmup=1, repeats=5)
+    assert len(result["times_ms"]) == 5
+    for key in ("median_ms", "min_ms", "mean_ms"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["min_ms"] <= result["median_ms"] <= max(result["times_ms"])
+    assert model.training
+    with pytest.raises(ValueError, match="repeats.*0"):
+        measure_latency(model, torch.randn(1, 3, 8, 8), repeats=0)
+
+
+# --------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One torchrun-like worker: join the group, train a DDP model on its shard, save."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)  # two processes on a small machine
+    info, device = init_distributed(CPU)
+    try:
+        # Different seeds per rank: DDP must broadcast rank 0's initial weights.
+        seed_everything(100 + rank)
+        model = nn.parallel.DistributedDataParallel(mlp().to(device))
+        train_set, test_set = blobs(DIST_TRAIN_SIZE), blobs(DIST_TEST_SIZE, seed=1)
+        train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank,
+                                           shuffle=True, seed=0)
+        test_sampler = DistributedSampler(test_set, num_replicas=world_size, rank=rank,
+                                          shuffle=False)
+        train_loader = DataLoader(train_set, batch_size=8, sampler=train_sampler)
+        test_loader = DataLoader(test_set, batch_size=8, sampler=test_sampler)
+        history = fit(model, train_loader, test_loader, epochs=3, lr=0.1, device=device,
+                      train_sampler=train_sampler, show_progress=False)
+        result = evaluate(model, test_loader, device=device, show_progress=False)
+        # Only rank 1 sees a NaN loss; both ranks must stop together instead of rank 0
+        # waiting forever in DDP's gradient all-reduce.
+        inputs = torch.full((4, FEATURES), float("nan") if rank == 1 else 0.0)
+        bad_loader = DataLoader(TensorDataset(inputs, torch.zeros(4, dtype=torch.long)),
+                                batch_size=4)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        try:
+            train_one_epoch(model, bad_loader, optimizer, device=device, epoch=9,
+                            show_progress=False)
+            raised = False
+        except NonFiniteLossError:
+            raised = True
+        torch.save({"raised": raised,
+                    "info": (info.enabled, info.rank, info.world_size, info.is_main),
+                    "state": model.module.state_dict(), "history": history,
+                    "eval": result, "shard": len(test_sampler)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        cleanup_distributed()
+
+
+def test_distributed_two_processes_agree(tmp_path):
+    context = mp.spawn(_dist_worker, args=(DIST_WORLD_SIZE, _free_port(), str(tmp_path)),
+                       nprocs=DIST_WORLD_SIZE, join=False)
+    deadline = time.monotonic() + DIST_TIMEOUT_S
+    while not context.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish in {DIST_TIMEOUT_S} s")
+
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+               for r in range(DIST_WORLD_SIZE)]
+    assert [r["info"] for r in results] == [(True, 0, 2, True), (True, 1, 2, False)]
+    first, second = results[0]["state"], results[1]["state"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # Metrics are all-reduced, so both ranks report the same global numbers.
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert results[0]["history"][-1][key] == results[1]["history"][-1][key], key
+    assert results[0]["history"][-1]["train_acc"] >= 0.9
+    padded = math.ceil(DIST_TEST_SIZE / DIST_WORLD_SIZE) * DIST_WORLD_SIZE
+    assert results[0]["shard"] * DIST_WORLD_SIZE == padded == 26
+    assert results[0]["eval"]["n"] == results[1]["eval"]["n"] == padded
+    assert results[0]["eval"] == results[1]["eval"]
+    assert results[0]["raised"] and results[1]["raised"]
