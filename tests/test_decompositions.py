@@ -294,6 +294,27 @@ def test_svd_linear_planted_rank():
         assert _rel(dec(x), lin(x)) < 0.01
 
 
+@pytest.mark.parametrize("shape", [(300, 900), (900, 300)])
+def test_svd_linear_randomized_path_is_near_optimal(shape):
+    # Rank 8 of a 300-row matrix takes the randomized range finder, not the Gram eigh.
+    n, m = shape
+    assert 2 * (D.RANDOMIZED_POWER_ITERS + 1) * (8 + D.RANDOMIZED_OVERSAMPLE) < min(n, m)
+    g = torch.Generator().manual_seed(12)
+    spectrum = torch.logspace(0, -2, 40)
+    u = torch.linalg.qr(torch.randn(n, 40, generator=g)).Q
+    v = torch.linalg.qr(torch.randn(m, 40, generator=g)).Q
+    lin = nn.Linear(m, n)
+    with torch.no_grad():
+        lin.weight.copy_((u * spectrum) @ v.T + 1e-3 * torch.randn(n, m, generator=g))
+    dec = D.svd_decompose_linear(lin, 8)
+    with torch.no_grad():
+        approx = dec[1].weight @ dec[0].weight
+        err = float((approx - lin.weight).norm() / lin.weight.norm())
+        s = torch.linalg.svdvals(lin.weight)
+        best = float(s[8:].square().sum().sqrt() / s.square().sum().sqrt())  # Eckart-Young
+    assert best * (1 - 1e-5) <= err < best * 1.01
+
+
 def test_svd_linear_not_smaller_is_skipped():
     model = nn.Sequential(nn.Linear(10, 8), nn.Linear(8, 2))
     rows = D.decompose_model(model, "none", fc_method="svd", fc_rank=8, input_size=(10,))

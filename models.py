@@ -1,0 +1,242 @@
+"""Build the supported architectures, and save / load model files safely.
+
+A model file is never a pickled module.  It is a dict that
+``torch.load(path, weights_only=True)`` reads without running any code::
+
+    {
+        "format": "lowrank-cnn",        # FILE_FORMAT
+        "version": 1,                   # FILE_VERSION
+        "arch": "vgg16",                # one of ARCHS
+        "classes": ["cat", "dog"],      # class names, in output order
+        "image_size": 224,              # training / evaluation crop
+        "plan": {"features.2": {"method": "tucker", "ranks": [21, 20]}, ...},
+        "state_dict": {...},            # tensors only
+        "meta": {...},                  # JSON-like: history, decomposition report, versions
+    }
+
+Loading builds ``arch`` with ``len(classes)`` outputs (on the meta device, so no
+time is spent initializing weights that are overwritten), replaces the layers named
+in ``plan`` by empty decomposed modules (:func:`decompositions.apply_plan`) and
+loads ``state_dict`` strictly.  Saving writes a temporary file in the same folder and
+renames it, so an interrupted run never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+import decompositions
+from errors import UserError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ARCHS", "MIN_IMAGE_SIZE", "FILE_FORMAT", "FILE_VERSION", "build_model", "check_image_size",
+           "save_model", "load_model", "unwrap", "feature_parameters"]
+
+ARCHS = ("vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "alexnet")
+# Smallest square input for which every pooling stage still has an output pixel.
+# VGG: five 2x2/2 max-pools -> 2**5.  AlexNet: conv 11x11/4 (pad 2) and three
+# 3x3/2 max-pools need 63 px (63 -> 15 -> 7 -> 3 -> 1).
+MIN_IMAGE_SIZE = {"vgg16": 32, "vgg16_bn": 32, "vgg19": 32, "vgg19_bn": 32, "alexnet": 63}
+FILE_FORMAT = "lowrank-cnn"
+FILE_VERSION = 1
+REQUIRED_KEYS = ("format", "version", "arch", "classes", "image_size", "plan", "state_dict")
+
+
+def check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def check_image_size(arch: str, image_size: int) -> None:
+    """UserError when ``image_size`` is too small for ``arch`` (see MIN_IMAGE_SIZE)."""
+    check_arch(arch)
+    if image_size < MIN_IMAGE_SIZE[arch]:
+        raise UserError(f"image size {image_size} is too small for {arch}: it needs at least "
+                        f"{MIN_IMAGE_SIZE[arch]} px")
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    # VGG and AlexNet both end in classifier[-1] = Linear(4096, 1000).
+    last = model.classifier[-1]
+    model.classifier[-1] = nn.Linear(last.in_features, num_classes, device=last.weight.device,
+                                     dtype=last.weight.dtype)
+
+
+def build_model(arch: str, num_classes: int, *, weights: str = "none") -> nn.Module:
+    """Build ``arch`` with ImageNet weights (optional) and a new ``num_classes`` head.
+
+    Parameters
+    ----------
+    arch : one of ARCHS
+    num_classes : int >= 2
+    weights : "none", "DEFAULT" (torchvision's weights, downloaded once into the
+        torch cache; or any name of the arch's weights enum, e.g.
+        "IMAGENET1K_V1"), or the path of a file holding an ImageNet state_dict of
+        the arch (as saved by ``torch.save(model.state_dict(), path)``).
+
+    The pretrained weights are loaded first, then ``classifier[-1]`` is replaced.
+    """
+    check_arch(arch)
+    if num_classes < 2:
+        raise UserError(f"need at least 2 classes, got {num_classes}")
+    if weights.lower() == "none":
+        model = torchvision.models.get_model(arch, weights=None)
+    elif os.path.exists(weights):
+        model = torchvision.models.get_model(arch, weights=None)
+        state = _torch_load(weights, what="weights file")
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"weights file {weights} does not hold a state_dict of tensors")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise UserError(f"weights file {weights} is not a state_dict of {arch}: "
+                            f"{first[1].strip() if len(first) > 1 else first[0]}") from None
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
+        try:
+            enum = torchvision.models.get_model_weights(arch)
+            chosen = enum[weights] if weights in enum.__members__ else enum.verify(weights)
+        except (KeyError, ValueError):
+            raise UserError(f"--weights {weights!r} is neither 'none', 'DEFAULT', a weights name of {arch} "
+                            f"({', '.join(enum.__members__)}) nor an existing file") from None
+        try:
+            state = chosen.get_state_dict(progress=True, check_hash=True)
+        except Exception as exc:  # urllib/OSError/hash errors: all mean "no weights"
+            raise UserError(f"could not download the {arch} ImageNet weights ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); offline, use "
+                            f"--weights none or --weights FILE with a saved state_dict") from None
+        model.load_state_dict(state)
+    _replace_head(model, num_classes)
+    return model
+
+
+def feature_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters outside the classifier (frozen by ``--freeze_features``)."""
+    head = {id(p) for p in unwrap(model).classifier.parameters()}
+    return [p for p in unwrap(model).parameters() if id(p) not in head]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DistributedDataParallel (or compiled) wrapper."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def save_model(path: str, model: nn.Module, *, arch: str, classes: list[str], image_size: int,
+               meta: dict[str, Any] | None = None) -> None:
+    """Save ``model`` as a dict of plain data (see module docstring), atomically.
+
+    Refuses (ValueError) a model with non-finite weights: no saved model ever holds
+    NaN or Inf.
+    """
+    model = unwrap(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"refusing to save a model with non-finite weights in {', '.join(bad[:3])}")
+    payload = {
+        "format": FILE_FORMAT,
+        "version": FILE_VERSION,
+        "arch": arch,
+        "classes": list(classes),
+        "image_size": int(image_size),
+        "plan": decompositions.model_plan(model),
+        "state_dict": state,
+        "meta": meta or {},
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is an ordinary file
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    logger.info("saved %s (%s, %d parameters)", path, arch, sum(v.numel() for v in state.values()))
+
+
+def _torch_load(path: str, *, what: str) -> Any:
+    if not os.path.exists(path):
+        raise UserError(f"{what} {path} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a directory, not a file")
+    try:
+        # weights_only=True: tensors and plain containers only; pickled code
+        # (classes, functions, __reduce__ payloads) is refused without running it.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).split("\n")[0]
+        if "Weights only load failed" in detail or "Unsupported" in str(exc):
+            raise UserError(f"refused to load {path}: it holds pickled objects other than tensors "
+                            f"(code would run); only weights-only files are read") from None
+        raise UserError(f"{what} {path} is not a readable model file ({detail})") from None
+    except Exception as exc:  # noqa: BLE001 - any parse failure of a foreign/garbled file
+        # Truncated zips, text files, old-format garbage: torch raises RuntimeError,
+        # EOFError, BadZipFile, KeyError, ... depending on where parsing stops.
+        detail = str(exc).strip().split("\n")[0] or type(exc).__name__
+        raise UserError(f"{what} {path} is truncated or not a model file ({type(exc).__name__}: {detail})") from None
+
+
+def load_model(path: str, *, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Load a model file written by :func:`save_model`.
+
+    Returns
+    -------
+    model : nn.Module on ``device``, in eval mode
+    info : dict with "arch", "classes", "image_size", "plan", "meta"
+    """
+    payload = _torch_load(path, what="model file")
+    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+        raise UserError(f"{path} is not a model file of this tool (no '{FILE_FORMAT}' format tag)")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise UserError(f"model file {path} lacks {', '.join(missing)}")
+    if payload["version"] > FILE_VERSION:
+        raise UserError(f"model file {path} has format version {payload['version']}; this tool reads up to "
+                        f"{FILE_VERSION}")
+    arch, classes, plan = payload["arch"], payload["classes"], payload["plan"]
+    check_arch(arch)
+    if not isinstance(classes, list) or len(classes) < 2 or not isinstance(plan, dict):
+        raise UserError(f"model file {path} has a malformed class list or plan")
+    try:
+        # Build on the meta device: no memory or time spent on weights about to be replaced.
+        with torch.device("meta"):
+            model = torchvision.models.get_model(arch, weights=None)
+            _replace_head(model, len(classes))
+            decompositions.apply_plan(model, plan)
+        model.load_state_dict(payload["state_dict"], strict=True, assign=True)
+    except (ValueError, RuntimeError) as exc:
+        detail = str(exc).strip().splitlines()
+        raise UserError(f"model file {path} does not match its architecture {arch}: "
+                        f"{detail[1].strip() if len(detail) > 1 else detail[0]}") from None
+    for module in model.modules():
+        if isinstance(module, decompositions.DiagonalLinear):
+            module.reset_index_buffers()
+    leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise UserError(f"model file {path} lacks tensors for {', '.join(leftover[:3])}")
+    model.to(device).eval()
+    info = {k: payload[k] for k in ("arch", "classes", "image_size", "plan")}
+    info["meta"] = payload.get("meta", {})
+    return model, info

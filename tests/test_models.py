@@ -1,0 +1,193 @@
+"""Architectures, decomposition of whole models, and safe model files."""
+
+import os
+import pickle
+import urllib.error
+
+import pytest
+import torch
+from torch import nn
+
+import decompositions as D
+import models
+import report
+from errors import UserError
+
+SMALL = {"vgg16": 32, "vgg16_bn": 32, "vgg19": 32, "alexnet": 63}
+
+
+@pytest.mark.parametrize("arch", list(SMALL))
+@pytest.mark.parametrize("method", ["tucker", "cp"])
+def test_archs_decompose_train_and_shrink(arch, method):
+    torch.manual_seed(0)
+    model = models.build_model(arch, 3, weights="none")
+    size = SMALL[arch]
+    assert model.classifier[-1].out_features == 3
+    before_params = report.count_params(model)
+    before_macs = report.count_macs(model, (3, size, size))
+    rows = D.decompose_model(model, method, fc_method="svd", rank_ratio=0.25, fc_rank=64,
+                             input_size=(3, size, size), cp_max_iter=5)
+    assert [r.kind for r in rows].count("conv") == sum(isinstance(m, nn.Conv2d) for m in
+                                                       models.build_model(arch, 3).features)
+    assert report.count_params(model) < before_params
+    assert report.count_macs(model, (3, size, size)) < before_macs
+    x = torch.randn(2, 3, size, size)
+    out = model(x)
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    out.logsumexp(1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_image_size_too_small_is_a_user_error():
+    for arch, size in models.MIN_IMAGE_SIZE.items():
+        models.check_image_size(arch, size)
+        with pytest.raises(UserError, match="too small"):
+            models.check_image_size(arch, size - 1)
+    # The limits are real: one pixel less breaks the forward pass.
+    with pytest.raises(RuntimeError):
+        models.build_model("alexnet", 2).features(torch.zeros(1, 3, 62, 62))
+    models.build_model("alexnet", 2).features(torch.zeros(1, 3, 63, 63))
+
+
+def test_unknown_arch():
+    with pytest.raises(UserError, match="unknown architecture 'resnet50'.*vgg16"):
+        models.build_model("resnet50", 2)
+
+
+def test_weights_file_and_offline_default(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    imagenet = models.torchvision.models.alexnet(weights=None)
+    path = tmp_path / "alexnet.pth"
+    torch.save(imagenet.state_dict(), path)
+    model = models.build_model("alexnet", 2, weights=str(path))
+    assert torch.equal(model.features[0].weight, imagenet.features[0].weight)
+    assert model.classifier[-1].out_features == 2  # head replaced after loading
+    torch.save(models.torchvision.models.vgg16(weights=None).features.state_dict(), tmp_path / "wrong.pth")
+    with pytest.raises(UserError, match="not a state_dict of alexnet"):
+        models.build_model("alexnet", 2, weights=str(tmp_path / "wrong.pth"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(models.torchvision.models.AlexNet_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
+                        offline)
+    with pytest.raises(UserError, match="could not download.*--weights none"):
+        models.build_model("alexnet", 2, weights="DEFAULT")
+    with pytest.raises(UserError, match="neither"):
+        models.build_model("alexnet", 2, weights="IMAGENET9K")
+
+
+@pytest.fixture(scope="module")
+def decomposed_alexnet():
+    torch.manual_seed(2)
+    model = models.build_model("alexnet", 2)
+    D.decompose_model(model, "tucker", fc_method="svd", rank_ratio=0.25, fc_rank=32, input_size=(3, 63, 63))
+    D.decompose_model(model, "none", fc_method="diagonal", input_size=(3, 63, 63), keep_last_linear=False)
+    return model
+
+
+def test_save_load_round_trip(tmp_path, decomposed_alexnet):
+    path = str(tmp_path / "m")
+    models.save_model(path, decomposed_alexnet, arch="alexnet", classes=["a", "b"], image_size=63,
+                      meta={"note": "x"})
+    assert oct(os.stat(path).st_mode & 0o777) != "0o600"
+    payload = torch.load(path, weights_only=True)
+    assert set(models.REQUIRED_KEYS) <= set(payload) and payload["meta"] == {"note": "x"}
+    assert payload["plan"]["features.3"]["method"] == "tucker"
+    assert payload["plan"]["classifier.6"]["method"] == "diagonal"
+    loaded, info = models.load_model(path)
+    assert info["classes"] == ["a", "b"] and info["image_size"] == 63
+    x = torch.randn(2, 3, 63, 63)
+    decomposed_alexnet.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), decomposed_alexnet(x))
+    assert not [f for f in os.listdir(tmp_path) if f != "m"]  # no temp file left
+
+
+def test_save_refuses_non_finite_and_leaves_old_file(tmp_path):
+    model = models.build_model("alexnet", 2)
+    path = tmp_path / "m"
+    path.write_bytes(b"old")
+    with torch.no_grad():
+        model.classifier[-1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        models.save_model(str(path), model, arch="alexnet", classes=["a", "b"], image_size=63)
+    assert path.read_bytes() == b"old"
+
+
+def test_interrupted_save_leaves_no_half_file(tmp_path, monkeypatch):
+    model = models.build_model("alexnet", 2)
+    path = tmp_path / "m"
+    path.write_bytes(b"old")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models.torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_model(str(path), model, arch="alexnet", classes=["a", "b"], image_size=63)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["m"]
+
+
+class Payload:
+    """Unpickling this would create a marker file: pickled code must never run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_refuses_bad_files(tmp_path, decomposed_alexnet):
+    with pytest.raises(UserError, match="does not exist"):
+        models.load_model(str(tmp_path / "nope"))
+    good = str(tmp_path / "good")
+    models.save_model(good, decomposed_alexnet, arch="alexnet", classes=["a", "b"], image_size=63)
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(open(good, "rb").read()[: 10_000])
+    with pytest.raises(UserError, match="truncated or not a model file"):
+        models.load_model(str(truncated))
+    text = tmp_path / "text"
+    text.write_text("hello")
+    with pytest.raises(UserError, match="truncated or not a model file|not a readable"):
+        models.load_model(str(text))
+    foreign = tmp_path / "foreign"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(UserError, match="not a model file of this tool"):
+        models.load_model(str(foreign))
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    torch.save({"format": models.FILE_FORMAT, "x": Payload(str(marker))}, evil)
+    with pytest.raises(UserError, match="refused"):
+        models.load_model(str(evil))
+    assert not marker.exists()
+    module_file = tmp_path / "module"
+    torch.save(nn.Linear(2, 2), module_file)  # a pickled module, as old tools saved
+    with pytest.raises(UserError, match="refused"):
+        models.load_model(str(module_file))
+    with open(tmp_path / "raw_pickle", "wb") as fh:
+        pickle.dump(Payload(str(marker)), fh)
+    with pytest.raises(UserError):
+        models.load_model(str(tmp_path / "raw_pickle"))
+    assert not marker.exists()
+
+
+def test_load_refuses_mismatched_state(tmp_path, decomposed_alexnet):
+    good = str(tmp_path / "good")
+    models.save_model(good, decomposed_alexnet, arch="alexnet", classes=["a", "b"], image_size=63)
+    payload = torch.load(good, weights_only=True)
+    payload["plan"]["features.3"]["ranks"] = [5, 5]
+    torch.save(payload, tmp_path / "bad_plan")
+    with pytest.raises(UserError, match="does not match"):
+        models.load_model(str(tmp_path / "bad_plan"))
+    payload = torch.load(good, weights_only=True)
+    payload["arch"] = "vgg99"
+    torch.save(payload, tmp_path / "bad_arch")
+    with pytest.raises(UserError, match="unknown architecture"):
+        models.load_model(str(tmp_path / "bad_arch"))
+    payload = torch.load(good, weights_only=True)
+    del payload["state_dict"]
+    torch.save(payload, tmp_path / "no_state")
+    with pytest.raises(UserError, match="lacks state_dict"):
+        models.load_model(str(tmp_path / "no_state"))
