@@ -51,6 +51,7 @@ from torch import nn
 
 import report
 import vbmf
+from threads import lapack_threads
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +340,8 @@ def _leading_eigvecs(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     same subspace as a thin SVD for a fraction of its cost when cols >> rows.
     """
     gram = (matrix @ matrix.T).double()
-    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    with lapack_threads():
+        _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
     return vecs[:, -rank:].flip(-1).to(matrix.dtype)
 
 
@@ -363,9 +365,15 @@ def _leading_subspace(matrix: torch.Tensor, rank: int) -> torch.Tensor:
         return _leading_eigvecs(matrix, rank)
     gen = torch.Generator(device=matrix.device).manual_seed(0)  # repeatable decompositions
     probe = torch.randn(matrix.shape[1], width, generator=gen, device=matrix.device, dtype=matrix.dtype)
-    basis = torch.linalg.qr(matrix @ probe).Q                            # (rows, width)
+    with lapack_threads():
+        basis = torch.linalg.qr(matrix @ probe).Q                        # (rows, width)
     for _ in range(RANDOMIZED_POWER_ITERS):
-        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
+        side = matrix.T @ basis                                          # (cols, width)
+        with lapack_threads():
+            side = torch.linalg.qr(side).Q
+        basis = matrix @ side
+        with lapack_threads():
+            basis = torch.linalg.qr(basis).Q
     # Rotate inside the subspace so the first ``rank`` columns are the leading directions.
     small = basis.T @ matrix                                             # (width, cols)
     return basis @ _leading_eigvecs(small, rank)
@@ -447,7 +455,8 @@ def _khatri_rao(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
 def _solve_gram(mttkrp: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """Least-squares factor update ``mttkrp @ pinv(gram)`` in float64 (gram is R x R)."""
-    sol = torch.linalg.lstsq(gram.double(), mttkrp.double().T, driver="gelsd").solution
+    with lapack_threads():
+        sol = torch.linalg.lstsq(gram.double(), mttkrp.double().T, driver="gelsd").solution
     return sol.T.to(mttkrp.dtype)
 
 
