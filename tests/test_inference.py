@@ -1,0 +1,289 @@
+"""Inference backends reproduce the eager model; ONNX export is dynamic-batch, verified and atomic."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import decompositions as D
+import inference
+
+RTOL = 1e-4
+BATCH, OTHER_BATCH = 2, 5
+IMAGE = (3, 16, 16)
+
+
+class TinyNet(nn.Module):
+    """Two convs replaced by Tucker-2 and CP, an SVD fc and a DiagonalLinear fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(16, 12, 3, padding=1), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(12 * 2 * 2, 32), nn.ReLU(inplace=True),
+            # in_features > out_features: several diagonal positions share an output,
+            # the case a naive ONNX export of index_add_ gets wrong.
+            nn.Linear(32, 20), nn.ReLU(inplace=True),
+            nn.Linear(20, 5),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+@pytest.fixture
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    f, c = net.features, net.classifier
+    f[2] = D.tucker_decompose_conv(f[2], (6, 4))
+    f[5] = D.tucker_decompose_conv(f[5], (5, 6))
+    f[7] = D.cp_decompose_conv(f[7], 6)
+    c[0] = D.svd_decompose_linear(c[0], 8)
+    c[2] = D.diagonal_decompose_linear(c[2], bandwidth=2)
+    return net
+
+
+def _example(batch: int = BATCH, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, *IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_fixture_has_every_decomposed_type(model):
+    kinds = {type(m) for m in model.modules()}
+    assert {D.TuckerConv2d, D.CPConv2d, D.SVDLinear, D.DiagonalLinear} <= kinds
+    assert any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())  # CP depthwise convs
+
+
+@pytest.mark.parametrize("backend", inference.BACKENDS)
+def test_backend_matches_eager_at_any_batch_size(model, backend):
+    example = _example()
+    predictor = inference.prepare(model, example, backend=backend)
+    assert predictor.backend == backend
+    for x in (example, _example(OTHER_BATCH, seed=2)):
+        out = predictor(x)
+        assert out.shape == (x.shape[0], 5)
+        assert out.dtype == torch.float32 and out.device == x.device
+        assert _rel(out, _eager(model, x)) < RTOL
+
+
+def test_prepare_leaves_the_model_alone(model):
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    predictor = inference.prepare(model, _example(), backend="channels_last")
+    assert model.training  # the predictor works on its own eval-mode copy
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) and value.is_contiguous(), key
+    with torch.no_grad():
+        model.classifier[4].weight.add_(1.0)  # later edits of the model do not leak in
+    assert _rel(predictor(_example()), _eager(model, _example())) > RTOL
+
+
+def test_auto_picks_first_cpu_candidate(model):
+    predictor = inference.prepare(model, _example())
+    assert predictor.backend == inference.AUTO_ORDER["cpu"][0]
+    assert _rel(predictor(_example(OTHER_BATCH)), _eager(model, _example(OTHER_BATCH))) < RTOL
+
+
+def test_without_onnxruntime_onnx_fails_clearly_and_auto_falls_back(model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    assert "onnx" not in inference.available_backends()
+    with pytest.raises(ImportError, match="onnxruntime"):
+        inference.prepare(model, _example(), backend="onnx")
+    predictor = inference.prepare(model, _example())
+    expected = next(b for b in inference.AUTO_ORDER["cpu"] if b != "onnx")
+    assert predictor.backend == expected
+    assert _rel(predictor(_example()), _eager(model, _example())) < RTOL
+
+
+def test_auto_skips_a_backend_that_fails_to_build(model, monkeypatch):
+    def broken_trace(*args, **kwargs):
+        raise RuntimeError("trace failed")
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr(torch.jit, "trace", broken_trace)
+    predictor = inference.prepare(model, _example())
+    assert predictor.backend == "channels_last"
+    with pytest.raises(RuntimeError, match="trace failed"):
+        inference.prepare(model, _example(), backend="torchscript")
+
+
+def test_unknown_backend_is_named_with_the_allowed_ones(model):
+    with pytest.raises(ValueError, match=r"'tensorrt'.*'eager'.*'channels_last'.*'torchscript'.*'onnx'.*'auto'"):
+        inference.prepare(model, _example(), backend="tensorrt")
+    with pytest.raises(ValueError, match="'tensorrt'"):
+        inference.benchmark({"m": model}, _example(), backends=["eager", "tensorrt"])
+
+
+def test_export_onnx_round_trip_with_other_batch_size(model, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "model.onnx"
+    info = inference.export_onnx(model, path, _example())
+    assert info["checked"] and info["batch_sizes"] == [BATCH, BATCH + 1]
+    assert info["max_rel_diff"] < RTOL and info["bytes"] == path.stat().st_size
+    assert os.listdir(tmp_path) == ["model.onnx"]  # no temporary file left behind
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == inference.ONNX_BATCH_DIM
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = _example(OTHER_BATCH, seed=3)
+    (out,) = session.run(None, {inference.ONNX_INPUT_NAME: x.numpy()})
+    assert _rel(torch.from_numpy(out), _eager(model, x)) < RTOL
+
+
+@pytest.mark.filterwarnings("ignore:Warning. ONNX export does not support duplicated values:UserWarning")
+def test_plain_index_add_export_is_caught_by_the_check(model, tmp_path, monkeypatch):
+    # Without the scatter_add rewrite, DiagonalLinear's index_add_ exports as a
+    # ScatterElements without reduction: wrong outputs, which the check must catch.
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(inference, "_exportable", lambda net: net)
+    path = tmp_path / "model.onnx"
+    with pytest.raises(inference.OutputMismatchError, match="not written"):
+        inference.export_onnx(model, path, _example())
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_export_leaves_existing_file_untouched(model, tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous model")
+
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    with pytest.raises(RuntimeError, match="exporter exploded"):
+        inference.export_onnx(model, path, _example(), check=False)
+    assert path.read_bytes() == b"previous model"
+    assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_failed_rename_removes_the_temporary_file(model, tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous model")
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        inference.export_onnx(model, path, _example(), check=False)
+    assert path.read_bytes() == b"previous model"
+    assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_export_rejects_old_opset(model, tmp_path):
+    with pytest.raises(ValueError, match=rf"opset.*>= {inference.ONNX_MIN_OPSET}.*13"):
+        inference.export_onnx(model, tmp_path / "m.onnx", _example(), opset=13)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_benchmark_rows(model):
+    torch.manual_seed(0)
+    dense = TinyNet().eval()
+    models = {"dense": dense, "decomposed": model}
+    rows = inference.benchmark(models, _example(), backends=["eager", "channels_last"], warmup=1, repeats=2,
+                               progress=False)
+    assert [(r["backend"], r["model"]) for r in rows] == [
+        ("eager", "dense"), ("eager", "decomposed"), ("channels_last", "dense"), ("channels_last", "decomposed")]
+    for row in rows:
+        assert len(row["times_ms"]) == 2 and row["median_ms"] > 0
+        assert row["min_ms"] <= row["median_ms"]
+        assert row["max_rel_diff"] < RTOL
+    by_key = {(r["backend"], r["model"]): r for r in rows}
+    for backend in ("eager", "channels_last"):
+        base, other = by_key[backend, "dense"], by_key[backend, "decomposed"]
+        assert base["speedup"] == 1.0
+        assert np.isclose(other["speedup"], base["median_ms"] / other["median_ms"])
+
+
+@pytest.mark.parametrize("kwargs", [{"repeats": 0}, {"warmup": -1}])
+def test_benchmark_rejects_bad_counts(model, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        inference.benchmark({"m": model}, _example(), backends=["eager"], **kwargs)
+
+
+# ------------------------------------------------------------------ rank padding, pools
+def test_pad_ranks_is_exact_and_pads_every_chain(model):
+    import copy
+    padded = inference.pad_ranks(copy.deepcopy(model), 16)
+    tucker, cp = padded.features[2], padded.features[7]
+    assert [m.weight.shape[:2] for m in tucker] == [(16, 8), (16, 16), (16, 16)]
+    assert cp[0].out_channels == 16 and cp[1].groups == cp[2].groups == 16 and cp[1].weight.shape == (16, 1, 3, 1)
+    assert cp[3].weight.shape == (12, 16, 1, 1)
+    x = _example(OTHER_BATCH)
+    assert _rel(_eager(padded, x), _eager(model, x)) < 1e-6
+    assert inference.pad_ranks(copy.deepcopy(model), 1) is not None  # multiple 1: nothing to pad
+    with pytest.raises(ValueError, match="rank_multiple.*0"):
+        inference.pad_ranks(copy.deepcopy(model), 0)
+
+
+def test_onnx_pads_ranks_unless_told_not_to(model, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    widths = {}
+    for multiple in (inference.ONNX_RANK_MULTIPLE, None):
+        path = tmp_path / f"m{multiple}.onnx"
+        inference.export_onnx(model, path, _example(), rank_multiple=multiple)
+        graph = onnx.load(str(path)).graph
+        widths[multiple] = sorted(int(t.dims[0]) for t in graph.initializer if len(t.dims) == 4)
+        predictor = inference.prepare(model, _example(), backend="onnx", rank_multiple=multiple)
+        assert _rel(predictor(_example(OTHER_BATCH)), _eager(model, _example(OTHER_BATCH))) < RTOL
+    assert 6 in widths[None] and 6 not in widths[inference.ONNX_RANK_MULTIPLE]
+    with pytest.raises(ValueError, match="rank_multiple"):
+        inference.prepare(model, _example(), backend="onnx", rank_multiple=-2)
+
+
+class PoolNet(nn.Module):
+    """VGG's head: a 7x7 adaptive average pool after a 2x2 (or 3x3) feature map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(8))
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Linear(4 * 49, 3)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+@pytest.mark.parametrize("size", [16, 56])
+@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+def test_adaptive_pool_that_does_not_divide_is_exported(backend, size):
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    net = PoolNet().eval()
+    x = torch.randn(2, 3, size, size)
+    predictor = inference.prepare(net, x, backend=backend)
+    other = torch.randn(3, 3, size, size)
+    assert _rel(predictor(other), _eager(net, other)) < RTOL
+    assert isinstance(net.avgpool, nn.AdaptiveAvgPool2d)  # the caller's model is untouched
+
+
+def test_time_interleaved_runs_in_rounds():
+    order = []
+    times = inference.time_interleaved({"a": lambda: order.append("a"), ("b", 1): lambda: order.append("b")},
+                                       warmup=1, repeats=3)
+    assert order == ["a", "b"] * 4
+    assert set(times) == {"a", ("b", 1)} and all(len(v) == 3 and min(v) >= 0 for v in times.values())
+    with pytest.raises(ValueError, match="repeats"):
+        inference.time_interleaved({"a": lambda: None}, repeats=0)
