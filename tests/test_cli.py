@@ -1,0 +1,384 @@
+"""The command line: every step, the three architectures, and every bad input.
+
+Most runs call ``main.run(argv)`` in this process (importing torch once per run in a
+subprocess would cost seconds each); the exit code is its return value and an
+escaping exception fails the test, which is what "no traceback" means in-process.
+A few runs go through a real subprocess to check the exit status and stderr as a
+user sees them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+import models
+from conftest import REPO_ROOT, make_image_folder
+
+ALEXNET_SIZE = models.MIN_IMAGE_SIZE["alexnet"]
+NO_WEIGHTS = ["--weights", "none"]
+FAST = [*NO_WEIGHTS, "--epochs", "1", "--batch_size", "8", "--workers", "0", "--quiet",
+        "--latency_repeats", "1", "--latency_batch", "2"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main.run([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    return make_image_folder(tmp_path_factory.mktemp("data"), n_train=8, n_test=4, size=ALEXNET_SIZE)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data) -> Path:
+    """An AlexNet trained for one epoch by ``--train``, shared by the tests below."""
+    path = tmp_path_factory.mktemp("trained") / "model"
+    train, test = data
+    code = main.run(["--train", "--train_path", str(train), "--test_path", str(test), "--arch", "alexnet",
+                     "--image_size", str(ALEXNET_SIZE), "--model", str(path), *FAST])
+    assert code == 0
+    return path
+
+
+# --------------------------------------------------------------------------- parsing
+def test_dashed_aliases_and_seed_spellings_parse_alike():
+    parser = main.get_args_parser()
+    seed = parser.parse_args(["--fine_tune", "--train_path", "a", "--decomposed_model", "d", "--rank_ratio", "0.5",
+                              "--fc_rank", "3"])
+    dashed = parser.parse_args(["--fine-tune", "--train-path", "a", "--decomposed-model", "d", "--rank-ratio",
+                                "0.5", "--fc-rank", "3"])
+    assert vars(seed) == vars(dashed)
+
+
+# -------------------------------------------------------------------- whole pipeline
+@pytest.mark.parametrize("arch,size", [("vgg16", 32), ("vgg19", 32), ("alexnet", ALEXNET_SIZE)])
+def test_full_pipeline_in_one_call(tmp_path, capsys, arch, size):
+    train, test = make_image_folder(tmp_path / "data", n_train=6, n_test=3, size=size)
+    model, decomposed = tmp_path / "model", tmp_path / "decomposed"
+    out_json, report_json = tmp_path / "eval.json", tmp_path / "report.json"
+    code, out, err = run_cli(
+        capsys, "--train", "--decompose", "--fine_tune", "--eval", "--arch", arch, "--image_size", size,
+        "--train_path", train, "--test_path", test, "--model", model, "--decomposed_model", decomposed,
+        "--rank_ratio", "0.25", "--fc", "svd", "--fc_rank", "16", "--json", out_json, "--report", report_json,
+        "--backend", "eager", *FAST)
+    assert code == 0, err
+    assert "total: params" in out and "test accuracy:" in out
+    original, info = models.load_model(str(model))
+    shrunk, dinfo = models.load_model(str(decomposed))
+    assert info["arch"] == dinfo["arch"] == arch and info["classes"] == ["cat", "dog"]
+    assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in original.parameters())
+    assert dinfo["meta"]["step"] == "decompose" and "fine_tune" in dinfo["meta"]
+    result = json.loads(out_json.read_text())
+    assert result["model"] == str(decomposed) and 0 <= result["accuracy"] <= 1
+    assert result["test_images"] == 6 and result["latency_backend"] == "eager"
+    assert result["params"] == sum(p.numel() for p in shrunk.parameters())
+    assert result["macs"] < json.loads(report_json.read_text())["totals"]["macs_before"]
+
+
+def test_each_step_alone(tmp_path, capsys, data, trained):
+    train, test = data
+    before = digest(trained)
+    decomposed = tmp_path / "decomposed"
+    code, out, err = run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", decomposed,
+                             "--test_path", test, "--rank_ratio", "0.3", *FAST)
+    assert code == 0, err
+    assert digest(trained) == before  # the input model is never modified
+    assert "features.0" in out and "skipped" not in out.split("total:")[0].split("features.10")[0]
+    after_decompose = digest(decomposed)
+    code, _, err = run_cli(capsys, "--fine_tune", "--model", trained, "--decomposed_model", decomposed,
+                           "--train_path", train, "--test_path", test, *FAST)
+    assert code == 0, err
+    assert digest(decomposed) != after_decompose  # fine-tuned and saved back
+    payload = torch.load(decomposed, weights_only=True)
+    assert payload["meta"]["fine_tune"]["lr"] == main.DEFAULT_LR["tucker"]
+    code, out, err = run_cli(capsys, "--eval", "--model", decomposed, "--test_path", test, *FAST)
+    assert code == 0, err
+    assert "accuracy" in out and "GMACs" in out and "ms per batch of 2" in out
+
+
+@pytest.mark.parametrize("options,methods", [
+    (["--cp", "--rank_ratio", "0.1"], {"cp"}),
+    (["--rank_ratio", "0.3", "--fc", "svd", "--fc_rank_ratio", "0.05"], {"tucker", "svd"}),
+    (["--rank_ratio", "0.3", "--fc", "diagonal", "--fc_bandwidth", "2"], {"tucker", "diagonal"}),
+    (["--fc", "svd", "--fc_rank", "8"], {"svd"}),
+])
+def test_decompose_variants_and_report(tmp_path, capsys, trained, options, methods):
+    decomposed, report_json = tmp_path / "decomposed", tmp_path / "report.json"
+    code, out, err = run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", decomposed,
+                             "--report", report_json, *options, *FAST)
+    assert code == 0, err
+    report = json.loads(report_json.read_text())
+    rows = report["layers"]
+    assert {r["method"] for r in rows if not r["skipped"]} == methods
+    for row in rows:
+        assert {"name", "kind", "shape", "method", "ranks", "params_before", "params_after", "macs_before",
+                "macs_after", "error", "skipped", "reason"} <= set(row)
+        assert row["kind"] in ("conv", "linear")
+        if row["skipped"]:
+            assert row["reason"] and row["params_after"] == row["params_before"]
+        else:
+            assert row["params_after"] < row["params_before"] and 0 <= row["error"] <= 1
+    if {"svd", "diagonal"} & methods:
+        # The last Linear is the classifier: kept dense by default.
+        assert rows[-1]["name"] == "classifier.6" and rows[-1]["skipped"]
+    else:
+        assert {r["kind"] for r in rows} == {"conv"}
+    totals = report["totals"]
+    model, _ = models.load_model(str(decomposed))
+    assert totals["params_after"] == sum(p.numel() for p in model.parameters())
+    assert totals["params_ratio"] == pytest.approx(totals["params_before"] / totals["params_after"])
+    assert totals["macs_ratio"] == pytest.approx(totals["macs_before"] / totals["macs_after"])
+    assert totals["params_ratio"] > 1
+    x = torch.randn(2, 3, ALEXNET_SIZE, ALEXNET_SIZE)
+    assert torch.isfinite(model(x)).all()
+
+
+def test_eval_json_and_fast_path(tmp_path, capsys, data, trained):
+    _, test = data
+    out_json = tmp_path / "eval.json"
+    code, out, err = run_cli(capsys, "--eval", "--model", trained, "--test_path", test, "--json", out_json, *FAST)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    assert result["latency_backend"] in main.INFERENCE_BACKENDS and result["latency_backend"] in out
+    assert result["arch"] == "alexnet" and result["image_size"] == ALEXNET_SIZE
+    assert result["latency_ms_median"] > 0 and result["macs"] > 0 and result["test_images"] == 8
+
+
+def test_export_onnx_matches_pytorch(tmp_path, capsys, trained):
+    import onnxruntime as ort
+    onnx_file = tmp_path / "model.onnx"
+    code, out, err = run_cli(capsys, "--export", "onnx", onnx_file, "--model", trained, *FAST)
+    assert code == 0, err
+    assert "exported" in out
+    model, _ = models.load_model(str(trained))
+    x = torch.randn(3, 3, ALEXNET_SIZE, ALEXNET_SIZE)
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(torch.from_numpy(got), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_demo_plumbing_with_small_overrides(tmp_path, capsys, monkeypatch):
+    # The real --demo trains for minutes; here its wiring runs with one epoch on a tiny folder.
+    train, test = make_image_folder(tmp_path / "data", n_train=4, n_test=2, size=32)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "--demo", "--train_path", train, "--test_path", test, "--epochs", "1",
+                             "--workers", "0", "--quiet", "--latency_repeats", "1", "--latency_batch", "1",
+                             "--backend", "eager")
+    assert code == 0, err
+    assert "demo summary" in out and "x smaller" in out
+    assert (tmp_path / "runs" / "demo" / "model").is_file()
+    _, info = models.load_model(str(tmp_path / "runs" / "demo" / "decomposed_model"))
+    assert info["arch"] == main.DEMO_SETTINGS["arch"] and info["image_size"] == main.DEMO_SETTINGS["image_size"]
+
+
+# --------------------------------------------------------------------------- bad input
+def _one_class(root: Path) -> list[str]:
+    train, test = make_image_folder(root, classes=("only",), n_train=2, n_test=1)
+    return ["--train_path", str(train), "--test_path", str(test)]
+
+
+def _empty(root: Path) -> list[str]:
+    (root / "train").mkdir(parents=True)
+    return ["--train_path", str(root / "train")]
+
+
+def _classes_differ(root: Path) -> list[str]:
+    train, _ = make_image_folder(root / "a", classes=("cat", "dog"), n_train=2, n_test=0)
+    _, test = make_image_folder(root / "b", classes=("cat", "cow"), n_train=0, n_test=1)
+    return ["--train_path", str(train), "--test_path", str(test)]
+
+
+def _all_corrupt_class(root: Path) -> list[str]:
+    train, test = make_image_folder(root, n_train=2, n_test=1)
+    for png in (train / "dog").iterdir():
+        png.write_bytes(b"not a png")
+    return ["--train_path", str(train), "--test_path", str(test)]
+
+
+def _good(root: Path) -> list[str]:
+    train, test = make_image_folder(root, n_train=2, n_test=1, size=ALEXNET_SIZE)
+    return ["--train_path", str(train), "--test_path", str(test)]
+
+
+TRAIN_ERRORS = {
+    "missing folder": (lambda root: ["--train_path", str(root / "nope")], [], "does not exist"),
+    "empty folder": (_empty, [], "no class"),
+    "one class": (_one_class, [], "class"),
+    "test classes differ": (_classes_differ, [], "cow"),
+    "class all unreadable": (_all_corrupt_class, [], "unreadable"),
+    "unknown arch": (_good, ["--arch", "resnet50"], "resnet50"),
+    "image too small": (_good, ["--arch", "alexnet", "--image_size", "32"], "too small"),
+    "bad weights file": (_good, ["--weights", "/nonexistent.pth"], "nonexistent.pth"),
+    "no train path": (lambda root: [], [], "--train_path"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_ERRORS))
+def test_train_bad_input(tmp_path, capsys, case):
+    make, extra, needle = TRAIN_ERRORS[case]
+    model = tmp_path / "model"
+    model.write_bytes(b"previous model")
+    args = make(tmp_path / "data")
+    argv = ["--train", *args, "--model", model, "--arch", "alexnet", "--image_size", ALEXNET_SIZE, *FAST, *extra]
+    if case == "bad weights file":
+        argv = argv[:-len(extra) - len(FAST)] + FAST[len(NO_WEIGHTS):] + extra
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, needle)
+    assert model.read_bytes() == b"previous model"
+    assert sorted(os.listdir(tmp_path)) == ["data", "model"] or not (tmp_path / "data").exists()
+
+
+def test_single_corrupt_image_is_skipped_with_a_counted_warning(tmp_path, capsys):
+    train, test = make_image_folder(tmp_path / "data", n_train=3, n_test=1, size=ALEXNET_SIZE)
+    (train / "cat" / "000.png").write_bytes(b"\x89PNG truncated")
+    code, _, err = run_cli(capsys, "--train", "--train_path", train, "--test_path", test, "--arch", "alexnet",
+                           "--image_size", ALEXNET_SIZE, "--model", tmp_path / "model", *FAST)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning: skipped 1 unreadable image")]
+    assert len(warned) == 1 and "cat/000.png" in warned[0]
+
+
+def test_warnings_print_as_one_line(capsys):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        main._show_warning(UserWarning("skipped 2 files"), UserWarning, "x.py", 3)
+    assert capsys.readouterr().err == "warning: skipped 2 files\n"
+
+
+class Payload:
+    """Unpickling this would create a marker file: pickled code must never run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _model_file_case(case: str, root: Path, trained: Path) -> Path:
+    path = root / case.replace(" ", "_")
+    if case == "missing":
+        return path
+    if case == "truncated":
+        path.write_bytes(trained.read_bytes()[:50_000])
+    elif case == "foreign":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif case == "pickled code":
+        torch.save({"format": models.FILE_FORMAT, "x": Payload(str(root / "pwned"))}, path)
+    elif case == "pickled module":
+        torch.save(torch.nn.Linear(2, 2), path)
+    elif case == "directory":
+        path.mkdir()
+    return path
+
+
+MODEL_FILE_ERRORS = {"missing": "does not exist", "truncated": "truncated", "foreign": "not a model file",
+                     "pickled code": "refused", "pickled module": "refused", "directory": "directory"}
+
+
+@pytest.mark.parametrize("step", ["--decompose", "--eval"])
+@pytest.mark.parametrize("case", list(MODEL_FILE_ERRORS))
+def test_bad_model_files(tmp_path, capsys, data, trained, step, case):
+    bad = _model_file_case(case, tmp_path, trained)
+    decomposed = tmp_path / "decomposed"
+    code, _, err = run_cli(capsys, step, "--model", bad, "--decomposed_model", decomposed, "--test_path", data[1],
+                           *FAST)
+    assert_one_line_error(code, err, MODEL_FILE_ERRORS[case])
+    assert not decomposed.exists()
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_decompose_with_nothing_left(tmp_path, capsys, trained):
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    code, _, err = run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", once,
+                           "--rank_ratio", "0.3", *FAST)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "--decompose", "--model", once, "--decomposed_model", twice,
+                           "--rank_ratio", "0.3", *FAST)
+    assert_one_line_error(code, err, "nothing left to decompose")
+    assert not twice.exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ([], "nothing to do"),
+    (["--decompose", "--decomposed_model", "{trained}"], "different files"),
+    (["--eval"], "--eval needs --test_path"),
+    (["--decompose", "--rank_ratio", "1.5"], "--rank_ratio must be in (0, 1]"),
+    (["--export", "tflite", "{tmp}/m.tflite"], "format must be one of onnx"),
+    (["--export", "onnx", "{tmp}/no/such/dir/m.onnx"], "does not exist"),
+    (["--fine_tune", "--decomposed_model", "{tmp}/none"], "needs --train_path"),
+])
+def test_bad_options(tmp_path, capsys, trained, argv, needle):
+    argv = [a.format(trained=trained, tmp=tmp_path) for a in argv]
+    code, _, err = run_cli(capsys, *argv, "--model", trained, "--quiet")
+    assert_one_line_error(code, err, needle)
+    assert os.listdir(tmp_path) == []
+
+
+def test_fine_tune_on_other_classes_is_refused(tmp_path, capsys, trained):
+    decomposed = tmp_path / "decomposed"
+    assert run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", decomposed,
+                   "--rank_ratio", "0.3", *FAST)[0] == 0
+    before = digest(decomposed)
+    train, test = make_image_folder(tmp_path / "other", classes=("ant", "bee"), n_train=2, n_test=1,
+                                    size=ALEXNET_SIZE)
+    code, _, err = run_cli(capsys, "--fine_tune", "--decomposed_model", decomposed, "--model", trained,
+                           "--train_path", train, "--test_path", test, *FAST)
+    assert_one_line_error(code, err, "differ")
+    assert digest(decomposed) == before
+
+
+# -------------------------------------------------------------------- real processes
+def test_subprocess_error_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "main.py"), "--eval", "--model", str(tmp_path / "nope"),
+                           "--test_path", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: model file {tmp_path / 'nope'} does not exist "
+                                                f"(run --train first, or pass --model)"]
+    assert proc.stdout == ""
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    train, test = make_image_folder(tmp_path / "data", n_train=4, n_test=2, size=ALEXNET_SIZE)
+    model = tmp_path / "model"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO_ROOT / "main.py"), "--train", "--train_path", str(train), "--test_path", str(test),
+         "--arch", "alexnet", "--image_size", str(ALEXNET_SIZE), "--model", str(model), "--device", "cpu", *FAST],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Only rank 0 writes: one model file, no temporary leftovers.
+    assert sorted(os.listdir(tmp_path)) == ["data", "model"]
+    _, info = models.load_model(str(model))
+    assert len(info["meta"]["history"]) == 1
+    # Both processes trained (torchrun reports each), but only rank 0 logs the epoch.
+    assert (proc.stdout + proc.stderr).count("epoch 1/1") == 1
