@@ -106,6 +106,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="SVD rank as a fraction of min(in, out) of each FC layer")
     dec.add_argument("--fc_bandwidth", "--fc-bandwidth", type=int, default=1,
                      help="bandwidth of the diagonal FC structure")
+    dec.add_argument("--fc_anneal_epochs", "--fc-anneal-epochs", type=int, default=3,
+                     help="with --fc diagonal and --train_path: epochs of the mask schedule that moves the "
+                          "trained FC weights onto the diagonal structure before the (then exact) conversion")
     dec.add_argument("--report", help="write the per-layer decomposition report as JSON")
 
     ev = parser.add_argument_group("evaluation")
@@ -138,7 +141,7 @@ def _check_args(args: argparse.Namespace) -> None:
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder):
             raise UserError(f"folder {folder} for the exported file does not exist")
-    for name in ("batch_size", "epochs", "latency_repeats", "latency_batch", "fc_bandwidth"):
+    for name in ("batch_size", "epochs", "latency_repeats", "latency_batch", "fc_bandwidth", "fc_anneal_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0:
@@ -250,6 +253,8 @@ def step_decompose(args, device) -> dict:
     acc_before = _evaluate_loader(model, test_loader, device, args) if test_loader else None
     method = "cp" if args.cp else "tucker"
     start = time.perf_counter()
+    if args.fc == "diagonal":
+        summary_anneal = _move_fc_onto_diagonal(args, model, device, image_size, info["classes"])
     rows = decompositions.decompose_model(
         model, method, fc_method=args.fc, rank_ratio=args.rank_ratio, fc_rank=args.fc_rank,
         fc_rank_ratio=args.fc_rank_ratio, fc_bandwidth=args.fc_bandwidth, input_size=input_size,
@@ -262,6 +267,8 @@ def step_decompose(args, device) -> dict:
     summary = report.totals(rows, params_total=(params_before, report.count_params(model)),
                             macs_total=(macs_before, report.count_macs(model, input_size)))
     summary["seconds"] = seconds
+    if args.fc == "diagonal":
+        summary["fc_diagonal"] = summary_anneal
     print(report.format_table(rows, summary))
     acc_after = _evaluate_loader(model, test_loader, device, args) if test_loader else None
     if acc_before is not None:
@@ -277,6 +284,37 @@ def step_decompose(args, device) -> dict:
         report.write_json(args.report, {"model": args.model, "method": method, "fc": args.fc, "layers": rows,
                                         "totals": summary})
     return summary
+
+
+def _move_fc_onto_diagonal(args, model, device, image_size: int, classes: list[str]) -> dict:
+    """Get the hidden FC layers' weight mass onto the diagonal structure before conversion.
+
+    With training data: ``finetune.anneal_to_masks`` fine-tunes while the off-structure
+    weights fade to 0.  Without: ``finetune.project_to_masks`` zeroes them at once,
+    rescaling each row to keep its norm (a plain projection keeps <1% of the mass of a
+    trained layer and leaves the network at chance; see benchmarks/FC_RESULTS.md).
+    Either way the conversion that follows is exact.
+    """
+    import finetune
+
+    linears = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    layers = linears[:-1]  # the classifier stays dense
+    if not layers:
+        return {"layers": []}
+    if not args.train_path:
+        logger.warning("--fc diagonal without --train_path: projecting the FC weights onto the structure at "
+                       "once; give --train_path to anneal them there (much less accuracy lost)")
+        result = finetune.project_to_masks(model, layers=layers, bandwidth=args.fc_bandwidth)
+        return {"layers": layers, "procedure": "projection", "gain": result["gain"]}
+    train_loader, test_loader, _, data_classes = _data(args, image_size=image_size, train=True, test=True)
+    if data_classes != classes:
+        raise UserError(f"the data's classes {data_classes} differ from the model's {classes}")
+    lr = args.lr or DEFAULT_LR["tucker"]
+    result = finetune.anneal_to_masks(model, train_loader, layers=layers, bandwidth=args.fc_bandwidth,
+                                      epochs=args.fc_anneal_epochs, lr=lr, device=device, test_loader=test_loader,
+                                      show_progress=not args.quiet, log=logger)
+    return {"layers": layers, "procedure": "anneal", "epochs": args.fc_anneal_epochs, "lr": lr,
+            "history": result["history"]}
 
 
 def step_fine_tune(args, device, dist) -> dict:

@@ -157,6 +157,24 @@ def test_decompose_variants_and_report(tmp_path, capsys, trained, options, metho
     assert torch.isfinite(model(x)).all()
 
 
+def test_fc_diagonal_anneals_with_training_data(tmp_path, capsys, data, trained):
+    train, test = data
+    decomposed, report_json = tmp_path / "decomposed", tmp_path / "report.json"
+    code, out, err = run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", decomposed,
+                             "--rank_ratio", "0.3", "--fc", "diagonal", "--fc_bandwidth", "4",
+                             "--fc_anneal_epochs", "1", "--train_path", train, "--test_path", test,
+                             "--report", report_json, *FAST)
+    assert code == 0, err
+    totals = json.loads(report_json.read_text())["totals"]
+    assert totals["fc_diagonal"]["procedure"] == "anneal"
+    assert totals["fc_diagonal"]["layers"] == ["classifier.1", "classifier.4"]
+    rows = {r["name"]: r for r in json.loads(report_json.read_text())["layers"]}
+    # After the mask schedule the conversion is exact: nothing is left off the structure.
+    assert rows["classifier.1"]["method"] == "diagonal" and rows["classifier.1"]["error"] < 1e-6
+    model, info = models.load_model(str(decomposed))
+    assert info["plan"]["classifier.4"] == {"method": "diagonal", "bandwidth": 4}
+
+
 def test_eval_json_and_fast_path(tmp_path, capsys, data, trained):
     _, test = data
     out_json = tmp_path / "eval.json"
