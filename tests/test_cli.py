@@ -74,6 +74,18 @@ def test_dashed_aliases_and_seed_spellings_parse_alike():
     assert vars(seed) == vars(dashed)
 
 
+def test_demo_settings_yield_to_explicit_flags():
+    parser = main.get_args_parser()
+    argv = ["--demo", "--image_size", "64", "--fc", "none"]  # --fc none: explicit, equal to the default
+    args = parser.parse_args(argv)
+    args.explicit = main._explicit_options(parser, argv)
+    main._apply_demo(args)
+    assert args.image_size == 64 and args.fc == "none"
+    assert args.arch == main.DEMO_SETTINGS["arch"] and args.weights == "none"
+    assert args.rank_ratio == main.DEMO_RANK_RATIO
+    assert args.train and args.decompose and args.fine_tune and args.eval
+
+
 # -------------------------------------------------------------------- whole pipeline
 @pytest.mark.parametrize("arch,size", [("vgg16", 32), ("vgg19", 32), ("alexnet", ALEXNET_SIZE)])
 def test_full_pipeline_in_one_call(tmp_path, capsys, arch, size):
