@@ -578,6 +578,31 @@ def warmup_cosine_factor(step: int, *, warmup_steps: int, total_steps: int,
     return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _check_sgd_options(*, weight_decay: float, momentum: float, label_smoothing: float) -> None:
+    if weight_decay < 0:
+        raise UserError(f"weight decay must be >= 0, got {weight_decay!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise UserError(f"momentum must be in [0, 1), got {momentum!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise UserError(f"label smoothing must be in [0, 1), got {label_smoothing!r}")
+
+
+def _training_setup(model: nn.Module, train_loader, train_sampler, device: torch.device):
+    """Move ``model`` to ``device``; its trainable parameters, steps per epoch and sampler."""
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError("the training loader yielded no batches")
+    if train_sampler is None and isinstance(
+        getattr(train_loader, "sampler", None), torch.utils.data.DistributedSampler
+    ):
+        train_sampler = train_loader.sampler  # set_epoch() reshuffles it every epoch
+    return params, steps_per_epoch, train_sampler
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -653,25 +678,10 @@ def fit(
         raise UserError(f"epochs must be an integer >= 1, got {epochs!r}")
     if not lr > 0 or not math.isfinite(lr):
         raise UserError(f"learning rate must be a finite number > 0, got {lr!r}")
-    if weight_decay < 0:
-        raise UserError(f"weight decay must be >= 0, got {weight_decay!r}")
-    if not 0.0 <= momentum < 1.0:
-        raise UserError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise UserError(f"label smoothing must be in [0, 1), got {label_smoothing!r}")
+    _check_sgd_options(weight_decay=weight_decay, momentum=momentum, label_smoothing=label_smoothing)
     log = logger if log is None else log
 
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError("the training loader yielded no batches")
-    if train_sampler is None and isinstance(
-        getattr(train_loader, "sampler", None), torch.utils.data.DistributedSampler
-    ):
-        train_sampler = train_loader.sampler
+    params, steps_per_epoch, train_sampler = _training_setup(model, train_loader, train_sampler, device)
 
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     total_steps = epochs * steps_per_epoch
@@ -1123,27 +1133,12 @@ def anneal_to_masks(
         raise UserError(f"schedule must be one of {ANNEAL_SCHEDULES}, got {schedule!r}")
     if not 0.0 <= hold_fraction < 1.0:
         raise UserError(f"hold_fraction must be in [0, 1), got {hold_fraction!r}")
-    if weight_decay < 0:
-        raise UserError(f"weight decay must be >= 0, got {weight_decay!r}")
-    if not 0.0 <= momentum < 1.0:
-        raise UserError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise UserError(f"label smoothing must be in [0, 1), got {label_smoothing!r}")
+    _check_sgd_options(weight_decay=weight_decay, momentum=momentum, label_smoothing=label_smoothing)
     net = _unwrap(model)
     names = _check_anneal_layers(net, layers)
     log = logger if log is None else log
 
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError("the training loader yielded no batches")
-    if train_sampler is None and isinstance(
-        getattr(train_loader, "sampler", None), torch.utils.data.DistributedSampler
-    ):
-        train_sampler = train_loader.sampler
+    params, steps_per_epoch, train_sampler = _training_setup(model, train_loader, train_sampler, device)
 
     total_steps = epochs * steps_per_epoch
     decay_steps = max(1, round((1.0 - hold_fraction) * total_steps))
