@@ -1,0 +1,600 @@
+"""Real-data benchmark: train, decompose (Tucker-2, CP, Tucker-2 + FC SVD), fine-tune, measure.
+
+For each architecture (default vgg16, vgg19 and alexnet) on a two-class image
+folder (default ``data/fashion-mnist-shirt``, T-shirt/top vs Shirt, built by
+``benchmarks/make_fashion_mnist.py``):
+
+1. **train** the original: ImageNet weights when ``--weights_dir DIR`` holds
+   ``DIR/<arch>.pth`` (a state_dict), else from scratch (the settings below);
+2. **decompose** a copy of it three ways -- ``tucker`` (Tucker-2 of the convs),
+   ``cp`` (CP of the convs), ``tucker+svd`` (Tucker-2 of the convs and truncated
+   SVD of the hidden Linear layers) -- and **fine-tune** each;
+3. **measure** test accuracy (original; decomposed before fine-tuning; after),
+   parameters, MACs (at the benchmark size and at 224 px) and their ratios, CPU
+   latency at batch 1 and 8 at the benchmark size and at 224 px (through
+   :mod:`inference`, all models of an architecture timed in one process in
+   interleaved rounds, median reported), decomposition and fine-tuning time.
+
+Outputs in ``--out_dir``: ``bench_real.json`` (everything, written after each
+architecture), ``bench_real.md`` (the tables) and ``bench_real.png`` (test
+accuracy against MACs, one colour per method).
+
+Settings (from scratch, chosen to fit a 2-core CPU):
+
+* image size: 32 px for VGG (Fashion-MNIST images are 28 px; 32 px is VGG's
+  smallest input), 64 px for AlexNet (its smallest is 63 px);
+* SGD momentum 0.9, weight decay 5e-4, warm-up + cosine (``finetune.fit``), batch
+  32, learning rate 0.01 for training, 0.005 for Tucker-2 fine-tuning and 0.002
+  for CP (CP layers are unstable under large steps, Lebedev et al. 2015): higher
+  than main.py's, see :data:`FT_LR`;
+* the first conv (3 input channels) is never decomposed;
+* ranks (``--ranks auto``): VBMF (EVBMF of the unfoldings, as in Kim et al. 2016)
+  when it is usable, else ``--rank_ratio`` of the channels.  VBMF on weights trained
+  from scratch for a few epochs is often degenerate (rank 0 = "only noise", or
+  nearly full ranks that save nothing), so "usable" means: no layer at rank 0 and
+  the conv MACs shrink at least :data:`MIN_VBMF_MAC_RATIO`-fold.  The fallback
+  ratio is 0.5: at 0.25, weights trained from scratch for 3 epochs collapsed to
+  chance (50%) and one fine-tuning epoch did not bring them back.  The CP rank of a
+  layer is the larger of its two Tucker ranks (``decompositions.estimate_cp_rank``).
+  The same test, with ``--fc_rank_ratio``, picks the SVD ranks of the hidden
+  Linear layers.  The JSON says which source was used and why.
+
+Usage::
+
+    python benchmarks/make_fashion_mnist.py data/fashion-mnist-shirt --train_per_class 1000 \\
+        --test_per_class 1000 --seed 0
+    python benchmarks/bench_real.py data/fashion-mnist-shirt              # full run
+    python benchmarks/bench_real.py data/fashion-mnist-shirt --quick      # vgg16 on 250 images/class: a smoke test
+
+References
+----------
+.. [1] Kim, Y.-D. et al. "Compression of Deep Convolutional Neural Networks for Fast
+   and Low Power Mobile Applications", ICLR 2016, arXiv:1511.06530.
+.. [2] Lebedev, V. et al. "Speeding-up Convolutional Neural Networks Using Fine-tuned
+   CP-Decomposition", ICLR 2015, arXiv:1412.6553.
+.. [3] Girshick, R. "Fast R-CNN", ICCV 2015 (truncated SVD of fc layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# Run as ``python benchmarks/bench_real.py``: the project modules live one level up.
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for _path in (REPO_ROOT, BENCH_DIR):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import dataset  # noqa: E402
+import decompositions  # noqa: E402
+import finetune  # noqa: E402
+import inference  # noqa: E402
+import models  # noqa: E402
+import report  # noqa: E402
+import vbmf  # noqa: E402
+from bench_inference import machine_info, torch_threads  # noqa: E402
+
+logger = logging.getLogger("bench_real")
+
+DEFAULT_DATA = REPO_ROOT / "data" / "fashion-mnist-shirt"
+DEFAULT_OUT = BENCH_DIR / "results"
+ARCHS = ("vgg16", "vgg19", "alexnet")
+QUICK_ARCHS = ("vgg16",)
+METHODS = ("tucker", "cp", "tucker+svd")
+#: Benchmark image size per architecture (from-scratch setting, see the module docstring).
+DEFAULT_IMAGE_SIZE = {"vgg16": 32, "vgg19": 32, "vgg16_bn": 32, "vgg19_bn": 32, "alexnet": 64}
+#: The size latency and MACs are also reported at (ImageNet's).
+REFERENCE_SIZE = 224
+DEFAULT_EPOCHS, QUICK_EPOCHS = 8, 4
+#: --quick trains and tests on this many images per class (a seeded subset of the folder).
+QUICK_PER_CLASS = 250
+DEFAULT_FT_EPOCHS, QUICK_FT_EPOCHS = 2, 1
+DEFAULT_BATCH_SIZE = 32
+TRAIN_LR = 0.01
+#: Fine-tuning learning rate per method (CP needs a smaller one, Lebedev et al. [2]_).
+#: Higher than main.py's (0.001 / 0.0001, made for ImageNet features): weights trained
+#: from scratch for a few epochs lose most of their signal at these ranks (a plain VGG
+#: has no BatchNorm to rescale it) and must partly relearn.
+FT_LR = {"tucker": 0.005, "cp": 0.002, "tucker+svd": 0.005}
+#: Fallback ranks as a fraction of the channels (Tucker: of each mode; CP: of the larger one).
+DEFAULT_RANK_RATIO = 0.5
+#: Fallback SVD rank of hidden Linear layers as a fraction of min(in, out).
+DEFAULT_FC_RANK_RATIO = 1 / 16
+#: VBMF ranks are used only when they shrink the decomposed layers' MACs at least this much.
+MIN_VBMF_MAC_RATIO = 1.5
+RANK_CHOICES = ("auto", "vbmf", "ratio")
+LATENCY_BATCHES = (1, 8)
+DEFAULT_LATENCY_BACKENDS = ("onnx", "eager")
+QUICK_LATENCY_BACKENDS = ("onnx",)
+DEFAULT_LATENCY_REPEATS, QUICK_LATENCY_REPEATS = 5, 3
+LATENCY_WARMUP = 1
+SEED = 0
+
+
+# ----------------------------------------------------------------------------- ranks
+def _conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+
+
+def _hidden_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][:-1]
+
+
+def _tucker_macs(conv: nn.Conv2d, in_shape: Sequence[int], macs: int, ranks: tuple[int, int]) -> int:
+    """Per-image MACs of the Tucker-2 chain of ``conv`` at ``ranks`` (R_out, R_in)."""
+    rank_out, rank_in = ranks
+    kh, kw = conv.kernel_size
+    out_pixels = macs // (conv.out_channels * conv.in_channels * kh * kw)
+    in_pixels = int(in_shape[-2]) * int(in_shape[-1])
+    return (in_pixels * conv.in_channels * rank_in + out_pixels * (kh * kw * rank_in * rank_out)
+            + out_pixels * rank_out * conv.out_channels)
+
+
+def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "auto",
+                 rank_ratio: float = DEFAULT_RANK_RATIO, fc_rank_ratio: float = DEFAULT_FC_RANK_RATIO,
+                 skip: Sequence[str] = ()) -> dict[str, Any]:
+    """Tucker, CP and SVD ranks for every layer: VBMF, or a fraction of the channels.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The trained model (not modified).
+    input_size : (C, H, W)
+        Where the MACs of the VBMF check are counted.
+    policy : {"auto", "vbmf", "ratio"}
+        ``"auto"``: VBMF where usable (no rank 0, at least :data:`MIN_VBMF_MAC_RATIO`
+        fewer MACs in the decomposed convs; for the Linear layers: no rank 0 and a
+        smaller layer), else the ratios.  ``"vbmf"`` forces VBMF (layers at rank 0
+        are then left alone by :func:`decompositions.decompose_model`), ``"ratio"``
+        the ratios.
+    rank_ratio, fc_rank_ratio : float in (0, 1]
+        The fallback fractions.
+    skip : names of convs to leave alone.
+
+    Returns
+    -------
+    dict
+        ``tucker`` (name -> (R_out, R_in)), ``cp`` (name -> R), ``svd`` (name -> r),
+        ``conv_source`` / ``fc_source`` ("vbmf" or "ratio"), ``conv_reason`` /
+        ``fc_reason`` (why), ``vbmf_conv`` / ``vbmf_fc`` (the VBMF estimates, or None
+        when not computed) and ``vbmf_conv_mac_ratio``.
+    """
+    if policy not in RANK_CHOICES:
+        raise ValueError(f"rank policy must be one of {RANK_CHOICES}, got {policy!r}")
+    convs = [(n, m) for n, m in _conv_layers(model) if n not in skip]
+    linears = _hidden_linears(model)
+    shapes = report.record_input_shapes(model, input_size)
+    result: dict[str, Any] = {"vbmf_conv": None, "vbmf_fc": None, "vbmf_conv_mac_ratio": None}
+
+    def ratio(value: float, size: int) -> int:
+        return max(1, min(size, round(value * size)))
+
+    # ---- convs
+    conv_source, conv_reason = "ratio", "--ranks ratio"
+    if policy != "ratio":
+        with torch_threads(1):
+            estimates = {n: tuple(int(r) for r in decompositions.estimate_tucker_ranks(m)) for n, m in convs}
+        result["vbmf_conv"] = {n: list(r) for n, r in estimates.items()}
+        zero = [n for n, r in estimates.items() if min(r) == 0]
+        before = sum(shapes[n][1] for n, _ in convs if n in shapes)
+        after = sum(_tucker_macs(m, shapes[n][0], shapes[n][1], estimates[n]) if min(estimates[n]) > 0
+                    else shapes[n][1] for n, m in convs if n in shapes)
+        mac_ratio = before / after if after else float("inf")
+        result["vbmf_conv_mac_ratio"] = mac_ratio
+        if policy == "vbmf":
+            conv_source, conv_reason = "vbmf", "--ranks vbmf"
+        elif zero:
+            conv_reason = f"VBMF found only noise (rank 0) in {len(zero)} of {len(convs)} convs"
+        elif mac_ratio < MIN_VBMF_MAC_RATIO:
+            conv_reason = (f"VBMF ranks would cut the conv MACs only {mac_ratio:.2f}x "
+                           f"(< {MIN_VBMF_MAC_RATIO}x)")
+        else:
+            conv_source, conv_reason = "vbmf", f"VBMF usable ({mac_ratio:.2f}x fewer conv MACs)"
+    if conv_source == "vbmf":
+        tucker = {n: tuple(r) for n, r in result["vbmf_conv"].items()}
+    else:
+        tucker = {n: (ratio(rank_ratio, m.out_channels), ratio(rank_ratio, m.in_channels)) for n, m in convs}
+    result["tucker"] = tucker
+    result["cp"] = {n: max(r) for n, r in tucker.items()}
+    result["conv_source"], result["conv_reason"] = conv_source, conv_reason
+
+    # ---- hidden Linear layers
+    fc_source, fc_reason = "ratio", "--ranks ratio"
+    if policy != "ratio" and linears:
+        with torch_threads(1):
+            fc_estimates = {n: int(vbmf.estimate_rank(m.weight.detach())) for n, m in linears}
+        result["vbmf_fc"] = fc_estimates
+        useless = [n for n, m in linears
+                   if fc_estimates[n] == 0 or fc_estimates[n] * (m.in_features + m.out_features) >= m.weight.numel()]
+        if policy == "vbmf":
+            fc_source, fc_reason = "vbmf", "--ranks vbmf"
+        elif useless:
+            fc_reason = f"VBMF ranks are 0 or would not shrink {len(useless)} of {len(linears)} Linear layers"
+        else:
+            fc_source, fc_reason = "vbmf", "VBMF usable"
+    if fc_source == "vbmf":
+        result["svd"] = dict(result["vbmf_fc"])
+    else:
+        result["svd"] = {n: ratio(fc_rank_ratio, min(m.in_features, m.out_features)) for n, m in linears}
+    result["fc_source"], result["fc_reason"] = fc_source, fc_reason
+    return result
+
+
+# ------------------------------------------------------------------------ decompose
+def decompose(model: nn.Module, method: str, ranks: dict[str, Any], *, input_size: Sequence[int],
+              skip: Sequence[str], cp_max_iter: int, seed: int) -> tuple[nn.Module, list[dict], float]:
+    """A decomposed copy of ``model``: (copy, per-layer report rows, seconds)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    net = copy.deepcopy(model)
+    conv_method = "cp" if method == "cp" else "tucker"
+    overrides: dict[str, Any] = dict(ranks["cp"] if method == "cp" else ranks["tucker"])
+    fc_method = "svd" if method == "tucker+svd" else "none"
+    if fc_method == "svd":
+        overrides.update(ranks["svd"])
+    start = time.perf_counter()
+    with torch_threads(1):  # many small LAPACK calls: see bench_inference.torch_threads
+        rows = decompositions.decompose_model(net, conv_method, fc_method=fc_method, ranks=overrides,
+                                              input_size=input_size, skip=skip, cp_max_iter=cp_max_iter,
+                                              seed=seed)
+    seconds = time.perf_counter() - start
+    return net, [r.as_dict() for r in rows], seconds
+
+
+# -------------------------------------------------------------------------- latency
+def measure_latencies(nets: dict[str, nn.Module], *, sizes: Sequence[int], backends: Sequence[str],
+                      batches: Sequence[int] = LATENCY_BATCHES, repeats: int, warmup: int = LATENCY_WARMUP,
+                      seed: int = SEED, progress: bool = False) -> dict[str, Any]:
+    """CPU latency of every model, backend, image size and batch size.
+
+    For each image size, one predictor per (model, backend) is prepared with
+    :func:`inference.prepare` (checked against eager; a backend that fails is
+    recorded with its error) and all of them are timed at every batch size in
+    interleaved rounds (:func:`inference.time_interleaved`).
+
+    Returns
+    -------
+    dict
+        ``{model: {backend: {str(size): {str(batch): median_ms}}}}`` plus, under
+        ``"errors"``, the backends that could not be prepared.
+    """
+    cpu = torch.device("cpu")
+    out: dict[str, Any] = {name: {b: {} for b in backends} for name in nets}
+    errors: dict[str, str] = {}
+    gen = torch.Generator().manual_seed(seed)
+    for size in sizes:
+        examples = {b: torch.randn(b, 3, size, size, generator=gen) for b in batches}
+        predictors = {}
+        for name, net in nets.items():
+            net_cpu = copy.deepcopy(net).to(cpu).eval()
+            for backend in backends:
+                try:
+                    predictors[name, backend] = inference.prepare(net_cpu, examples[max(batches)], backend=backend)
+                except Exception as exc:  # noqa: BLE001 - reported, the others still run
+                    errors[f"{name}/{backend}/{size}"] = f"{type(exc).__name__}: {exc}"[:300]
+                    logger.warning("latency: %s on %s at %d px failed: %s", name, backend, size, exc)
+            del net_cpu
+        calls = {(name, backend, b): (lambda p=p, x=examples[b]: p(x))
+                 for (name, backend), p in predictors.items() for b in batches}
+        times = inference.time_interleaved(calls, warmup=warmup, repeats=repeats, progress=progress,
+                                           desc=f"latency {size} px")
+        for (name, backend, b), values in times.items():
+            out[name][backend].setdefault(str(size), {})[str(b)] = statistics.median(values)
+        del predictors, calls
+        gc.collect()
+    out["errors"] = errors
+    return out
+
+
+# ---------------------------------------------------------------------------- output
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else (f"{value:.0f}" if value >= 100 else f"{value:.1f}")
+
+
+def _fmt_s(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _latency(result: dict, name: str, backend: str, size: int, batch: int) -> float | None:
+    return result.get("latency", {}).get(name, {}).get(backend, {}).get(str(size), {}).get(str(batch))
+
+
+def format_markdown(payload: dict[str, Any]) -> str:
+    """The Markdown tables of a run: the main one (first latency backend) and one per extra backend."""
+    backends = payload["settings"]["latency_backends"]
+    lines = []
+    if not payload["archs"]:
+        return "(no results)"
+    main = backends[0] if backends else None
+    lines.append(f"Latency: CPU, {main} backend, median ms of interleaved rounds; size = benchmark size / "
+                 f"{REFERENCE_SIZE} px; speedup = original / decomposed at batch 8.")
+    lines.append("")
+    lines.append("| arch | method | size | acc. original | acc. decomposed | acc. fine-tuned | params | params ratio "
+                 "| MACs | MACs ratio | MACs @224 | ms b1 / b8 | ms b1 / b8 @224 | speedup b8 / b8 @224 "
+                 "| decompose s | fine-tune s |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for arch, res in payload["archs"].items():
+        size = res["image_size"]
+        for row in res["rows"]:
+            name = row["method"]
+            lat = [_latency(res, name, main, s, b) for s in (size, REFERENCE_SIZE) for b in LATENCY_BATCHES]
+            base = [_latency(res, "original", main, s, 8) for s in (size, REFERENCE_SIZE)]
+            mine = [_latency(res, name, main, s, 8) for s in (size, REFERENCE_SIZE)]
+            speed = " / ".join(f"{b / m:.2f}x" if b and m else "-" for b, m in zip(base, mine))
+            acc_dec = "-" if row["acc_decomposed"] is None else f"{row['acc_decomposed']:.2%}"
+            acc_ft = "-" if row["acc_finetuned"] is None else f"{row['acc_finetuned']:.2%}"
+            lines.append(
+                f"| {arch} | {name} | {size} | {res['acc_original']:.2%} | {acc_dec} | {acc_ft} | "
+                f"{row['params'] / 1e6:.2f} M | {row['params_ratio']:.2f}x | {row['macs'] / 1e6:.0f} M | "
+                f"{row['macs_ratio']:.2f}x | {row['macs_224'] / 1e9:.2f} G | {_fmt_ms(lat[0])} / {_fmt_ms(lat[1])} | "
+                f"{_fmt_ms(lat[2])} / {_fmt_ms(lat[3])} | {speed} | "
+                f"{_fmt_s(row['decompose_s'], 1)} | {_fmt_s(row['finetune_s'], 0)} |")
+    for backend in backends[1:]:
+        lines += ["", f"Latency on the {backend} backend (ms, batch 1 / batch 8):", "",
+                  "| arch | method | size | ms b1 / b8 | ms b1 / b8 @224 | speedup b8 @224 |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for arch, res in payload["archs"].items():
+            size = res["image_size"]
+            for row in res["rows"]:
+                name = row["method"]
+                lat = [_latency(res, name, backend, s, b) for s in (size, REFERENCE_SIZE) for b in LATENCY_BATCHES]
+                base = _latency(res, "original", backend, REFERENCE_SIZE, 8)
+                speed = f"{base / lat[3]:.2f}x" if base and lat[3] else "-"
+                lines.append(f"| {arch} | {name} | {size} | {_fmt_ms(lat[0])} / {_fmt_ms(lat[1])} | "
+                             f"{_fmt_ms(lat[2])} / {_fmt_ms(lat[3])} | {speed} |")
+    notes = []
+    for arch, res in payload["archs"].items():
+        r = res["ranks"]
+        notes.append(f"- {arch}: trained {res['training']['source']} for {res['training']['epochs']} epochs "
+                     f"({res['training']['seconds']:.0f} s); conv ranks: {r['conv_source']} ({r['conv_reason']}); "
+                     f"FC ranks: {r['fc_source']} ({r['fc_reason']})")
+        if res["latency"].get("errors"):
+            notes.append(f"  - latency errors: {res['latency']['errors']}")
+    return "\n".join(lines + ["", *notes])
+
+
+def plot(payload: dict[str, Any], path: str | os.PathLike) -> None:
+    """Test accuracy against MACs (log scale): original, and each method before/after fine-tuning."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"original": "black", "tucker": "tab:blue", "cp": "tab:orange", "tucker+svd": "tab:green"}
+    markers = {"vgg16": "o", "vgg19": "s", "alexnet": "^"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arch, res in payload["archs"].items():
+        marker = markers.get(arch, "D")
+        ax.scatter(res["macs"], res["acc_original"], color=colors["original"], marker=marker, s=50)
+        for row in res["rows"]:
+            if row["method"] == "original":
+                continue
+            color = colors.get(row["method"], "gray")
+            if row["acc_decomposed"] is not None:
+                ax.scatter(row["macs"], row["acc_decomposed"], facecolors="none", edgecolors=color, marker=marker,
+                           s=50)
+            if row["acc_finetuned"] is not None:
+                ax.scatter(row["macs"], row["acc_finetuned"], color=color, marker=marker, s=50)
+                if row["acc_decomposed"] is not None:
+                    ax.annotate("", xy=(row["macs"], row["acc_finetuned"]),
+                                xytext=(row["macs"], row["acc_decomposed"]),
+                                arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.4})
+    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in colors.items()]
+    handles += [plt.Line2D([], [], color="gray", marker=mk, linestyle="", label=a)
+                for a, mk in markers.items() if a in payload["archs"]]
+    handles.append(plt.Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="",
+                              label="before fine-tuning"))
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs per image at the benchmark size")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy vs MACs")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ run
+def _subset(ds, per_class: int | None, *, seed: int):
+    """At most ``per_class`` images of each class, a seeded random choice (the whole set for None)."""
+    if per_class is None:
+        return ds
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ds), generator=gen).tolist()
+    taken: dict[int, int] = {}
+    keep = []
+    for i in order:
+        label = ds.targets[i]
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(i)
+    return torch.utils.data.Subset(ds, sorted(keep))
+
+
+def _weights_for(arch: str, weights_dir: str | None) -> str:
+    if weights_dir:
+        path = os.path.join(weights_dir, f"{arch}.pth")
+        if os.path.exists(path):
+            return path
+        logger.warning("%s not found: training %s from scratch", path, arch)
+    return "none"
+
+
+def run_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The whole benchmark for one architecture."""
+    size = args.image_size or DEFAULT_IMAGE_SIZE[arch]
+    models.check_image_size(arch, size)
+    input_size = (3, size, size)
+    finetune.seed_everything(args.seed)
+    train_ds, test_ds, classes = dataset.build_datasets(os.path.join(args.data, "train"),
+                                                         os.path.join(args.data, "test"), image_size=size)
+    train_ds = _subset(train_ds, args.train_per_class, seed=args.seed)
+    test_ds = _subset(test_ds, args.test_per_class, seed=args.seed + 1)
+    train_loader, test_loader, _ = dataset.build_loaders(train_ds, test_ds, batch_size=args.batch_size,
+                                                         workers=args.workers, seed=args.seed)
+    weights = _weights_for(arch, args.weights_dir)
+    progress = not args.quiet
+    model = models.build_model(arch, len(classes), weights=weights).to(device)
+    start = time.perf_counter()
+    history = finetune.fit(model, train_loader, None, epochs=args.epochs, lr=args.lr, device=device,
+                           show_progress=progress, log=logger)
+    train_s = time.perf_counter() - start
+    acc_original = finetune.evaluate(model, test_loader, device=device, show_progress=progress)["acc"]
+    logger.info("%s: trained (%s) in %.0f s, test accuracy %.2f%%", arch, weights, train_s, 100 * acc_original)
+    model = model.cpu().eval()
+    skip = [_conv_layers(model)[0][0]]
+    ranks = choose_ranks(model, input_size=input_size, policy=args.ranks, rank_ratio=args.rank_ratio,
+                         fc_rank_ratio=args.fc_rank_ratio, skip=skip)
+    logger.info("%s: conv ranks from %s (%s); FC ranks from %s (%s)", arch, ranks["conv_source"],
+                ranks["conv_reason"], ranks["fc_source"], ranks["fc_reason"])
+    params0 = report.count_params(model)
+    macs0, macs0_224 = report.count_macs(model, input_size), report.count_macs(model, (3, REFERENCE_SIZE,
+                                                                                        REFERENCE_SIZE))
+    rows = [{"method": "original", "acc_decomposed": None, "acc_finetuned": None, "params": params0,
+             "params_ratio": 1.0, "macs": macs0, "macs_ratio": 1.0, "macs_224": macs0_224, "macs_224_ratio": 1.0,
+             "decompose_s": None, "finetune_s": None, "layers": [], "history": history}]
+    nets = {"original": model}
+    for method in METHODS:
+        net, layer_rows, decompose_s = decompose(model, method, ranks, input_size=input_size, skip=skip,
+                                                 cp_max_iter=args.cp_max_iter, seed=args.seed)
+        net.to(device)
+        acc_dec = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
+        start = time.perf_counter()
+        ft_history = finetune.fit(net, train_loader, None, epochs=args.ft_epochs, lr=FT_LR[method] * args.ft_lr_scale,
+                                  device=device, show_progress=progress, log=logger)
+        finetune_s = time.perf_counter() - start
+        acc_ft = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
+        net = net.cpu().eval()
+        params, macs = report.count_params(net), report.count_macs(net, input_size)
+        macs_224 = report.count_macs(net, (3, REFERENCE_SIZE, REFERENCE_SIZE))
+        rows.append({"method": method, "acc_decomposed": acc_dec, "acc_finetuned": acc_ft, "params": params,
+                     "params_ratio": params0 / params, "macs": macs, "macs_ratio": macs0 / macs,
+                     "macs_224": macs_224, "macs_224_ratio": macs0_224 / macs_224, "decompose_s": decompose_s,
+                     "finetune_s": finetune_s, "finetune_lr": FT_LR[method] * args.ft_lr_scale,
+                     "layers": layer_rows, "history": ft_history,
+                     "fallbacks": [r["name"] for r in layer_rows if "fell back" in (r["reason"] or "")]})
+        logger.info("%s %s: %.2f%% -> %.2f%% after fine-tuning; %.2fx fewer MACs; decomposed in %.1f s, "
+                    "fine-tuned in %.0f s", arch, method, 100 * acc_dec, 100 * acc_ft, macs0 / macs, decompose_s,
+                    finetune_s)
+        nets[method] = net
+    sizes = sorted({size, *args.latency_sizes}) if args.latency_sizes else [size, REFERENCE_SIZE]
+    latency = measure_latencies(nets, sizes=sizes, backends=args.latency_backends, repeats=args.latency_repeats,
+                                seed=args.seed, progress=progress) if args.latency_backends else {"errors": {}}
+    return {"arch": arch, "image_size": size, "classes": classes, "n_train": len(train_ds), "n_test": len(test_ds),
+            "acc_original": acc_original, "params": params0, "macs": macs0, "macs_224": macs0_224,
+            "training": {"source": "ImageNet weights" if weights != "none" else "from scratch", "weights": weights,
+                         "epochs": args.epochs, "lr": args.lr, "seconds": train_s},
+            "ranks": {k: v for k, v in ranks.items()}, "rows": rows, "latency": latency, "latency_sizes": sizes}
+
+
+def write_outputs(payload: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
+    """Write bench_real.json, bench_real.md and bench_real.png into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"bench_real.{k}") for k in ("json", "md", "png")}
+    report.write_json(paths["json"], payload)
+    with open(paths["md"], "w") as fh:
+        fh.write(format_markdown(payload) + "\n")
+    if payload["archs"]:
+        plot(payload, paths["png"])
+    return paths
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        return [kind(v) for v in text.split(",") if v]
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("data", nargs="?", default=str(DEFAULT_DATA), help="folder with train/ and test/")
+    parser.add_argument("--archs", type=_csv(str), default=None,
+                        help=f"comma-separated (default {','.join(ARCHS)}; {','.join(QUICK_ARCHS)} with --quick)")
+    parser.add_argument("--weights_dir", help="folder with <arch>.pth ImageNet state_dicts (else: from scratch)")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help=f"benchmark size for every arch (default {DEFAULT_IMAGE_SIZE})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"training epochs (default {DEFAULT_EPOCHS}, {QUICK_EPOCHS} with --quick)")
+    parser.add_argument("--ft_epochs", type=int, default=None,
+                        help=f"fine-tuning epochs (default {DEFAULT_FT_EPOCHS}, {QUICK_FT_EPOCHS} with --quick)")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--train_per_class", type=int, default=None,
+                        help=f"use at most this many training images per class (all; {QUICK_PER_CLASS} with --quick)")
+    parser.add_argument("--test_per_class", type=int, default=None,
+                        help=f"use at most this many test images per class (all; {QUICK_PER_CLASS} with --quick)")
+    parser.add_argument("--lr", type=float, default=TRAIN_LR, help="training learning rate")
+    parser.add_argument("--ft_lr_scale", type=float, default=1.0, help=f"multiplies the fine-tuning rates {FT_LR}")
+    parser.add_argument("--ranks", choices=RANK_CHOICES, default="auto", help="rank source (see the docstring)")
+    parser.add_argument("--rank_ratio", type=float, default=DEFAULT_RANK_RATIO)
+    parser.add_argument("--fc_rank_ratio", type=float, default=DEFAULT_FC_RANK_RATIO)
+    parser.add_argument("--cp_max_iter", type=int, default=decompositions.CP_MAX_ITER)
+    parser.add_argument("--latency_backends", type=_csv(str), default=None,
+                        help=f"inference backends timed, the first in the main table (default "
+                             f"{','.join(DEFAULT_LATENCY_BACKENDS)}; {','.join(QUICK_LATENCY_BACKENDS)} with --quick; "
+                             f"'' for none)")
+    parser.add_argument("--latency_sizes", type=_csv(int), default=None,
+                        help=f"image sizes timed besides the benchmark size (default {REFERENCE_SIZE})")
+    parser.add_argument("--latency_repeats", type=int, default=None,
+                        help=f"timed rounds (default {DEFAULT_LATENCY_REPEATS}, {QUICK_LATENCY_REPEATS} with --quick)")
+    parser.add_argument("--device", default="cpu", help="training device (auto, cpu, cuda, cuda:N, mps)")
+    parser.add_argument("--workers", type=int, default=0, help="data loader processes")
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--out_dir", default=str(DEFAULT_OUT))
+    parser.add_argument("--quick", action="store_true",
+                        help=f"vgg16 only, {QUICK_PER_CLASS} images per class, fewer epochs and rounds: a smoke test")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    args.archs = args.archs or list(QUICK_ARCHS if args.quick else ARCHS)
+    args.epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
+    if args.quick:
+        args.train_per_class = args.train_per_class or QUICK_PER_CLASS
+        args.test_per_class = args.test_per_class or QUICK_PER_CLASS
+    args.ft_epochs = args.ft_epochs or (QUICK_FT_EPOCHS if args.quick else DEFAULT_FT_EPOCHS)
+    if args.latency_backends is None:
+        args.latency_backends = list(QUICK_LATENCY_BACKENDS if args.quick else DEFAULT_LATENCY_BACKENDS)
+    args.latency_repeats = args.latency_repeats or (QUICK_LATENCY_REPEATS if args.quick else DEFAULT_LATENCY_REPEATS)
+    for arch in args.archs:
+        models.check_arch(arch)
+    unknown = [b for b in args.latency_backends if b not in inference.BACKENDS]
+    if unknown:
+        parser.error(f"unknown latency backend(s) {unknown}; choose from {inference.BACKENDS}")
+    if not 0 < args.rank_ratio <= 1 or not 0 < args.fc_rank_ratio <= 1:
+        parser.error("--rank_ratio and --fc_rank_ratio must be in (0, 1]")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    device = finetune.resolve_device(args.device)
+    start = time.perf_counter()
+    payload: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items()}, "machine": machine_info(),
+                               "device": str(device), "archs": {}}
+    payload["settings"]["ft_lr"] = {m: FT_LR[m] * args.ft_lr_scale for m in METHODS}
+    for arch in args.archs:
+        payload["archs"][arch] = run_arch(arch, args, device)
+        payload["total_s"] = time.perf_counter() - start
+        paths = write_outputs(payload, args.out_dir)  # after each arch: a long run keeps its partial results
+    print(format_markdown(payload))
+    print(f"\ntotal {payload['total_s']:.0f} s; wrote {', '.join(paths.values())}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
