@@ -603,6 +603,43 @@ def _training_setup(model: nn.Module, train_loader, train_sampler, device: torch
     return params, steps_per_epoch, train_sampler
 
 
+def _amp_and_criterion(device: torch.device, *, amp: bool, label_smoothing: float):
+    """Mixed-precision dtype, gradient scaler and training loss for a run on ``device``."""
+    amp_dtype = autocast_dtype_for(device) if amp else None
+    # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    return amp_dtype, scaler, nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def _train_and_evaluate_epoch(model: nn.Module, train_loader, test_loader, optimizer, *, epoch: int,
+                              train_sampler, scheduler, scaler, criterion, amp_dtype, device: torch.device,
+                              show_progress: bool) -> dict:
+    """One training epoch (0-based ``epoch``) then evaluation: the epoch's history record."""
+    if train_sampler is not None:
+        train_sampler.set_epoch(epoch)
+    epoch_lr = optimizer.param_groups[0]["lr"]
+    train = train_one_epoch(
+        model, train_loader, optimizer, device=device, epoch=epoch + 1, scaler=scaler,
+        scheduler=scheduler, criterion=criterion, amp_dtype=amp_dtype, show_progress=show_progress,
+    )
+    test = (evaluate(model, test_loader, device=device, amp_dtype=amp_dtype, show_progress=show_progress)
+            if test_loader is not None else None)
+    return {
+        "epoch": epoch + 1,
+        "lr": epoch_lr,
+        "train_loss": train["loss"],
+        "train_acc": train["acc"],
+        "test_loss": test["loss"] if test else None,
+        "test_acc": test["acc"] if test else None,
+    }
+
+
+def _test_part(record: dict) -> str:
+    if record["test_loss"] is None:
+        return ""
+    return f"  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -690,42 +727,22 @@ def fit(
         partial(warmup_cosine_factor, warmup_steps=int(WARMUP_FRACTION * total_steps),
                 total_steps=total_steps),
     )
-    amp_dtype = autocast_dtype_for(device) if amp else None
-    # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    train_criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    amp_dtype, scaler, train_criterion = _amp_and_criterion(device, amp=amp, label_smoothing=label_smoothing)
     is_main = _is_main_process()
 
     history = []
     for epoch in range(epochs):
         start = time.perf_counter()
-        if train_sampler is not None:
-            train_sampler.set_epoch(epoch)
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(
-            model, train_loader, optimizer, device=device, epoch=epoch + 1, scaler=scaler,
-            scheduler=scheduler, criterion=train_criterion, amp_dtype=amp_dtype,
-            show_progress=show_progress,
-        )
-        test = (evaluate(model, test_loader, device=device, amp_dtype=amp_dtype,
-                         show_progress=show_progress)
-                if test_loader is not None else None)
-        record = {
-            "epoch": epoch + 1,
-            "lr": epoch_lr,
-            "train_loss": train["loss"],
-            "train_acc": train["acc"],
-            "test_loss": test["loss"] if test else None,
-            "test_acc": test["acc"] if test else None,
-            "seconds": time.perf_counter() - start,
-        }
+        record = _train_and_evaluate_epoch(
+            model, train_loader, test_loader, optimizer, epoch=epoch, train_sampler=train_sampler,
+            scheduler=scheduler, scaler=scaler, criterion=train_criterion, amp_dtype=amp_dtype, device=device,
+            show_progress=show_progress)
+        record["seconds"] = time.perf_counter() - start
         history.append(record)
         if is_main:
-            test_part = (f"  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
-                         if test else "")
             log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%%s  (%.1f s)",
-                     epoch + 1, epochs, epoch_lr, record["train_loss"],
-                     100 * record["train_acc"], test_part, record["seconds"])
+                     epoch + 1, epochs, record["lr"], record["train_loss"],
+                     100 * record["train_acc"], _test_part(record), record["seconds"])
     return history
 
 
@@ -1148,9 +1165,7 @@ def anneal_to_masks(
         partial(anneal_lr_factor, warmup_steps=int(WARMUP_FRACTION * total_steps),
                 decay_steps=decay_steps, total_steps=total_steps),
     )
-    amp_dtype = autocast_dtype_for(device) if amp else None
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    train_criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    amp_dtype, scaler, train_criterion = _amp_and_criterion(device, amp=amp, label_smoothing=label_smoothing)
     is_main = _is_main_process()
 
     linears = {name: net.get_submodule(name) for name in names}
@@ -1167,37 +1182,18 @@ def anneal_to_masks(
             layer.forward = scales[name]
         for epoch in range(epochs):
             start = time.perf_counter()
-            if train_sampler is not None:
-                train_sampler.set_epoch(epoch)
-            epoch_lr = optimizer.param_groups[0]["lr"]
-            train = train_one_epoch(
-                model, train_loader, optimizer, device=device, epoch=epoch + 1, scaler=scaler,
-                scheduler=stepper, criterion=train_criterion, amp_dtype=amp_dtype,
-                show_progress=show_progress,
-            )
-            test = (evaluate(model, test_loader, device=device, amp_dtype=amp_dtype,
-                             show_progress=show_progress)
-                    if test_loader is not None else None)
+            record = _train_and_evaluate_epoch(
+                model, train_loader, test_loader, optimizer, epoch=epoch, train_sampler=train_sampler,
+                scheduler=stepper, scaler=scaler, criterion=train_criterion, amp_dtype=amp_dtype,
+                device=device, show_progress=show_progress)
             off = {name: scales[name].off_mass(stepper.factor) for name in names}
-            record = {
-                "epoch": epoch + 1,
-                "lr": epoch_lr,
-                "factor": stepper.factor,
-                "train_loss": train["loss"],
-                "train_acc": train["acc"],
-                "test_loss": test["loss"] if test else None,
-                "test_acc": test["acc"] if test else None,
-                "off_mass": off,
-                "seconds": time.perf_counter() - start,
-            }
+            record.update(factor=stepper.factor, off_mass=off, seconds=time.perf_counter() - start)
             history.append(record)
             if is_main:
-                test_part = (f"  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
-                             if test else "")
                 log.info("anneal %d/%d  lr %.3g  factor %.3f  train loss %.4f acc %.2f%%%s  "
-                         "off-structure mass %s  (%.1f s)", epoch + 1, epochs, epoch_lr,
+                         "off-structure mass %s  (%.1f s)", epoch + 1, epochs, record["lr"],
                          stepper.factor, record["train_loss"], 100 * record["train_acc"],
-                         test_part, ", ".join(f"{n} {v:.2%}" for n, v in off.items()),
+                         _test_part(record), ", ".join(f"{n} {v:.2%}" for n, v in off.items()),
                          record["seconds"])
         raw_off = {name: scales[name].off_mass(1.0) for name in names}
         finished = True
