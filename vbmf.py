@@ -356,6 +356,16 @@ def _evb_sigma2_bounds(
     return max(lower, upper * _MIN_RELATIVE_SIGMA2), upper, cap
 
 
+def _spectrum(matrix, H: int | None):
+    """Validated input of :func:`evbmf` / :func:`vbmf`: shape, L <= M, H, singular values, ||Y||^2."""
+    tensor = _as_float_tensor(matrix)
+    shape = (int(tensor.shape[0]), int(tensor.shape[1]))
+    L, M = min(shape), max(shape)  # the papers' L <= M, whatever the orientation
+    H = _check_h(H, L)
+    gammas, frob2 = _singular_values(tensor)
+    return shape, L, M, H, gammas, frob2
+
+
 def evbmf(matrix: Any, *, sigma2: float | None = None, H: int | None = None) -> VBMFResult:
     """Empirical variational Bayesian matrix factorisation (global analytic solution).
 
@@ -397,11 +407,7 @@ def evbmf(matrix: Any, *, sigma2: float | None = None, H: int | None = None) -> 
        dimensionality recovery by variational Bayesian PCA", JMLR 16, 2015.
     """
     sigma2 = _check_positive("sigma2", sigma2, optional=True)
-    tensor = _as_float_tensor(matrix)
-    shape = (int(tensor.shape[0]), int(tensor.shape[1]))
-    L, M = min(shape), max(shape)  # the papers' L <= M, whatever the orientation
-    H = _check_h(H, L)
-    gammas, frob2 = _singular_values(tensor)
+    shape, L, M, H, gammas, frob2 = _spectrum(matrix, H)
     alpha = L / M
     tau_lower = _tau_lower(alpha)
     x_lower = (1.0 + tau_lower) * (1.0 + alpha / tau_lower)  # NIPS'12 / JMLR'15: x_lower
@@ -595,11 +601,7 @@ def vbmf(matrix: Any, *, cacb: float, sigma2: float | None = None, H: int | None
     """
     cacb = _check_positive("cacb", cacb, optional=False)
     sigma2 = _check_positive("sigma2", sigma2, optional=True)
-    tensor = _as_float_tensor(matrix)
-    shape = (int(tensor.shape[0]), int(tensor.shape[1]))
-    L, M = min(shape), max(shape)  # the papers' L <= M, whatever the orientation
-    H = _check_h(H, L)
-    gammas, frob2 = _singular_values(tensor)
+    shape, L, M, H, gammas, frob2 = _spectrum(matrix, H)
 
     if sigma2 is None:
         if frob2 == 0.0:
