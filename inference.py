@@ -87,7 +87,6 @@ import io
 import logging
 import os
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -97,6 +96,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from atomic import atomic_open
 from decompositions import CPConv2d, DiagonalLinear, TuckerConv2d
 
 logger = logging.getLogger(__name__)
@@ -562,24 +562,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
             raise OutputMismatchError(
                 f"onnxruntime output differs from PyTorch: max relative diff {worst_rel:.3g} > rtol {rtol:g} "
                 f"(max abs diff {worst_abs:.3g}); {path!r} was not written")
-    _atomic_write(path, model_bytes)
+    with atomic_open(path, "wb") as fh:
+        fh.write(model_bytes)
     logger.info("wrote %s (%.1f MB)", path, len(model_bytes) / 2**20)
     return result
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".onnx")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------- predictor

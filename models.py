@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ import torchvision
 from torch import nn
 
 import decompositions
+from atomic import atomic_open
 from errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -159,20 +159,8 @@ def save_model(path: str, model: nn.Module, *, arch: str, classes: list[str], im
     }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is an ordinary file
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
     logger.info("saved %s (%s, %d parameters)", path, arch, sum(v.numel() for v in state.values()))
 
 

@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from atomic import atomic_open
+
 __all__ = ["count_params", "count_macs", "module_macs", "record_input_shapes", "format_table", "totals",
            "write_json"]
 
@@ -142,17 +144,6 @@ def format_table(rows: Sequence[dict], summary: dict | None = None) -> str:
 
 def write_json(path: str, payload: dict) -> None:
     """Write ``payload`` as indented JSON (atomically: temp file, then rename)."""
-    import os
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.write("\n")
