@@ -24,8 +24,8 @@ PyTorch Tucker/CP tutorials built on tensorly): an EVBMF that starts from
 numpy's default full-matrices SVD (written below from Nakajima et al. 2013, not
 copied), and tensorly's ``partial_tucker`` (HOOI, ``init='svd'``) and ``parafac``
 (CP-ALS, ``init='svd'``, ``n_iter_max=100``) on the layer's torch weight under
-the pytorch backend (``tl.backend_context("pytorch")``), which is what those
-recipes do with ``tl.set_backend('pytorch')``.
+the pytorch backend, chosen here with ``tl.backend_context("pytorch")`` (those
+recipes switch tensorly's global backend instead; this script never does).
 
 Timing: one warm-up call of each side, then the median of ``--repeats`` calls,
 ours and the limit interleaved in the same run (alternating which goes first), so

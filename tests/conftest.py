@@ -8,12 +8,15 @@ make_image_folder``) for tests that need a non-default folder; the
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.multiprocessing as mp
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -115,3 +118,24 @@ def make_image_folder(
 def image_folder(tmp_path: Path) -> tuple[Path, Path]:
     """``(train_dir, test_dir)`` of a tiny two-class ("cat", "dog") RGB folder."""
     return make_image_folder(tmp_path / "data")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a test's process group)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_and_wait(worker, *args, nprocs: int, timeout_s: float) -> None:
+    """Run ``worker(rank, nprocs, port, *args)`` in ``nprocs`` processes, like torchrun.
+
+    Fails the test if they do not finish in ``timeout_s``; re-raises a worker's error.
+    """
+    context = mp.spawn(worker, args=(nprocs, free_port(), *args), nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish in {timeout_s} s")

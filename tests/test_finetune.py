@@ -6,16 +6,14 @@ Includes a real two-process DistributedDataParallel run over gloo.
 import logging
 import math
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import finetune
+from conftest import spawn_and_wait
 from errors import UserError
 from finetune import (
     DistInfo,
@@ -306,12 +304,6 @@ def test_measure_latency_returns_positive_finite_times():
 # --------------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     """One torchrun-like worker: join the group, train a DDP model on its shard, save."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -355,14 +347,7 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_distributed_two_processes_agree(tmp_path):
-    context = mp.spawn(_dist_worker, args=(DIST_WORLD_SIZE, _free_port(), str(tmp_path)),
-                       nprocs=DIST_WORLD_SIZE, join=False)
-    deadline = time.monotonic() + DIST_TIMEOUT_S
-    while not context.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed workers did not finish in {DIST_TIMEOUT_S} s")
+    spawn_and_wait(_dist_worker, str(tmp_path), nprocs=DIST_WORLD_SIZE, timeout_s=DIST_TIMEOUT_S)
 
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
                for r in range(DIST_WORLD_SIZE)]

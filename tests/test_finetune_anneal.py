@@ -11,12 +11,9 @@ from __future__ import annotations
 import copy
 import math
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -25,7 +22,7 @@ from torchvision.datasets import ImageFolder
 
 import decompositions
 import finetune
-from conftest import make_image_folder
+from conftest import make_image_folder, spawn_and_wait
 from finetune import anneal_lr_factor, anneal_to_masks, evaluate, fit, mask_factor, project_to_masks
 
 CPU = torch.device("cpu")
@@ -355,12 +352,6 @@ def test_linear_subclass_with_its_own_forward_is_refused(data):
 # --------------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _dist_worker(rank: int, world_size: int, port: int, out_dir: str, data: TensorDataset) -> None:
     """One torchrun-like worker: anneal a DDP-wrapped model on its shard, save the result."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -382,14 +373,7 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str, data: Tens
 
 
 def test_distributed_two_processes_agree(tmp_path, data):
-    context = mp.spawn(_dist_worker, args=(DIST_WORLD_SIZE, _free_port(), str(tmp_path), data),
-                       nprocs=DIST_WORLD_SIZE, join=False)
-    deadline = time.monotonic() + DIST_TIMEOUT_S
-    while not context.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed workers did not finish in {DIST_TIMEOUT_S} s")
+    spawn_and_wait(_dist_worker, str(tmp_path), data, nprocs=DIST_WORLD_SIZE, timeout_s=DIST_TIMEOUT_S)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(DIST_WORLD_SIZE)]
     first, second = results[0]["state"], results[1]["state"]
     assert set(first) == set(tiny_model().state_dict())
