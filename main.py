@@ -254,7 +254,7 @@ def step_decompose(args, device) -> dict:
     method = "cp" if args.cp else "tucker"
     start = time.perf_counter()
     if args.fc == "diagonal":
-        summary_anneal = _move_fc_onto_diagonal(args, model, device, image_size, info["classes"])
+        summary_anneal = _move_fc_onto_diagonal(args, model, device, image_size, info["classes"], test_loader)
     rows = decompositions.decompose_model(
         model, method, fc_method=args.fc, rank_ratio=args.rank_ratio, fc_rank=args.fc_rank,
         fc_rank_ratio=args.fc_rank_ratio, fc_bandwidth=args.fc_bandwidth, input_size=input_size,
@@ -286,7 +286,7 @@ def step_decompose(args, device) -> dict:
     return summary
 
 
-def _move_fc_onto_diagonal(args, model, device, image_size: int, classes: list[str]) -> dict:
+def _move_fc_onto_diagonal(args, model, device, image_size: int, classes: list[str], test_loader) -> dict:
     """Get the hidden FC layers' weight mass onto the diagonal structure before conversion.
 
     With training data: ``finetune.anneal_to_masks`` fine-tunes while the off-structure
@@ -306,7 +306,8 @@ def _move_fc_onto_diagonal(args, model, device, image_size: int, classes: list[s
                        "once; give --train_path to anneal them there (much less accuracy lost)")
         result = finetune.project_to_masks(model, layers=layers, bandwidth=args.fc_bandwidth)
         return {"layers": layers, "procedure": "projection", "gain": result["gain"]}
-    train_loader, test_loader, _, data_classes = _data(args, image_size=image_size, train=True, test=True)
+    # The test folder was already scanned (and its classes checked) by step_decompose.
+    train_loader, _, _, data_classes = _data(args, image_size=image_size, train=True, test=False)
     if data_classes != classes:
         raise UserError(f"the data's classes {data_classes} differ from the model's {classes}")
     lr = args.lr or DEFAULT_LR["tucker"]
