@@ -1,8 +1,10 @@
 """Real-data benchmark: train, decompose (Tucker-2, CP, Tucker-2 + FC SVD), fine-tune, measure.
 
-For each architecture (default vgg16, vgg19 and alexnet) on a two-class image
-folder (default ``data/fashion-mnist-shirt``, T-shirt/top vs Shirt, built by
-``benchmarks/make_fashion_mnist.py``):
+For each architecture on a two-class image folder (default
+``data/fashion-mnist-shirt``, T-shirt/top vs Shirt, built by
+``benchmarks/make_fashion_mnist.py``) -- vgg16, vgg19 and alexnet with ImageNet
+weights (``--weights_dir``), vgg16_bn, vgg19_bn and alexnet from scratch (see
+:data:`SCRATCH_ARCHS` for why):
 
 1. **train** the original: ImageNet weights when ``--weights_dir DIR`` holds
    ``DIR/<arch>.pth`` (a state_dict), else from scratch (the settings below);
@@ -24,27 +26,25 @@ Settings (from scratch, chosen to fit a 2-core CPU):
 * image size: 32 px for VGG (Fashion-MNIST images are 28 px; 32 px is VGG's
   smallest input), 64 px for AlexNet (its smallest is 63 px);
 * SGD momentum 0.9, weight decay 5e-4, warm-up + cosine (``finetune.fit``), batch
-  32, learning rate 0.01 for training, 0.005 for Tucker-2 fine-tuning and 0.002
-  for CP (CP layers are unstable under large steps, Lebedev et al. 2015): higher
-  than main.py's, see :data:`FT_LR`;
+  32, 6 training epochs at :data:`TRAIN_LR` (0.002 for VGG, 0.02 for AlexNet), 3
+  fine-tuning epochs at the training rate (Tucker-2) or half of it (CP: CP layers
+  are unstable under large steps, Lebedev et al. 2015), see :data:`FT_LR_FACTOR`;
 * the first conv (3 input channels) is never decomposed;
 * ranks (``--ranks auto``): VBMF (EVBMF of the unfoldings, as in Kim et al. 2016)
-  when it is usable, else ``--rank_ratio`` of the channels.  VBMF on weights trained
-  from scratch for a few epochs is often degenerate (rank 0 = "only noise", or
-  nearly full ranks that save nothing), so "usable" means: no layer at rank 0 and
-  the conv MACs shrink at least :data:`MIN_VBMF_MAC_RATIO`-fold.  The fallback
-  ratio is 0.5: at 0.25, weights trained from scratch for 3 epochs collapsed to
-  chance (50%) and one fine-tuning epoch did not bring them back.  The CP rank of a
-  layer is the larger of its two Tucker ranks (``decompositions.estimate_cp_rank``).
-  The same test, with ``--fc_rank_ratio``, picks the SVD ranks of the hidden
-  Linear layers.  The JSON says which source was used and why.
+  when it is usable, else ``--rank_ratio`` (0.25) of the channels.  VBMF on weights
+  trained from scratch for a few epochs is degenerate (rank 0 = "only noise" in every
+  layer, or nearly full ranks that save nothing), so "usable" means: no layer at rank
+  0 and the conv MACs shrink at least :data:`MIN_VBMF_MAC_RATIO`-fold.  The CP rank
+  of a layer is the larger of its two Tucker ranks.  The same test, with
+  ``--fc_rank_ratio`` (0.05), picks the SVD ranks of the hidden Linear layers.  The
+  JSON says which source was used and why.
 
 Usage::
 
     python benchmarks/make_fashion_mnist.py data/fashion-mnist-shirt --train_per_class 1000 \\
         --test_per_class 1000 --seed 0
     python benchmarks/bench_real.py data/fashion-mnist-shirt              # full run
-    python benchmarks/bench_real.py data/fashion-mnist-shirt --quick      # vgg16 on 250 images/class: a smoke test
+    python benchmarks/bench_real.py data/fashion-mnist-shirt --quick      # vgg16_bn on 250 images/class
 
 References
 ----------
@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import logging
 import os
 import statistics
@@ -93,28 +92,36 @@ logger = logging.getLogger("bench_real")
 
 DEFAULT_DATA = REPO_ROOT / "data" / "fashion-mnist-shirt"
 DEFAULT_OUT = BENCH_DIR / "results"
-ARCHS = ("vgg16", "vgg19", "alexnet")
-QUICK_ARCHS = ("vgg16",)
+#: The issue's architectures, used with ImageNet weights (``--weights_dir``).
+PRETRAINED_ARCHS = ("vgg16", "vgg19", "alexnet")
+#: Trained from scratch (no weights file): plain VGG has no BatchNorm and does not train from
+#: scratch in a CPU budget (measured: 67% after 6 epochs at lr 0.002; lr 0.01 diverges), and
+#: every decomposition of it collapses to a constant prediction that fine-tuning cannot undo,
+#: so the BatchNorm variants stand in for vgg16 and vgg19 there.
+SCRATCH_ARCHS = ("vgg16_bn", "vgg19_bn", "alexnet")
 METHODS = ("tucker", "cp", "tucker+svd")
 #: Benchmark image size per architecture (from-scratch setting, see the module docstring).
 DEFAULT_IMAGE_SIZE = {"vgg16": 32, "vgg19": 32, "vgg16_bn": 32, "vgg19_bn": 32, "alexnet": 64}
 #: The size latency and MACs are also reported at (ImageNet's).
 REFERENCE_SIZE = 224
-DEFAULT_EPOCHS, QUICK_EPOCHS = 8, 4
+DEFAULT_EPOCHS, QUICK_EPOCHS = 6, 5
 #: --quick trains and tests on this many images per class (a seeded subset of the folder).
 QUICK_PER_CLASS = 250
-DEFAULT_FT_EPOCHS, QUICK_FT_EPOCHS = 2, 1
+DEFAULT_FT_EPOCHS, QUICK_FT_EPOCHS = 3, 2
 DEFAULT_BATCH_SIZE = 32
-TRAIN_LR = 0.01
-#: Fine-tuning learning rate per method (CP needs a smaller one, Lebedev et al. [2]_).
-#: Higher than main.py's (0.001 / 0.0001, made for ImageNet features): weights trained
-#: from scratch for a few epochs lose most of their signal at these ranks (a plain VGG
-#: has no BatchNorm to rescale it) and must partly relearn.
-FT_LR = {"tucker": 0.005, "cp": 0.002, "tucker+svd": 0.005}
+#: Training learning rate per architecture family (batch 32).  VGG at 32 px: VGG's 7x7
+#: adaptive pool copies the 1x1 map 49 times into fc6, so its 49 weight copies move together
+#: and the effective step is large; 0.002 trains vgg16_bn, 0.01 diverges.  AlexNet at 64 px
+#: takes a larger rate (its pool input is not replicated as much).
+TRAIN_LR = {"vgg": 0.002, "alexnet": 0.02}
+#: Fine-tuning learning rate per method as a fraction of the training rate: CP layers are
+#: unstable under large steps (Lebedev et al. [2]_).  A rate above the training one made
+#: Tucker-2 fine-tuning of vgg16_bn unstable (train loss 0.85 > ln 2 at 0.005).
+FT_LR_FACTOR = {"tucker": 1.0, "cp": 0.5, "tucker+svd": 1.0}
 #: Fallback ranks as a fraction of the channels (Tucker: of each mode; CP: of the larger one).
-DEFAULT_RANK_RATIO = 0.5
+DEFAULT_RANK_RATIO = 0.25
 #: Fallback SVD rank of hidden Linear layers as a fraction of min(in, out).
-DEFAULT_FC_RANK_RATIO = 1 / 16
+DEFAULT_FC_RANK_RATIO = 0.05
 #: VBMF ranks are used only when they shrink the decomposed layers' MACs at least this much.
 MIN_VBMF_MAC_RATIO = 1.5
 RANK_CHOICES = ("auto", "vbmf", "ratio")
@@ -435,6 +442,11 @@ def _weights_for(arch: str, weights_dir: str | None) -> str:
     return "none"
 
 
+def train_lr(arch: str) -> float:
+    """The default training rate of ``arch`` (:data:`TRAIN_LR`)."""
+    return TRAIN_LR["alexnet" if arch.startswith("alexnet") else "vgg"]
+
+
 def run_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The whole benchmark for one architecture."""
     size = args.image_size or DEFAULT_IMAGE_SIZE[arch]
@@ -449,9 +461,10 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dict[
                                                          workers=args.workers, seed=args.seed)
     weights = _weights_for(arch, args.weights_dir)
     progress = not args.quiet
+    lr = args.lr or train_lr(arch)
     model = models.build_model(arch, len(classes), weights=weights).to(device)
     start = time.perf_counter()
-    history = finetune.fit(model, train_loader, None, epochs=args.epochs, lr=args.lr, device=device,
+    history = finetune.fit(model, train_loader, None, epochs=args.epochs, lr=lr, device=device,
                            show_progress=progress, log=logger)
     train_s = time.perf_counter() - start
     acc_original = finetune.evaluate(model, test_loader, device=device, show_progress=progress)["acc"]
@@ -474,9 +487,10 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dict[
                                                  cp_max_iter=args.cp_max_iter, seed=args.seed)
         net.to(device)
         acc_dec = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
+        ft_lr = lr * FT_LR_FACTOR[method]
         start = time.perf_counter()
-        ft_history = finetune.fit(net, train_loader, None, epochs=args.ft_epochs, lr=FT_LR[method] * args.ft_lr_scale,
-                                  device=device, show_progress=progress, log=logger)
+        ft_history = finetune.fit(net, train_loader, None, epochs=args.ft_epochs, lr=ft_lr, device=device,
+                                  show_progress=progress, log=logger)
         finetune_s = time.perf_counter() - start
         acc_ft = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
         net = net.cpu().eval()
@@ -485,7 +499,7 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dict[
         rows.append({"method": method, "acc_decomposed": acc_dec, "acc_finetuned": acc_ft, "params": params,
                      "params_ratio": params0 / params, "macs": macs, "macs_ratio": macs0 / macs,
                      "macs_224": macs_224, "macs_224_ratio": macs0_224 / macs_224, "decompose_s": decompose_s,
-                     "finetune_s": finetune_s, "finetune_lr": FT_LR[method] * args.ft_lr_scale,
+                     "finetune_s": finetune_s, "finetune_lr": ft_lr,
                      "layers": layer_rows, "history": ft_history,
                      "fallbacks": [r["name"] for r in layer_rows if "fell back" in (r["reason"] or "")]})
         logger.info("%s %s: %.2f%% -> %.2f%% after fine-tuning; %.2fx fewer MACs; decomposed in %.1f s, "
@@ -498,7 +512,7 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dict[
     return {"arch": arch, "image_size": size, "classes": classes, "n_train": len(train_ds), "n_test": len(test_ds),
             "acc_original": acc_original, "params": params0, "macs": macs0, "macs_224": macs0_224,
             "training": {"source": "ImageNet weights" if weights != "none" else "from scratch", "weights": weights,
-                         "epochs": args.epochs, "lr": args.lr, "seconds": train_s},
+                         "epochs": args.epochs, "lr": lr, "seconds": train_s},
             "ranks": {k: v for k, v in ranks.items()}, "rows": rows, "latency": latency, "latency_sizes": sizes}
 
 
@@ -525,7 +539,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("data", nargs="?", default=str(DEFAULT_DATA), help="folder with train/ and test/")
     parser.add_argument("--archs", type=_csv(str), default=None,
-                        help=f"comma-separated (default {','.join(ARCHS)}; {','.join(QUICK_ARCHS)} with --quick)")
+                        help=f"comma-separated (default {','.join(SCRATCH_ARCHS)} from scratch, "
+                             f"{','.join(PRETRAINED_ARCHS)} with --weights_dir; only the first with --quick)")
     parser.add_argument("--weights_dir", help="folder with <arch>.pth ImageNet state_dicts (else: from scratch)")
     parser.add_argument("--image_size", type=int, default=None,
                         help=f"benchmark size for every arch (default {DEFAULT_IMAGE_SIZE})")
@@ -538,8 +553,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"use at most this many training images per class (all; {QUICK_PER_CLASS} with --quick)")
     parser.add_argument("--test_per_class", type=int, default=None,
                         help=f"use at most this many test images per class (all; {QUICK_PER_CLASS} with --quick)")
-    parser.add_argument("--lr", type=float, default=TRAIN_LR, help="training learning rate")
-    parser.add_argument("--ft_lr_scale", type=float, default=1.0, help=f"multiplies the fine-tuning rates {FT_LR}")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"training learning rate (default per architecture family: {TRAIN_LR})")
     parser.add_argument("--ranks", choices=RANK_CHOICES, default="auto", help="rank source (see the docstring)")
     parser.add_argument("--rank_ratio", type=float, default=DEFAULT_RANK_RATIO)
     parser.add_argument("--fc_rank_ratio", type=float, default=DEFAULT_FC_RANK_RATIO)
@@ -560,7 +575,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"vgg16 only, {QUICK_PER_CLASS} images per class, fewer epochs and rounds: a smoke test")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    args.archs = args.archs or list(QUICK_ARCHS if args.quick else ARCHS)
+    if not args.archs:
+        archs = PRETRAINED_ARCHS if args.weights_dir else SCRATCH_ARCHS
+        args.archs = list(archs[:1] if args.quick else archs)
     args.epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
     if args.quick:
         args.train_per_class = args.train_per_class or QUICK_PER_CLASS
@@ -586,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     payload: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items()}, "machine": machine_info(),
                                "device": str(device), "archs": {}}
-    payload["settings"]["ft_lr"] = {m: FT_LR[m] * args.ft_lr_scale for m in METHODS}
+    payload["settings"]["ft_lr_factor"] = dict(FT_LR_FACTOR)
     for arch in args.archs:
         payload["archs"][arch] = run_arch(arch, args, device)
         payload["total_s"] = time.perf_counter() - start

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +51,7 @@ def test_outputs_exist_and_json_has_every_field(tiny_run):
             assert 0.0 <= row["acc_decomposed"] <= 1.0 and 0.0 <= row["acc_finetuned"] <= 1.0
             assert row["macs_ratio"] > 1 and row["params_ratio"] > 1
             assert row["decompose_s"] > 0 and row["finetune_s"] > 0
+            assert row["finetune_lr"] == pytest.approx(res["training"]["lr"] * bench_real.FT_LR_FACTOR[row["method"]])
     svd = res["rows"][3]
     assert any(layer["method"] == "svd" for layer in svd["layers"])
     assert svd["params_ratio"] > res["rows"][1]["params_ratio"]  # the FC SVD shrinks it further
@@ -62,6 +62,7 @@ def test_outputs_exist_and_json_has_every_field(tiny_run):
             assert set(res["latency"][name][backend]["63"]) == {"1", "8"}
             assert all(v > 0 for v in res["latency"][name][backend]["63"].values())
     assert res["ranks"]["conv_source"] == "ratio" and data["settings"]["archs"] == ["alexnet"]
+    assert res["training"]["lr"] == bench_real.TRAIN_LR["alexnet"]
     table = (out / "bench_real.md").read_text()
     assert "| alexnet | tucker+svd | 63 |" in table and "eager backend" in table
 
@@ -109,10 +110,22 @@ def test_choose_ranks_uses_vbmf_on_low_rank_weights():
     assert forced["tucker"]["features.2"] == (24, 24) and forced["vbmf_conv"] is None
 
 
+def test_default_archs_and_learning_rates(tmp_path):
+    # From scratch the BatchNorm VGGs stand in for plain VGG; with ImageNet weights the archs.
+    assert bench_real.parse_args([]).archs == list(bench_real.SCRATCH_ARCHS)
+    assert bench_real.parse_args(["--weights_dir", str(tmp_path)]).archs == list(bench_real.PRETRAINED_ARCHS)
+    assert bench_real.parse_args(["--quick"]).archs == ["vgg16_bn"]
+    assert bench_real.parse_args(["--quick", "--weights_dir", str(tmp_path)]).archs == ["vgg16"]
+    assert bench_real.parse_args(["--archs", "alexnet,vgg19"]).archs == ["alexnet", "vgg19"]
+    assert bench_real.train_lr("alexnet") == bench_real.TRAIN_LR["alexnet"]
+    assert bench_real.train_lr("vgg19_bn") == bench_real.train_lr("vgg16") == bench_real.TRAIN_LR["vgg"]
+    assert bench_real.FT_LR_FACTOR["cp"] < bench_real.FT_LR_FACTOR["tucker"] <= 1.0
+
+
 def test_bench_inference_quick(tmp_path, capsys):
     out = tmp_path / "inference.json"
-    result = bench_inference.main(["--quick", "--image_size", "32", "--batch_size", "1", "--backends", "eager,onnx",
-                                   "--repeats", "1", "--warmup", "0", "--quiet", "--json", str(out)])
+    bench_inference.main(["--quick", "--image_size", "32", "--batch_size", "1", "--backends", "eager,onnx",
+                         "--repeats", "1", "--warmup", "0", "--quiet", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "| eager |" in printed and "| onnx |" in printed and "speedup" in printed
     data = json.loads(out.read_text())
