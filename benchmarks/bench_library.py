@@ -536,7 +536,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta["total_s"] = time.perf_counter() - start
     figures["goals"] = {"vbmf": figures["vbmf"]["pass"], "tucker": figures["tucker"]["pass"],
                         "cp": figures["cp"]["pass"]}
-    print(f"\nsummary: " + ", ".join(f"{k} {_verdict(v)}" for k, v in figures["goals"].items())
+    print("\nsummary: " + ", ".join(f"{k} {_verdict(v)}" for k, v in figures["goals"].items())
           + f"   (benchmark took {meta['total_s']:.0f} s)")
     return figures
 

@@ -570,11 +570,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="training device (auto, cpu, cuda, cuda:N, mps)")
     parser.add_argument("--workers", type=int, default=0, help="data loader processes")
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out_dir", default=str(DEFAULT_OUT))
+    parser.add_argument("--out_dir", default=None,
+                        help=f"where the outputs go (default {DEFAULT_OUT}; {DEFAULT_OUT / 'quick'} with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help=f"vgg16 only, {QUICK_PER_CLASS} images per class, fewer epochs and rounds: a smoke test")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    args.out_dir = args.out_dir or str(DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
     if not args.archs:
         archs = PRETRAINED_ARCHS if args.weights_dir else SCRATCH_ARCHS
         args.archs = list(archs[:1] if args.quick else archs)

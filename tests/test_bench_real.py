@@ -115,6 +115,9 @@ def test_default_archs_and_learning_rates(tmp_path):
     assert bench_real.parse_args([]).archs == list(bench_real.SCRATCH_ARCHS)
     assert bench_real.parse_args(["--weights_dir", str(tmp_path)]).archs == list(bench_real.PRETRAINED_ARCHS)
     assert bench_real.parse_args(["--quick"]).archs == ["vgg16_bn"]
+    # --quick never overwrites a full run's results
+    assert bench_real.parse_args([]).out_dir == str(bench_real.DEFAULT_OUT)
+    assert bench_real.parse_args(["--quick"]).out_dir == str(bench_real.DEFAULT_OUT / "quick")
     assert bench_real.parse_args(["--quick", "--weights_dir", str(tmp_path)]).archs == ["vgg16"]
     assert bench_real.parse_args(["--archs", "alexnet,vgg19"]).archs == ["alexnet", "vgg19"]
     assert bench_real.train_lr("alexnet") == bench_real.TRAIN_LR["alexnet"]
