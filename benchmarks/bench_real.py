@@ -573,7 +573,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out_dir", default=None,
                         help=f"where the outputs go (default {DEFAULT_OUT}; {DEFAULT_OUT / 'quick'} with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"vgg16 only, {QUICK_PER_CLASS} images per class, fewer epochs and rounds: a smoke test")
+                        help=f"first arch only (vgg16_bn, or vgg16 with --weights_dir), {QUICK_PER_CLASS} images per class, "
+                             "fewer epochs and rounds: a smoke test")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     args.out_dir = args.out_dir or str(DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
