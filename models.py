@@ -33,12 +33,13 @@ import torchvision
 from torch import nn
 
 import decompositions
+import importers
 from atomic import atomic_open
 from errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARCHS", "MIN_IMAGE_SIZE", "FILE_FORMAT", "FILE_VERSION", "build_model", "check_image_size",
+__all__ = ["ARCHS", "MIN_IMAGE_SIZE", "FILE_FORMAT", "FILE_VERSION", "build_model", "build_pretrained", "check_image_size",
            "save_model", "load_model", "unwrap", "feature_parameters"]
 
 ARCHS = ("vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "alexnet")
@@ -72,7 +73,15 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
 
 
 def build_model(arch: str, num_classes: int, *, weights: str = "none") -> nn.Module:
-    """Build ``arch`` with ImageNet weights (optional) and a new ``num_classes`` head.
+    """Build ``arch`` with pretrained weights (optional) and a new ``num_classes`` head.
+
+    See :func:`build_pretrained`, which also says which parameters came from ``weights``.
+    """
+    return build_pretrained(arch, num_classes, weights=weights)[0]
+
+
+def build_pretrained(arch: str, num_classes: int, *, weights: str = "none") -> tuple[nn.Module, list[str]]:
+    """Build ``arch`` with pretrained weights (optional) and a new ``num_classes`` head.
 
     Parameters
     ----------
@@ -80,46 +89,93 @@ def build_model(arch: str, num_classes: int, *, weights: str = "none") -> nn.Mod
     num_classes : int >= 2
     weights : "none", "DEFAULT" (torchvision's weights, downloaded once into the
         torch cache; or any name of the arch's weights enum, e.g.
-        "IMAGENET1K_V1"), or the path of a file holding an ImageNet state_dict of
-        the arch (as saved by ``torch.save(model.state_dict(), path)``).
+        "IMAGENET1K_V1"), or the path of a file holding
 
-    The pretrained weights are loaded first, then ``classifier[-1]`` is replaced.
+        * an ImageNet ``state_dict`` of the arch (``torch.save(model.state_dict(), path)``);
+        * an ONNX model (``.onnx``) or Keras weights (``.h5`` / ``.weights.h5``, needs
+          h5py) whose conv kernels include the arch's conv stack, in order (see
+          :mod:`importers`): the convs are taken from it, and the hidden FC layers
+          where their shapes match torchvision's.
+
+    Returns
+    -------
+    model : nn.Module
+        The pretrained weights are loaded first, then ``classifier[-1]`` is replaced.
+    pretrained : list of str
+        Names of the parameters that came from ``weights`` (empty for "none"); the
+        others (the new head, FC layers a foreign file lacks) are freshly initialised.
     """
     check_arch(arch)
     if num_classes < 2:
         raise UserError(f"need at least 2 classes, got {num_classes}")
+    model = torchvision.models.get_model(arch, weights=None)
     if weights.lower() == "none":
-        model = torchvision.models.get_model(arch, weights=None)
-    elif os.path.exists(weights):
-        model = torchvision.models.get_model(arch, weights=None)
-        state = _torch_load(weights, what="weights file")
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise UserError(f"weights file {weights} does not hold a state_dict of tensors")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            raise UserError(f"weights file {weights} is not a state_dict of {arch}: "
-                            f"{first[1].strip() if len(first) > 1 else first[0]}") from None
+        _replace_head(model, num_classes)
+        return model, []
+    if os.path.exists(weights):
+        if os.path.isdir(weights):
+            raise UserError(f"weights file {weights} is a directory, not a file")
+        if importers.file_kind(weights) == "torch":
+            _load_state_dict_file(model, weights, arch)
+            loaded_modules = None  # everything
+        else:
+            foreign = importers.read_layers(weights)
+            result = importers.load_into(model, foreign, arch=arch)
+            loaded_modules = result["loaded"]
+            logger.info("weights from %s (%s): %s", weights, foreign.kind, _layer_summary(result))
     else:
-        model = torchvision.models.get_model(arch, weights=None)
-        try:
-            enum = torchvision.models.get_model_weights(arch)
-            chosen = enum[weights] if weights in enum.__members__ else enum.verify(weights)
-        except (KeyError, ValueError):
-            raise UserError(f"--weights {weights!r} is neither 'none', 'DEFAULT', a weights name of {arch} "
-                            f"({', '.join(enum.__members__)}) nor an existing file") from None
-        try:
-            state = chosen.get_state_dict(progress=True, check_hash=True)
-        except Exception as exc:  # urllib/OSError/hash errors: all mean "no weights"
-            raise UserError(f"could not download the {arch} ImageNet weights ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); offline, use "
-                            f"--weights none or --weights FILE with a saved state_dict") from None
-        model.load_state_dict(state)
+        _load_torchvision_weights(model, weights, arch)
+        loaded_modules = None
+    head = _head_name(model)
     _replace_head(model, num_classes)
-    return model
+    if loaded_modules is None:
+        pretrained = [n for n, _ in model.named_parameters() if not n.startswith(head + ".")]
+    else:
+        prefixes = tuple(m + "." for m in loaded_modules)
+        pretrained = [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+    return model, pretrained
+
+
+def _layer_summary(result: dict[str, list[str]]) -> str:
+    def listing(items: list[str]) -> str:
+        return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "") if items else "none"
+
+    return (f"loaded {len(result['loaded'])} layers ({listing(result['loaded'])}); fresh: {listing(result['fresh'])}; "
+            f"ignored in the file: {listing(result['ignored'])}")
+
+
+def _head_name(model: nn.Module) -> str:
+    return f"classifier.{len(model.classifier) - 1}"
+
+
+def _load_state_dict_file(model: nn.Module, path: str, arch: str) -> None:
+    state = _torch_load(path, what="weights file")
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"weights file {path} does not hold a state_dict of tensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(f"weights file {path} is not a state_dict of {arch}: "
+                        f"{first[1].strip() if len(first) > 1 else first[0]}") from None
+
+
+def _load_torchvision_weights(model: nn.Module, weights: str, arch: str) -> None:
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+        chosen = enum[weights] if weights in enum.__members__ else enum.verify(weights)
+    except (KeyError, ValueError):
+        raise UserError(f"--weights {weights!r} is neither 'none', 'DEFAULT', a weights name of {arch} "
+                        f"({', '.join(enum.__members__)}) nor an existing file") from None
+    try:
+        state = chosen.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:  # urllib/OSError/hash errors: all mean "no weights"
+        raise UserError(f"could not download the {arch} ImageNet weights ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); offline, use "
+                        f"--weights none or --weights FILE with a saved state_dict") from None
+    model.load_state_dict(state)
 
 
 def feature_parameters(model: nn.Module) -> list[nn.Parameter]:

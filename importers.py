@@ -1,0 +1,427 @@
+"""Read a trained conv stack (and FC layers) from ONNX and Keras files into a torchvision model.
+
+Trained VGG weights are often published as an ONNX model exported from Keras, or as a
+Keras ``.h5`` / ``.weights.h5`` file, rather than as a torchvision ``state_dict``.  What
+such files share with torchvision's ``vgg16().features`` is the sequence of conv kernels:
+13 of them for VGG16, in network order, with the same shapes.  So this module
+
+1. reads every conv kernel and dense (fully connected) matrix of the file, in network
+   order, converted to torch's layout (:func:`read_layers`);
+2. matches the file's conv kernels, in order and by shape, against the model's convs and
+   copies them (:func:`load_into`).  Extra kernels in the file (another head, side
+   outputs, 1x1 convs) are skipped and listed; a file that lacks part of the stack is an
+   error naming what was found and what was expected;
+3. copies a dense layer only where its shape matches one of the model's hidden Linear
+   layers (the classifier head is always new); the other Linear layers keep their fresh
+   initialisation, and the result says which layers came from the file.
+
+Layouts handled:
+
+* ONNX: ``Conv`` nodes (weight OIHW, bias as the third input or a following ``Add``),
+  ``Gemm`` (``transB``) and ``MatMul`` + ``Add`` for dense layers, in the graph's node
+  order (ONNX requires a topological order).  Weights may come through ``Identity`` /
+  ``Cast`` / ``Transpose`` nodes.
+* Keras 2 ``.h5`` (``model.save`` and ``save_weights``): ``[model_weights/]<layer>/<layer>/
+  kernel:0`` and ``bias:0``, ordered by the file's ``layer_names`` attribute.
+* Keras 3 ``.weights.h5``: ``.../layers/<layer>/vars/0`` (kernel) and ``vars/1`` (bias),
+  ordered by their paths with numbers compared as numbers (``conv2d_2`` before
+  ``conv2d_10``), the order Keras names layers in.
+
+Keras kernels are HWIO (conv) and (in, out) (dense) and are transposed to OIHW and
+(out, in).  A Keras model flattens an NHWC feature map, so its first dense layer's input
+features are in (h, w, c) order where torch's ``flatten`` gives (c, h, w): that matrix is
+permuted.  In an ONNX file the same is recognised by a ``Transpose`` to NHWC between the
+last conv and the first dense layer (what tf2onnx emits).
+
+Nothing in a file is executed: ONNX is a protobuf of tensors and nodes, h5 a container of
+arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from errors import UserError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Layer", "ForeignWeights", "file_kind", "read_layers", "load_into", "FOREIGN_KINDS"]
+
+#: The first bytes of every HDF5 file (Keras ``.h5`` / ``.weights.h5``).
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+FOREIGN_KINDS = ("onnx", "keras")
+#: How many names an error or log line lists before "and N more".
+_LIST_LIMIT = 6
+#: Nodes that pass a weight through unchanged in value (Transpose is handled apart).
+_PASS_THROUGH_OPS = ("Identity", "Cast")
+#: ONNX permutation NCHW -> NHWC: a Keras flatten of a channels-last map.
+_TO_CHANNELS_LAST = (0, 2, 3, 1)
+
+
+@dataclasses.dataclass
+class Layer:
+    """One conv or dense layer of a file, in torch's layout.
+
+    ``weight`` is OIHW for a conv and (out, in) for a dense layer.  ``channels_last_input``
+    marks a dense layer whose input is a flattened NHWC map (features in (h, w, c) order).
+    """
+
+    name: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    channels_last_input: bool = False
+
+    @property
+    def shape_text(self) -> str:
+        return "x".join(str(d) for d in self.weight.shape)
+
+
+@dataclasses.dataclass
+class ForeignWeights:
+    """The conv and dense layers of one file, in network order."""
+
+    path: str
+    kind: str  # one of FOREIGN_KINDS
+    convs: list[Layer]
+    denses: list[Layer]
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """``"keras"`` (an HDF5 file), ``"onnx"`` (a ``.onnx`` name) or ``"torch"`` (anything else)."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(HDF5_SIGNATURE))
+    if head == HDF5_SIGNATURE:
+        return "keras"
+    if os.fspath(path).lower().endswith(".onnx"):
+        return "onnx"
+    return "torch"
+
+
+def read_layers(path: str | os.PathLike) -> ForeignWeights:
+    """Every conv and dense layer of an ONNX or Keras file, in network order, torch layout.
+
+    Raises
+    ------
+    UserError
+        If the file cannot be parsed, or the library that reads it (``onnx``, ``h5py``)
+        is missing.
+    """
+    path = os.fspath(path)
+    kind = file_kind(path)
+    if kind == "onnx":
+        convs, denses = _read_onnx(path)
+    elif kind == "keras":
+        convs, denses = _read_keras(path)
+    else:
+        raise UserError(f"{path} is neither an ONNX (.onnx) nor a Keras (.h5) file")
+    return ForeignWeights(path=path, kind=kind, convs=convs, denses=denses)
+
+
+# ------------------------------------------------------------------------------ ONNX
+def _read_onnx(path: str) -> tuple[list[Layer], list[Layer]]:
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise UserError("reading ONNX weights needs the onnx package: pip install onnx") from None
+    try:
+        model = onnx.load(path)
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, missing external data, ...
+        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no detail'})") from None
+    graph = model.graph
+    constants: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:  # Constant nodes hold weights too in some exports
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def constant(name: str) -> np.ndarray | None:
+        """The value of ``name`` if it is a weight (an initializer, possibly passed through)."""
+        if name in constants:
+            return constants[name]
+        node = producer.get(name)
+        if node is None or not node.input:
+            return None
+        value = constant(node.input[0])
+        if value is None:
+            return None
+        if node.op_type in _PASS_THROUGH_OPS:
+            return value
+        if node.op_type == "Transpose":
+            perm = _attr(node, "perm")
+            return np.transpose(value, perm) if perm is not None else value.T
+        return None
+
+    def bias_after(output: str, channels: int) -> tuple[np.ndarray | None, str]:
+        """A constant of ``channels`` values added to ``output`` (a separate bias ``Add``)."""
+        users = consumers.get(output, [])
+        if len(users) != 1 or users[0].op_type != "Add":
+            return None, output
+        add = users[0]
+        other = add.input[1] if add.input[0] == output else add.input[0]
+        value = constant(other)
+        if value is None or value.size != channels:
+            return None, output
+        return value.reshape(channels), add.output[0]
+
+    convs: list[Layer] = []
+    denses: list[Layer] = []
+    channels_last = False  # a Transpose to NHWC seen after the last conv
+    for node in graph.node:
+        if node.op_type == "Conv":
+            weight = constant(node.input[1]) if len(node.input) > 1 else None
+            if weight is None or weight.ndim != 4:
+                continue
+            bias = constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if bias is None:
+                bias, _ = bias_after(node.output[0], weight.shape[0])
+            convs.append(Layer(_onnx_name(node, node.input[1]), _tensor(weight), _tensor(bias)))
+            channels_last = False
+        elif node.op_type == "Transpose" and tuple(_attr(node, "perm") or ()) == _TO_CHANNELS_LAST:
+            channels_last = bool(convs)
+        elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1:
+            weight = constant(node.input[1])
+            if weight is None or weight.ndim != 2:
+                continue
+            # Gemm computes A @ B (+ C); with transB it is A @ B.T, B then being (out, in).
+            if not (node.op_type == "Gemm" and _attr(node, "transB")):
+                weight = weight.T
+            out_features = weight.shape[0]
+            bias = constant(node.input[2]) if node.op_type == "Gemm" and len(node.input) > 2 else None
+            if bias is None:
+                bias, _ = bias_after(node.output[0], out_features)
+            first = not denses
+            denses.append(Layer(_onnx_name(node, node.input[1]), _tensor(weight), _tensor(bias),
+                                channels_last_input=first and channels_last))
+    return convs, denses
+
+
+def _attr(node, name: str):
+    from onnx import helper
+
+    for attr in node.attribute:
+        if attr.name == name:
+            value = helper.get_attribute_value(attr)
+            return list(value) if isinstance(value, (list, tuple)) else value
+    return None
+
+
+def _onnx_name(node, weight_name: str) -> str:
+    return node.name or weight_name
+
+
+# ----------------------------------------------------------------------------- Keras
+def _natural_key(text: str) -> list:
+    """Sort key comparing digit runs as numbers: ``conv2d_2`` < ``conv2d_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _read_keras(path: str) -> tuple[list[Layer], list[Layer]]:
+    try:
+        import h5py
+    except ImportError:
+        raise UserError("reading Keras weights files (.h5) needs h5py, an optional dependency: "
+                        "pip install h5py") from None
+    try:
+        with h5py.File(path, "r") as fh:
+            groups = _keras_weight_groups(fh, h5py)
+    except OSError as exc:
+        raise UserError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0][:200]})") from None
+    convs: list[Layer] = []
+    denses: list[Layer] = []
+    for name, kernel, bias in groups:
+        if kernel.ndim == 4:  # HWIO -> OIHW
+            convs.append(Layer(name, _tensor(np.transpose(kernel, (3, 2, 0, 1))), _tensor(bias)))
+        elif kernel.ndim == 2:  # (in, out) -> (out, in)
+            # Keras flattens NHWC maps: the first dense layer after convs sees (h, w, c).
+            denses.append(Layer(name, _tensor(kernel.T), _tensor(bias),
+                                channels_last_input=not denses and bool(convs)))
+    return convs, denses
+
+
+def _keras_weight_groups(fh, h5py) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(layer path, kernel, bias) of every layer with a 2-D or 4-D kernel, in network order."""
+    root = fh["model_weights"] if "model_weights" in fh else fh
+    found: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+    layer_names = root.attrs.get("layer_names")
+    if layer_names is not None:  # Keras 2: the file says the order
+        for raw in layer_names:
+            layer = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if layer in root:
+                found += _kernels_below(root[layer], h5py)
+        return found
+    return _kernels_below(root, h5py)
+
+
+def _kernels_below(group, h5py) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """Kernels (with their sibling bias) anywhere below ``group``, in natural path order."""
+    datasets: list[tuple[str, Any]] = []
+    group.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    by_parent: dict[str, dict[str, Any]] = {}
+    for name, obj in datasets:
+        parent, _, leaf = name.rpartition("/")
+        by_parent.setdefault(parent, {})[leaf] = obj
+    out = []
+    for parent in sorted(by_parent, key=_natural_key):
+        members = by_parent[parent]
+        kernel_key = next((k for k in ("kernel:0", "kernel", "0") if k in members), None)
+        if kernel_key is None or members[kernel_key].ndim not in (2, 4):
+            continue
+        kernel = np.asarray(members[kernel_key][()])
+        bias_key = next((k for k in ("bias:0", "bias", "1") if k in members), None)
+        bias = np.asarray(members[bias_key][()]) if bias_key is not None else None
+        if bias is not None and (bias.ndim != 1 or bias.shape[0] != kernel.shape[-1]):
+            bias = None
+        layer = f"{group.name.rstrip('/')}/{parent}".lstrip("/")
+        out.append((layer, kernel, bias))
+    return out
+
+
+def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    if array is None:
+        return None
+    return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))  # own, writable memory
+
+
+# ---------------------------------------------------------------------------- loading
+def _listing(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_LIST_LIMIT])
+    return shown + (f" and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else "")
+
+
+def _shape(t: torch.Size | Sequence[int]) -> str:
+    return "x".join(str(d) for d in t)
+
+
+def _match_in_order(targets: Sequence[tuple[str, torch.Size]], layers: Sequence[Layer]
+                    ) -> tuple[dict[str, int], int]:
+    """Greedy in-order matching by shape: target name -> layer index, and how many targets matched.
+
+    Taking the first layer of the right shape is optimal for an in-order (subsequence)
+    match: if any matching exists, the greedy one completes it.
+    """
+    matched: dict[str, int] = {}
+    cursor = 0
+    for name, shape in targets:
+        while cursor < len(layers) and tuple(layers[cursor].weight.shape) != tuple(shape):
+            cursor += 1
+        if cursor == len(layers):
+            break
+        matched[name] = cursor
+        cursor += 1
+    return matched, len(matched)
+
+
+def _to_channels_first(weight: torch.Tensor, channels: int) -> torch.Tensor | None:
+    """(out, h*w*c) in (h, w, c) order -> (out, c*h*w) in torch's (c, h, w) order."""
+    out_features, in_features = weight.shape
+    if in_features % channels:
+        return None
+    pixels = in_features // channels
+    side = math.isqrt(pixels)
+    if side * side != pixels:
+        return None
+    return weight.reshape(out_features, side, side, channels).permute(0, 3, 1, 2).reshape(out_features, -1)
+
+
+@torch.no_grad()
+def load_into(model: nn.Module, weights: ForeignWeights, *, arch: str) -> dict[str, list[str]]:
+    """Copy the file's conv stack, and the dense layers that fit, into ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A freshly built torchvision model (its head not yet replaced or already
+        replaced: the last Linear layer is never loaded).
+    weights : ForeignWeights
+        From :func:`read_layers`.
+    arch : str
+        Only used in messages.
+
+    Returns
+    -------
+    dict
+        ``loaded`` (module names whose weights came from the file), ``fresh`` (Linear
+        layers left at their initialisation) and ``ignored`` (file layers not used,
+        with their shapes).
+
+    Raises
+    ------
+    UserError
+        If the file lacks part of the model's conv stack (the message names the first
+        missing conv and what the file holds).
+    """
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    hidden = linears[:-1]  # the head is always new
+    conv_match, count = _match_in_order([(n, m.weight.shape) for n, m in convs], weights.convs)
+    if count < len(convs):
+        name, conv = convs[count]
+        found = [f"{layer.shape_text}" for layer in weights.convs] or ["none"]
+        raise UserError(f"{weights.path} lacks the conv stack of {arch}: {len(weights.convs)} conv kernel(s) "
+                        f"found ({_listing(found)}); {arch} needs {len(convs)} in order, and {name} "
+                        f"({_shape(conv.weight.shape)}) has no match after the {count} matched before it")
+    loaded: list[str] = []
+    used_convs = set(conv_match.values())
+    for name, conv in convs:
+        layer = weights.convs[conv_match[name]]
+        _copy(conv, layer.weight, layer.bias)
+        loaded.append(name)
+
+    # Dense layers: only exact shape matches, in order.
+    last_channels = convs[-1][1].out_channels if convs else None
+    used_denses: set[int] = set()
+    cursor = 0
+    fresh: list[str] = []
+    for position, (name, linear) in enumerate(hidden):
+        taken = None
+        for index in range(cursor, len(weights.denses)):
+            layer = weights.denses[index]
+            weight = layer.weight
+            # Only the model's first Linear reads the flattened conv map.
+            if layer.channels_last_input and last_channels and position == 0:
+                weight = _to_channels_first(weight, last_channels)
+            if weight is not None and tuple(weight.shape) == tuple(linear.weight.shape):
+                taken = (index, weight, layer)
+                break
+        if taken is None:
+            fresh.append(name)
+            continue
+        index, weight, layer = taken
+        _copy(linear, weight, layer.bias)
+        loaded.append(name)
+        used_denses.add(index)
+        cursor = index + 1
+    if linears:
+        fresh.append(linears[-1][0])
+    ignored = [f"{layer.name} ({layer.shape_text})" for i, layer in enumerate(weights.convs) if i not in used_convs]
+    ignored += [f"{layer.name} ({layer.shape_text})" for i, layer in enumerate(weights.denses)
+                if i not in used_denses]
+    return {"loaded": loaded, "fresh": fresh, "ignored": ignored}
+
+
+def _copy(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    module.weight.copy_(weight)
+    if module.bias is not None:
+        # A layer saved without a bias (Keras use_bias=False) computes the same as a zero bias.
+        if bias is None:
+            module.bias.zero_()
+        else:
+            module.bias.copy_(bias)
