@@ -35,6 +35,7 @@ References
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -68,6 +69,12 @@ WARMUP_FRACTION = 0.05
 WARMUP_START_FACTOR = 0.1
 #: Learning-rate multiplier the cosine decay ends at.
 FINAL_LR_FACTOR = 0.0
+
+#: A non-finite loss restarts the epoch from its first batch with every learning rate
+#: multiplied by this (torchvision's and timm's recipes would also lower the rate by 10x).
+NONFINITE_LR_FACTOR = 0.1
+#: How many such restarts :func:`fit` makes before it gives up with NonFiniteLossError.
+MAX_NONFINITE_RESTARTS = 2
 
 #: Device names accepted by :func:`resolve_device` (``cuda:N`` selects GPU number N).
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -655,6 +662,8 @@ def fit(
     amp: bool = True,
     show_progress: bool = True,
     log: logging.Logger | None = None,
+    lr_scale: dict[str, float] | None = None,
+    max_restarts: int = MAX_NONFINITE_RESTARTS,
 ) -> list[dict]:
     """Fine-tune ``model``: SGD with momentum, warm-up + cosine LR, evaluation each epoch.
 
@@ -693,14 +702,25 @@ def fit(
         Show tqdm bars (main rank only).
     log : logging.Logger, optional
         Logger for the one-line-per-epoch summary; default this module's logger.
+    lr_scale : dict of str to float, optional
+        Learning-rate multipliers by parameter name (as in ``named_parameters()`` of
+        the unwrapped model); parameters not named train at ``lr``.  Fine-tuning
+        recipes give pretrained layers a smaller rate than freshly initialised ones.
+    max_restarts : int, default MAX_NONFINITE_RESTARTS
+        When the loss becomes non-finite, the epoch restarts from the weights,
+        optimizer and schedule state it began with, every learning rate multiplied by
+        :data:`NONFINITE_LR_FACTOR` (logged as a warning), at most this many times in
+        the run; 0 stops at once.  The state is kept in memory (one copy of the
+        weights and of the momentum buffers).
 
     Returns
     -------
     list of dict
-        One dict per epoch with ``epoch`` (1-based), ``lr`` (learning rate at the
-        start of the epoch), ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``
-        (``None`` without a test loader) and ``seconds`` (wall time of the epoch,
-        evaluation included).
+        One dict per epoch with ``epoch`` (1-based), ``lr`` (learning rate of the
+        first parameter group at the start of the epoch), ``train_loss``,
+        ``train_acc``, ``test_loss``, ``test_acc`` (``None`` without a test loader),
+        ``seconds`` (wall time of the epoch, evaluation included) and ``restarts``
+        (non-finite restarts of this epoch).
 
     Raises
     ------
@@ -709,7 +729,7 @@ def fit(
         no trainable parameters or the training loader is empty (the option errors are
         :class:`errors.UserError`).
     NonFiniteLossError
-        If training diverges.
+        If training still diverges after ``max_restarts`` restarts.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise UserError(f"epochs must be an integer >= 1, got {epochs!r}")
@@ -719,8 +739,11 @@ def fit(
     log = logger if log is None else log
 
     params, steps_per_epoch, train_sampler = _training_setup(model, train_loader, train_sampler, device)
+    if max_restarts < 0:
+        raise UserError(f"max_restarts must be >= 0, got {max_restarts!r}")
 
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(_param_groups(model, params, lr, lr_scale), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay)
     total_steps = epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -731,19 +754,86 @@ def fit(
     is_main = _is_main_process()
 
     history = []
-    for epoch in range(epochs):
+    restarts_left = max_restarts
+    epoch = 0
+    while epoch < epochs:
         start = time.perf_counter()
-        record = _train_and_evaluate_epoch(
-            model, train_loader, test_loader, optimizer, epoch=epoch, train_sampler=train_sampler,
-            scheduler=scheduler, scaler=scaler, criterion=train_criterion, amp_dtype=amp_dtype, device=device,
-            show_progress=show_progress)
+        saved = _training_state(model, optimizer, scheduler, scaler) if restarts_left else None
+        restarts = 0
+        while True:
+            try:
+                record = _train_and_evaluate_epoch(
+                    model, train_loader, test_loader, optimizer, epoch=epoch, train_sampler=train_sampler,
+                    scheduler=scheduler, scaler=scaler, criterion=train_criterion, amp_dtype=amp_dtype,
+                    device=device, show_progress=show_progress)
+                break
+            except NonFiniteLossError as exc:
+                if not restarts_left:
+                    if max_restarts:
+                        raise NonFiniteLossError(f"{exc} (already restarted {max_restarts} time(s) at "
+                                                 f"{NONFINITE_LR_FACTOR:g}x the learning rate)") from None
+                    raise
+                restarts_left -= 1
+                restarts += 1
+                _restore_training_state(saved, model, optimizer, scheduler, scaler)
+                _scale_learning_rates(optimizer, scheduler, NONFINITE_LR_FACTOR)
+                if is_main:
+                    log.warning("%s: restarting epoch %d from its start with the learning rate(s) multiplied by "
+                                "%g (now %s)", str(exc).split(";")[0], epoch + 1, NONFINITE_LR_FACTOR,
+                                ", ".join(f"{lr_:.3g}" for lr_ in scheduler.base_lrs))
         record["seconds"] = time.perf_counter() - start
+        record["restarts"] = restarts
         history.append(record)
         if is_main:
             log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%%s  (%.1f s)",
                      epoch + 1, epochs, record["lr"], record["train_loss"],
                      100 * record["train_acc"], _test_part(record), record["seconds"])
+        epoch += 1
     return history
+
+
+def _param_groups(model: nn.Module, params: list[nn.Parameter], lr: float,
+                  lr_scale: dict[str, float] | None) -> list[dict]:
+    """SGD parameter groups: one per distinct learning-rate multiplier of ``lr_scale``."""
+    if not lr_scale:
+        return [{"params": params}]
+    names = {id(p): n for n, p in _unwrap(model).named_parameters()}
+    unknown = sorted(set(lr_scale) - set(names.values()))
+    if unknown:
+        raise ValueError(f"lr_scale names parameters the model does not have: {', '.join(unknown[:3])}")
+    bad = {n: f for n, f in lr_scale.items() if not (f > 0 and math.isfinite(f))}
+    if bad:
+        raise ValueError(f"lr_scale factors must be finite and > 0, got {bad}")
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(float(lr_scale.get(names.get(id(p), ""), 1.0)), []).append(p)
+    # The group at the full rate first: history's "lr" reads the first group.
+    return [{"params": ps, "lr": lr * f} for f, ps in sorted(groups.items(), reverse=True)]
+
+
+def _training_state(model: nn.Module, optimizer, scheduler, scaler) -> dict:
+    """A copy of everything an epoch changes, to restart it from (on the tensors' own devices)."""
+    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "scheduler": copy.deepcopy(scheduler.state_dict()),
+            "scaler": scaler.state_dict() if scaler is not None else None}
+
+
+def _restore_training_state(saved: dict, model: nn.Module, optimizer, scheduler, scaler) -> None:
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(copy.deepcopy(saved["optimizer"]))
+    scheduler.load_state_dict(copy.deepcopy(saved["scheduler"]))
+    if scaler is not None:
+        scaler.load_state_dict(saved["scaler"])
+
+
+def _scale_learning_rates(optimizer, scheduler, factor: float) -> None:
+    """Multiply the schedule's peak rates and the current rates by ``factor``."""
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
 
 
 # ------------------------------------------------------------------- mask annealing

@@ -363,3 +363,74 @@ def test_distributed_two_processes_agree(tmp_path):
     assert results[0]["eval"]["n"] == results[1]["eval"]["n"] == padded
     assert results[0]["eval"] == results[1]["eval"]
     assert results[0]["raised"] and results[1]["raised"]
+
+
+# ------------------------------------------------------- learning-rate scales, restarts
+
+
+class _NanOnCall(nn.Module):
+    """``inner``, except that its ``at``-th forward call returns NaN (a one-off blow-up)."""
+
+    def __init__(self, inner: nn.Module, at: int) -> None:
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.inner(x)
+        return out * float("nan") if self.calls == self.at else out
+
+
+def test_fit_restarts_a_diverging_epoch_at_a_lower_rate(caplog):
+    """A non-finite loss restarts the epoch from its saved state at 0.1x the rate: the result
+    is exactly a clean run at that rate, and the restart is logged and recorded."""
+    seed_everything(0)
+    start = mlp()
+    loader = DataLoader(blobs(48), batch_size=8)  # no shuffling: both runs see the same batches
+    flaky = _NanOnCall(copy_of(start), at=3)  # epoch 1, batch 2 (after two updates)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        history = fit(flaky, loader, epochs=2, lr=0.2, device=CPU, show_progress=False)
+    assert [r["restarts"] for r in history] == [1, 0]
+    assert any("restarting epoch 1" in r.getMessage() and "0.02" in r.getMessage() for r in caplog.records)
+    clean = copy_of(start)
+    fit(clean, loader, epochs=2, lr=0.2 * finetune.NONFINITE_LR_FACTOR, device=CPU, show_progress=False,
+        max_restarts=0)
+    for (name, got), want in zip(flaky.inner.state_dict().items(), clean.state_dict().values()):
+        assert torch.equal(got, want), name
+
+
+def test_fit_without_restarts_stops_at_once():
+    flaky = _NanOnCall(mlp(), at=2)
+    with pytest.raises(NonFiniteLossError, match="lower learning rate"):
+        fit(flaky, DataLoader(blobs(32), batch_size=8), epochs=1, lr=0.1, device=CPU, show_progress=False,
+            max_restarts=0)
+    with pytest.raises(UserError, match="max_restarts"):
+        fit(mlp(), DataLoader(blobs(32), batch_size=8), epochs=1, lr=0.1, device=CPU, max_restarts=-1)
+
+
+def test_fit_lr_scale_scales_the_named_parameters_step():
+    """One SGD step without momentum or decay: a parameter at scale 0.5 moves exactly half as far."""
+    seed_everything(0)
+    start = mlp()
+    loader = DataLoader(blobs(8), batch_size=8)  # one batch, one step
+    deltas = []
+    for scale in (None, {"0.weight": 0.5, "0.bias": 0.5}):
+        model = copy_of(start)
+        fit(model, loader, epochs=1, lr=0.1, device=CPU, momentum=0.0, weight_decay=0.0, show_progress=False,
+            lr_scale=scale)
+        deltas.append({n: p.detach() - start.state_dict()[n] for n, p in model.named_parameters()})
+    full, scaled = deltas
+    assert full["0.weight"].abs().sum() > 0
+    torch.testing.assert_close(scaled["0.weight"], 0.5 * full["0.weight"])
+    torch.testing.assert_close(scaled["0.bias"], 0.5 * full["0.bias"])
+    torch.testing.assert_close(scaled["2.weight"], full["2.weight"])  # not named: full rate
+    with pytest.raises(ValueError, match="does not have: nope"):
+        fit(copy_of(start), loader, epochs=1, lr=0.1, device=CPU, lr_scale={"nope": 0.1})
+    with pytest.raises(ValueError, match="finite and > 0"):
+        fit(copy_of(start), loader, epochs=1, lr=0.1, device=CPU, lr_scale={"0.weight": 0.0})
+
+
+def copy_of(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
