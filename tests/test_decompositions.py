@@ -1,5 +1,7 @@
 """Conversions are checked against the original layer's output, not just shapes."""
 
+import copy
+
 import numpy as np
 import pytest
 import tensorly as tl
@@ -215,8 +217,10 @@ def test_decompose_model_any_nesting(method, fc_method):
     torch.manual_seed(6)
     model = Nested()
     x = torch.randn(2, 3, 8, 8)
+    # rescale=False: the plain best approximation, whose relative error is below 1 (the filter-norm
+    # correction may trade a larger weight error on these random weights for the original norms).
     rows = D.decompose_model(model, method, fc_method=fc_method, rank_ratio=0.5, fc_rank_ratio=0.25,
-                             input_size=(3, 8, 8))
+                             input_size=(3, 8, 8), rescale=False)
     names = [r.name for r in rows]
     assert names[:3] == ["stem.0", "blocks.a.0", "blocks.a.2"]
     done = {r.name: r for r in rows if not r.skipped}
@@ -357,3 +361,53 @@ def test_diagonal_projection_is_exact_on_structured_weight():
     x = torch.randn(3, 9)
     with torch.no_grad():
         assert torch.allclose(dec(x), lin(x), atol=1e-6)
+
+
+# ------------------------------------------------------------ filter norm correction
+def _filter_norms(weight):
+    return weight.detach().double().flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("kind", ["tucker", "cp", "svd"])
+def test_restore_filter_norms_restores_every_filter_and_keeps_directions(kind):
+    torch.manual_seed(0)
+    if kind == "svd":
+        layer = nn.Linear(40, 24)
+        plain = D.svd_decompose_linear(layer, 5)
+    else:
+        layer = nn.Conv2d(12, 16, 3, padding=1)
+        plain = D.tucker_decompose_conv(layer, (5, 4)) if kind == "tucker" else D.cp_decompose_conv(layer, 6)
+    before = D.dense_weight(plain).clone()
+    assert (_filter_norms(before) < _filter_norms(layer.weight) - 1e-6).all()  # truncation shrinks each filter
+    fixed = D.restore_filter_norms(copy.deepcopy(plain), layer.weight)
+    after = D.dense_weight(fixed)
+    torch.testing.assert_close(_filter_norms(after), _filter_norms(layer.weight), rtol=1e-5, atol=1e-7)
+    # Same direction per filter: cosine 1 with the best approximation's filter.
+    cosine = torch.nn.functional.cosine_similarity(after.flatten(1).double(), before.flatten(1).double(), dim=1)
+    torch.testing.assert_close(cosine, torch.ones_like(cosine))
+    assert torch.equal(fixed[-1].bias, plain[-1].bias)
+
+
+def test_decompose_model_rescales_by_default_and_is_a_no_op_at_full_rank():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(2, 3, 6, 6)
+    plain, fixed = copy.deepcopy(model), copy.deepcopy(model)
+    ranks = {"2": (3, 3), "4": 4}
+    rows_plain = D.decompose_model(plain, fc_method="svd", ranks=ranks, input_size=(3, 6, 6), skip=["0"],
+                                   rescale=False)
+    rows_fixed = D.decompose_model(fixed, fc_method="svd", ranks=ranks, input_size=(3, 6, 6), skip=["0"])
+    for name in ("2", "4"):
+        want = _filter_norms(model.get_submodule(name).weight)
+        torch.testing.assert_close(_filter_norms(D.dense_weight(fixed.get_submodule(name))), want)
+        assert (_filter_norms(D.dense_weight(plain.get_submodule(name))) < want).all()
+    # The report's error is that of the weights in use: the rescaled ones are a little further away.
+    pairs = [(f.error, p.error) for f, p in zip(rows_fixed, rows_plain) if not f.skipped]
+    assert len(pairs) == 2 and all(f > p for f, p in pairs)
+    # At full rank the correction changes nothing: the factorization still computes the original.
+    conv = model[2]
+    full = D.restore_filter_norms(D.tucker_decompose_conv(conv, (8, 8)), conv.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(full(x[:, :, :, :].repeat(1, 3, 1, 1)[:, :8]), conv(x.repeat(1, 3, 1, 1)[:, :8]),
+                                   rtol=1e-4, atol=1e-5)
