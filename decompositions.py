@@ -96,9 +96,9 @@ CP_RETRIES = 2
 # Default bandwidth of the wrapped banded-diagonal Linear layer (entries per diagonal
 # position); see DiagonalLinear.
 DIAGONAL_BANDWIDTH = 1
-#: restore_filter_norms leaves a filter alone when the approximation kept less than this
-#: fraction of the largest original filter norm (the factorization dropped it).
-FILTER_NORM_FLOOR = 1e-6
+#: restore_filter_norms scales a filter up at most this much: the most for which the corrected
+#: filter is never further from the original than the zero filter (see its docstring).
+MAX_FILTER_SCALE = 2.0
 
 
 # --------------------------------------------------------------------------- modules
@@ -748,7 +748,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def restore_filter_norms(module: nn.Module, weight: torch.Tensor) -> nn.Module:
-    """Scale each output filter of a decomposed ``module`` back to its norm in ``weight``.
+    """Scale each output filter of a decomposed ``module`` back towards its norm in ``weight``.
 
     A truncated Tucker-2, CP or SVD factorization is the best approximation in the
     Frobenius norm, and that approximation shrinks every output filter (row) by the
@@ -761,6 +761,15 @@ def restore_filter_norms(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     approximation error (Banner et al. 2019 [6]_), keeps most of the accuracy before
     any fine-tuning (benchmarks/RESULTS.md).  The direction of every filter is the
     best approximation's; only its length changes.  At full rank it is a no-op.
+
+    The scale is capped at :data:`MAX_FILTER_SCALE` = 2.  Where a row ``p`` of the
+    approximation is the projection of the original row ``w`` (truncated SVD: each row
+    projected on the kept right singular vectors, so ``<w, p> = |p|^2``),
+    ``|w - s p|^2 = |w|^2 - s (2 - s) |p|^2``: up to ``s = 2`` the corrected row is never
+    further from the original than the zero row.  A filter that kept less than half
+    its norm (a fresh, mostly random FC layer cut to a few percent of its rank) is
+    mostly noise to the factorization, and scaling it up further would amplify what
+    is left rather than restore it.
 
     Parameters
     ----------
@@ -782,9 +791,8 @@ def restore_filter_norms(module: nn.Module, weight: torch.Tensor) -> nn.Module:
         current = ((right @ (left @ left.T)) * right).sum(1).clamp_min(0).sqrt()
     else:
         current = dense_weight(module).double().pow(2).sum(dims).sqrt()
-    # A filter the factorization dropped entirely stays at zero rather than blowing up.
-    keep = current > FILTER_NORM_FLOOR * target.max().clamp_min(torch.finfo(torch.float64).tiny)
-    scale = torch.where(keep, target / current.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+    # A filter the factorization dropped entirely (norm 0) stays at zero.
+    scale = (target / current.clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=MAX_FILTER_SCALE)
     last.weight.mul_(scale.to(last.weight.dtype).view(-1, *([1] * (last.weight.dim() - 1))))
     return module
 
@@ -868,7 +876,7 @@ def decompose_model(
         Bandwidth of :class:`DiagonalLinear`.
     input_size : (C, H, W)
         Image size at which MACs are counted (and layers' input shapes recorded).
-    skip : names of layers to leave alone.
+    skip : names of layers to leave alone (a dict maps each to the reason the report gives).
     rescale : bool, default True
         Scale each output filter of a Tucker-2, CP or SVD layer back to the norm it
         has in the original (:func:`restore_filter_norms`); False keeps the plain
@@ -930,7 +938,8 @@ def decompose_model(
         in_shape, macs_before = shapes[name]
         start = time.perf_counter()
         if name in skip:
-            row = _skipped(name, kind, layer, macs_before, "excluded by the caller")
+            reason = skip[name] if isinstance(skip, dict) else "excluded by the caller"
+            row = _skipped(name, kind, layer, macs_before, reason)
         elif kind == "linear" and keep_last_linear and name == last_linear:
             row = _skipped(name, kind, layer, macs_before, "last Linear (classifier) kept dense")
         elif kind == "conv":

@@ -118,6 +118,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     dec.add_argument("--cp", action="store_true", help="CP instead of Tucker-2 for conv layers")
     dec.add_argument("--rank_ratio", "--rank-ratio", type=float, default=None,
                      help="fixed fraction of channels as ranks instead of VBMF")
+    dec.add_argument("--include_first_conv", "--include-first-conv", action="store_true",
+                     help="decompose the first conv too (by default it is kept: it reads the 3 image channels, "
+                          "holds few weights and costs accuracy when factorized, as in Kim et al. 2015)")
     dec.add_argument("--no_rescale", "--no-rescale", action="store_true",
                      help="keep each factorized layer as the plain best approximation; by default every output "
                           "filter is scaled back to its original norm, which keeps trained networks far more "
@@ -295,8 +298,11 @@ def step_decompose(args, device) -> dict:
     start = time.perf_counter()
     if args.fc == "diagonal":
         summary_anneal = _move_fc_onto_diagonal(args, model, device, image_size, info["classes"], test_loader)
+    convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    skip = {} if args.include_first_conv or not convs else {
+        convs[0]: "first conv (image channels) kept; --include_first_conv decomposes it"}
     rows = decompositions.decompose_model(
-        model, method, fc_method=args.fc, rank_ratio=args.rank_ratio, fc_rank=args.fc_rank,
+        model, method, fc_method=args.fc, skip=skip, rank_ratio=args.rank_ratio, fc_rank=args.fc_rank,
         fc_rank_ratio=args.fc_rank_ratio, fc_bandwidth=args.fc_bandwidth, input_size=input_size,
         seed=args.seed, show_progress=not args.quiet, rescale=not args.no_rescale)
     seconds = time.perf_counter() - start

@@ -169,7 +169,15 @@ def test_each_step_alone(tmp_path, capsys, data, trained):
                              "--test_path", test, "--rank_ratio", "0.3", *FAST)
     assert code == 0, err
     assert digest(trained) == before  # the input model is never modified
-    assert "features.0" in out and "skipped" not in out.split("total:")[0].split("features.10")[0]
+    table = out.split("total:")[0]
+    first_row = next(line for line in table.splitlines() if line.startswith("features.0 "))
+    assert "skipped: first conv (image channels) kept" in first_row
+    assert "skipped" not in table.split("features.3")[1].split("features.10")[0]
+    with_first = tmp_path / "with_first"
+    code, _, err = run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", with_first,
+                           "--rank_ratio", "0.3", "--include_first_conv", *FAST)
+    assert code == 0, err
+    assert models.load_model(str(with_first))[1]["plan"]["features.0"]["method"] == "tucker"
     after_decompose = digest(decomposed)
     code, _, err = run_cli(capsys, "--fine_tune", "--model", trained, "--decomposed_model", decomposed,
                            "--train_path", train, "--test_path", test, *FAST)
@@ -203,7 +211,10 @@ def test_decompose_variants_and_report(tmp_path, capsys, trained, options, metho
         if row["skipped"]:
             assert row["reason"] and row["params_after"] == row["params_before"]
         else:
-            assert row["params_after"] < row["params_before"] and 0 <= row["error"] <= 1
+            # The filter-norm correction (capped at 2x) keeps an SVD row within |w| of the original; on
+            # these barely trained weights other factorized filters may end a little further away.
+            bound = 1 + 1e-6 if row["method"] == "svd" else 1.5
+            assert row["params_after"] < row["params_before"] and 0 <= row["error"] <= bound
     if {"svd", "diagonal"} & methods:
         # The last Linear is the classifier: kept dense by default.
         assert rows[-1]["name"] == "classifier.6" and rows[-1]["skipped"]

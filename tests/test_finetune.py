@@ -118,7 +118,8 @@ def test_fit_learns_separable_problem(caplog):
         history = fit(model, train, test, epochs=4, lr=0.1, device=CPU, show_progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss",
-                               "test_acc", "seconds"}
+                               "test_acc", "seconds", "restarts"}
+    assert all(h["restarts"] == 0 for h in history)
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
     assert history[-1]["train_acc"] >= 0.95
     assert history[-1]["test_acc"] >= 0.95
