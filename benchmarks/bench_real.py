@@ -17,6 +17,14 @@ weights (``--weights_dir``), vgg16_bn, vgg19_bn and alexnet from scratch (see
    :mod:`inference`, all models of an architecture timed in one process in
    interleaved rounds, median reported), decomposition and fine-tuning time.
 
+From a trained weights file (``--weights FILE``: a state_dict, or an ONNX / Keras model
+whose convs fit the arch, as ``main.py --weights``), the defaults change to what the tool
+itself does with trained weights: plain ``vgg16`` at 64 px, three seeds (mean and spread
+in a second table), the tool's learning rates (fresh layers 0.01, loaded ones 0.001;
+fine-tuning 0.001 Tucker-2, 0.0001 CP), VBMF conv ranks and fixed FC ranks (the FC layers
+start fresh), output in ``benchmarks/results/trained``.  ``--latency_from JSON``
+re-times an earlier run's models on this machine, rebuilt from their ranks.
+
 Outputs in ``--out_dir``: ``bench_real.json`` (everything, written after each
 architecture), ``bench_real.md`` (the tables) and ``bench_real.png`` (test
 accuracy against MACs, one colour per method).
@@ -86,12 +94,19 @@ import inference  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
 import vbmf  # noqa: E402
+import main as main_cli  # noqa: E402 - the tool's default learning rates
 from bench_inference import machine_info, torch_threads  # noqa: E402
 
 logger = logging.getLogger("bench_real")
 
 DEFAULT_DATA = REPO_ROOT / "data" / "fashion-mnist-shirt"
 DEFAULT_OUT = BENCH_DIR / "results"
+#: Where a run from a trained weights file (``--weights FILE``) writes by default.
+TRAINED_OUT = DEFAULT_OUT / "trained"
+#: Trained weights (``--weights FILE``): the archs, benchmark size and seeds by default.
+TRAINED_ARCHS = ("vgg16",)
+TRAINED_IMAGE_SIZE = 64
+TRAINED_SEEDS = (0, 1, 2)
 #: The issue's architectures, used with ImageNet weights (``--weights_dir``).
 PRETRAINED_ARCHS = ("vgg16", "vgg19", "alexnet")
 #: Trained from scratch (no weights file): plain VGG has no BatchNorm and does not train from
@@ -154,7 +169,7 @@ def _tucker_macs(conv: nn.Conv2d, in_shape: Sequence[int], macs: int, ranks: tup
 
 def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "auto",
                  rank_ratio: float = DEFAULT_RANK_RATIO, fc_rank_ratio: float = DEFAULT_FC_RANK_RATIO,
-                 skip: Sequence[str] = ()) -> dict[str, Any]:
+                 skip: Sequence[str] = (), fc_policy: str | None = None) -> dict[str, Any]:
     """Tucker, CP and SVD ranks for every layer: VBMF, or a fraction of the channels.
 
     Parameters
@@ -172,6 +187,8 @@ def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "
     rank_ratio, fc_rank_ratio : float in (0, 1]
         The fallback fractions.
     skip : names of convs to leave alone.
+    fc_policy : {"auto", "vbmf", "ratio"}, optional
+        The same choice for the hidden Linear layers (default: ``policy``).
 
     Returns
     -------
@@ -181,8 +198,9 @@ def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "
         ``fc_reason`` (why), ``vbmf_conv`` / ``vbmf_fc`` (the VBMF estimates, or None
         when not computed) and ``vbmf_conv_mac_ratio``.
     """
-    if policy not in RANK_CHOICES:
-        raise ValueError(f"rank policy must be one of {RANK_CHOICES}, got {policy!r}")
+    fc_policy = policy if fc_policy is None else fc_policy
+    if policy not in RANK_CHOICES or fc_policy not in RANK_CHOICES:
+        raise ValueError(f"rank policies must be among {RANK_CHOICES}, got {policy!r} and {fc_policy!r}")
     convs = [(n, m) for n, m in _conv_layers(model) if n not in skip]
     linears = _hidden_linears(model)
     shapes = report.record_input_shapes(model, input_size)
@@ -221,15 +239,15 @@ def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "
     result["conv_source"], result["conv_reason"] = conv_source, conv_reason
 
     # ---- hidden Linear layers
-    fc_source, fc_reason = "ratio", "--ranks ratio"
-    if policy != "ratio" and linears:
+    fc_source, fc_reason = "ratio", "--fc_ranks ratio"
+    if fc_policy != "ratio" and linears:
         with torch_threads(1):
             fc_estimates = {n: int(vbmf.estimate_rank(m.weight.detach())) for n, m in linears}
         result["vbmf_fc"] = fc_estimates
         useless = [n for n, m in linears
                    if fc_estimates[n] == 0 or fc_estimates[n] * (m.in_features + m.out_features) >= m.weight.numel()]
-        if policy == "vbmf":
-            fc_source, fc_reason = "vbmf", "--ranks vbmf"
+        if fc_policy == "vbmf":
+            fc_source, fc_reason = "vbmf", "--fc_ranks vbmf"
         elif useless:
             fc_reason = f"VBMF ranks are 0 or would not shrink {len(useless)} of {len(linears)} Linear layers"
         else:
@@ -244,7 +262,8 @@ def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "
 
 # ------------------------------------------------------------------------ decompose
 def decompose(model: nn.Module, method: str, ranks: dict[str, Any], *, input_size: Sequence[int],
-              skip: Sequence[str], cp_max_iter: int, seed: int) -> tuple[nn.Module, list[dict], float]:
+              skip: Sequence[str], cp_max_iter: int, seed: int, threads: int = 1, rescale: bool = True
+              ) -> tuple[nn.Module, list[dict], float]:
     """A decomposed copy of ``model``: (copy, per-layer report rows, seconds)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -255,10 +274,12 @@ def decompose(model: nn.Module, method: str, ranks: dict[str, Any], *, input_siz
     if fc_method == "svd":
         overrides.update(ranks["svd"])
     start = time.perf_counter()
-    with torch_threads(1):  # many small LAPACK calls: see bench_inference.torch_threads
+    # One thread by default: many small LAPACK calls, see bench_inference.torch_threads.  On a
+    # large idle machine more threads speed up the FC SVD's big matrix products.
+    with torch_threads(threads):
         rows = decompositions.decompose_model(net, conv_method, fc_method=fc_method, ranks=overrides,
                                               input_size=input_size, skip=skip, cp_max_iter=cp_max_iter,
-                                              seed=seed)
+                                              seed=seed, rescale=rescale)
     seconds = time.perf_counter() - start
     return net, [r.as_dict() for r in rows], seconds
 
@@ -364,15 +385,40 @@ def format_markdown(payload: dict[str, Any]) -> str:
                 speed = f"{base / lat[3]:.2f}x" if base and lat[3] else "-"
                 lines.append(f"| {arch} | {name} | {size} | {_fmt_ms(lat[0])} / {_fmt_ms(lat[1])} | "
                              f"{_fmt_ms(lat[2])} / {_fmt_ms(lat[3])} | {speed} |")
+    lines += _seeds_markdown(payload)
     notes = []
     for arch, res in payload["archs"].items():
         r = res["ranks"]
-        notes.append(f"- {arch}: trained {res['training']['source']} for {res['training']['epochs']} epochs "
+        notes.append(f"- {arch}: {res['training']['source']}, trained for {res['training']['epochs']} epochs "
                      f"({res['training']['seconds']:.0f} s); conv ranks: {r['conv_source']} ({r['conv_reason']}); "
                      f"FC ranks: {r['fc_source']} ({r['fc_reason']})")
         if res["latency"].get("errors"):
             notes.append(f"  - latency errors: {res['latency']['errors']}")
     return "\n".join(lines + ["", *notes])
+
+
+def _pm(stats: dict[str, float], scale: float = 100.0, digits: int = 2) -> str:
+    return f"{scale * stats['mean']:.{digits}f} ± {scale * stats['std']:.{digits}f}"
+
+
+def _seeds_markdown(payload: dict[str, Any]) -> list[str]:
+    """The several-seed table: mean ± standard deviation (sample) over seeds, paired drops."""
+    summarized = {arch: res["summary"] for arch, res in payload["archs"].items() if "summary" in res}
+    if not summarized:
+        return []
+    lines = ["", "Over seeds (mean ± standard deviation; accuracy in %; drop = original - decomposed, in points, "
+             "paired by seed; the main table above is the first seed):", "",
+             "| arch | method | seeds | acc. original | acc. straight after | acc. fine-tuned | drop straight after "
+             "| drop after fine-tuning | params ratio | MACs ratio |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for arch, summary in summarized.items():
+        seeds = ",".join(str(s) for s in summary["seeds"])
+        for method, entry in summary["methods"].items():
+            lines.append(f"| {arch} | {method} | {seeds} | {_pm(summary['acc_original'])} | "
+                         f"{_pm(entry['acc_decomposed'])} | {_pm(entry['acc_finetuned'])} | "
+                         f"{_pm(entry['drop_decomposed'])} | {_pm(entry['drop_finetuned'])} | "
+                         f"{_pm(entry['params_ratio'], 1.0)}x | {_pm(entry['macs_ratio'], 1.0)}x |")
+    return lines
 
 
 def plot(payload: dict[str, Any], path: str | os.PathLike) -> None:
@@ -381,24 +427,39 @@ def plot(payload: dict[str, Any], path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
     colors = {"original": "black", "tucker": "tab:blue", "cp": "tab:orange", "tucker+svd": "tab:green"}
-    markers = {"vgg16": "o", "vgg19": "s", "alexnet": "^"}
+    # One marker per architecture (the BatchNorm variants have their own).
+    markers = {"vgg16": "o", "vgg16_bn": "D", "vgg19": "s", "vgg19_bn": "P", "alexnet": "^"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arch, res in payload["archs"].items():
-        marker = markers.get(arch, "D")
-        ax.scatter(res["macs"], res["acc_original"], color=colors["original"], marker=marker, s=50)
+        marker = markers.get(arch, "X")
+        summary = res.get("summary")  # several seeds: means with a standard-deviation bar
+
+        def point(key: str, row: dict) -> tuple[float | None, float]:
+            if summary is None:
+                return (res["acc_original"] if key == "acc_original" else row[key]), 0.0
+            stats = summary["acc_original"] if key == "acc_original" else summary["methods"][row["method"]][key]
+            return stats["mean"], stats["std"]
+
+        y, err = point("acc_original", {})
+        ax.errorbar(res["macs"], y, yerr=err or None, color=colors["original"], marker=marker, markersize=7,
+                    linestyle="")
         for row in res["rows"]:
             if row["method"] == "original":
                 continue
             color = colors.get(row["method"], "gray")
-            if row["acc_decomposed"] is not None:
-                ax.scatter(row["macs"], row["acc_decomposed"], facecolors="none", edgecolors=color, marker=marker,
-                           s=50)
-            if row["acc_finetuned"] is not None:
-                ax.scatter(row["macs"], row["acc_finetuned"], color=color, marker=marker, s=50)
-                if row["acc_decomposed"] is not None:
-                    ax.annotate("", xy=(row["macs"], row["acc_finetuned"]),
-                                xytext=(row["macs"], row["acc_decomposed"]),
+            before, before_err = point("acc_decomposed", row) if row["acc_decomposed"] is not None else (None, 0)
+            after, after_err = point("acc_finetuned", row) if row["acc_finetuned"] is not None else (None, 0)
+            if before is not None:
+                ax.errorbar(row["macs"], before, yerr=before_err or None, color=color, marker=marker,
+                            markerfacecolor="none", markersize=7, linestyle="")
+            if after is not None:
+                ax.errorbar(row["macs"], after, yerr=after_err or None, color=color, marker=marker, markersize=7,
+                            linestyle="")
+                if before is not None:
+                    ax.annotate("", xy=(row["macs"], after), xytext=(row["macs"], before),
                                 arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.4})
     handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in colors.items()]
     handles += [plt.Line2D([], [], color="gray", marker=mk, linestyle="", label=a)
@@ -407,6 +468,7 @@ def plot(payload: dict[str, Any], path: str | os.PathLike) -> None:
                               label="before fine-tuning"))
     ax.legend(handles=handles, fontsize=8, loc="best")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
     ax.set_xlabel("MACs per image at the benchmark size")
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy vs MACs")
@@ -433,9 +495,11 @@ def _subset(ds, per_class: int | None, *, seed: int):
     return torch.utils.data.Subset(ds, sorted(keep))
 
 
-def _weights_for(arch: str, weights_dir: str | None) -> str:
-    if weights_dir:
-        path = os.path.join(weights_dir, f"{arch}.pth")
+def _weights_for(arch: str, args: argparse.Namespace) -> str:
+    if getattr(args, "weights", None):
+        return args.weights
+    if args.weights_dir:
+        path = os.path.join(args.weights_dir, f"{arch}.pth")
         if os.path.exists(path):
             return path
         logger.warning("%s not found: training %s from scratch", path, arch)
@@ -443,36 +507,50 @@ def _weights_for(arch: str, weights_dir: str | None) -> str:
 
 
 def train_lr(arch: str) -> float:
-    """The default training rate of ``arch`` (:data:`TRAIN_LR`)."""
+    """The default training rate of ``arch`` from scratch (:data:`TRAIN_LR`)."""
     return TRAIN_LR["alexnet" if arch.startswith("alexnet") else "vgg"]
 
 
-def run_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """The whole benchmark for one architecture."""
-    size = args.image_size or DEFAULT_IMAGE_SIZE[arch]
+def _learning_rates(arch: str, args: argparse.Namespace, pretrained: bool) -> tuple[float, dict[str, float]]:
+    """(training rate, fine-tuning rate per method): the tool's own defaults from trained weights."""
+    if pretrained:
+        lr = args.lr or main_cli.DEFAULT_LR["train"]
+        return lr, {m: main_cli.DEFAULT_LR["cp" if m == "cp" else "tucker"] for m in METHODS}
+    lr = args.lr or train_lr(arch)
+    return lr, {m: lr * FT_LR_FACTOR[m] for m in METHODS}
+
+
+def run_arch(arch: str, args: argparse.Namespace, device: torch.device, *, seed: int | None = None,
+             latency: bool = True) -> dict[str, Any]:
+    """The whole benchmark for one architecture and one seed (latency only when ``latency``)."""
+    seed = args.seed if seed is None else seed
+    size = args.image_size or (TRAINED_IMAGE_SIZE if args.weights else DEFAULT_IMAGE_SIZE[arch])
     models.check_image_size(arch, size)
     input_size = (3, size, size)
-    finetune.seed_everything(args.seed)
+    finetune.seed_everything(seed)
     train_ds, test_ds, classes = dataset.build_datasets(os.path.join(args.data, "train"),
                                                          os.path.join(args.data, "test"), image_size=size)
-    train_ds = _subset(train_ds, args.train_per_class, seed=args.seed)
-    test_ds = _subset(test_ds, args.test_per_class, seed=args.seed + 1)
+    train_ds = _subset(train_ds, args.train_per_class, seed=seed)
+    test_ds = _subset(test_ds, args.test_per_class, seed=seed + 1)
     train_loader, test_loader, _ = dataset.build_loaders(train_ds, test_ds, batch_size=args.batch_size,
-                                                         workers=args.workers, seed=args.seed)
-    weights = _weights_for(arch, args.weights_dir)
+                                                         workers=args.workers, seed=seed)
+    weights = _weights_for(arch, args)
     progress = not args.quiet
-    lr = args.lr or train_lr(arch)
-    model = models.build_model(arch, len(classes), weights=weights).to(device)
+    model, pretrained = models.build_pretrained(arch, len(classes), weights=weights)
+    model.to(device)
+    lr, ft_lrs = _learning_rates(arch, args, bool(pretrained))
+    lr_scale = {n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained}
     start = time.perf_counter()
     history = finetune.fit(model, train_loader, None, epochs=args.epochs, lr=lr, device=device,
-                           show_progress=progress, log=logger)
+                           show_progress=progress, log=logger, lr_scale=lr_scale)
     train_s = time.perf_counter() - start
     acc_original = finetune.evaluate(model, test_loader, device=device, show_progress=progress)["acc"]
-    logger.info("%s: trained (%s) in %.0f s, test accuracy %.2f%%", arch, weights, train_s, 100 * acc_original)
+    logger.info("%s seed %d: trained (%s) in %.0f s, test accuracy %.2f%%", arch, seed, weights, train_s,
+                100 * acc_original)
     model = model.cpu().eval()
     skip = [_conv_layers(model)[0][0]]
     ranks = choose_ranks(model, input_size=input_size, policy=args.ranks, rank_ratio=args.rank_ratio,
-                         fc_rank_ratio=args.fc_rank_ratio, skip=skip)
+                         fc_rank_ratio=args.fc_rank_ratio, skip=skip, fc_policy=args.fc_ranks)
     logger.info("%s: conv ranks from %s (%s); FC ranks from %s (%s)", arch, ranks["conv_source"],
                 ranks["conv_reason"], ranks["fc_source"], ranks["fc_reason"])
     params0 = report.count_params(model)
@@ -484,10 +562,11 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dict[
     nets = {"original": model}
     for method in METHODS:
         net, layer_rows, decompose_s = decompose(model, method, ranks, input_size=input_size, skip=skip,
-                                                 cp_max_iter=args.cp_max_iter, seed=args.seed)
+                                                 cp_max_iter=args.cp_max_iter, seed=seed,
+                                                 threads=args.decompose_threads, rescale=not args.no_rescale)
         net.to(device)
         acc_dec = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
-        ft_lr = lr * FT_LR_FACTOR[method]
+        ft_lr = ft_lrs[method]
         start = time.perf_counter()
         ft_history = finetune.fit(net, train_loader, None, epochs=args.ft_epochs, lr=ft_lr, device=device,
                                   show_progress=progress, log=logger)
@@ -502,18 +581,94 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dict[
                      "finetune_s": finetune_s, "finetune_lr": ft_lr,
                      "layers": layer_rows, "history": ft_history,
                      "fallbacks": [r["name"] for r in layer_rows if "fell back" in (r["reason"] or "")]})
-        logger.info("%s %s: %.2f%% -> %.2f%% after fine-tuning; %.2fx fewer MACs; decomposed in %.1f s, "
-                    "fine-tuned in %.0f s", arch, method, 100 * acc_dec, 100 * acc_ft, macs0 / macs, decompose_s,
-                    finetune_s)
+        logger.info("%s seed %d %s: %.2f%% -> %.2f%% after fine-tuning; %.2fx fewer MACs; decomposed in %.1f s, "
+                    "fine-tuned in %.0f s", arch, seed, method, 100 * acc_dec, 100 * acc_ft, macs0 / macs,
+                    decompose_s, finetune_s)
         nets[method] = net
     sizes = sorted({size, *args.latency_sizes}) if args.latency_sizes else [size, REFERENCE_SIZE]
-    latency = measure_latencies(nets, sizes=sizes, backends=args.latency_backends, repeats=args.latency_repeats,
-                                seed=args.seed, progress=progress) if args.latency_backends else {"errors": {}}
-    return {"arch": arch, "image_size": size, "classes": classes, "n_train": len(train_ds), "n_test": len(test_ds),
-            "acc_original": acc_original, "params": params0, "macs": macs0, "macs_224": macs0_224,
-            "training": {"source": "ImageNet weights" if weights != "none" else "from scratch", "weights": weights,
-                         "epochs": args.epochs, "lr": lr, "seconds": train_s},
-            "ranks": {k: v for k, v in ranks.items()}, "rows": rows, "latency": latency, "latency_sizes": sizes}
+    measured = (measure_latencies(nets, sizes=sizes, backends=args.latency_backends, repeats=args.latency_repeats,
+                                  seed=seed, progress=progress)
+                if args.latency_backends and latency else {"errors": {}})
+    return {"arch": arch, "seed": seed, "image_size": size, "classes": classes, "n_train": len(train_ds),
+            "n_test": len(test_ds), "acc_original": acc_original, "params": params0, "macs": macs0,
+            "macs_224": macs0_224,
+            "training": {"source": "trained weights" if pretrained else "from scratch", "weights": weights,
+                         "pretrained_tensors": len(pretrained), "epochs": args.epochs, "lr": lr,
+                         "pretrained_lr_scale": main_cli.DEFAULT_PRETRAINED_LR_SCALE if pretrained else None,
+                         "seconds": train_s},
+            "ranks": {k: v for k, v in ranks.items()}, "rows": rows, "latency": measured, "latency_sizes": sizes}
+
+
+def summarize_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, standard deviation and range over seeds of each method's accuracies and ratios."""
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values), "max": max(values), "n": len(values)}
+
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "acc_original": stats([r["acc_original"] for r in runs]),
+                           "methods": {}}
+    for method in METHODS:
+        rows = [next(row for row in r["rows"] if row["method"] == method) for r in runs]
+        entry = {key: stats([row[key] for row in rows])
+                 for key in ("acc_decomposed", "acc_finetuned", "params_ratio", "macs_ratio", "macs_224_ratio")}
+        # Accuracy change against each seed's own original, the paired difference.
+        entry["drop_decomposed"] = stats([r["acc_original"] - row["acc_decomposed"] for r, row in zip(runs, rows)])
+        entry["drop_finetuned"] = stats([r["acc_original"] - row["acc_finetuned"] for r, row in zip(runs, rows)])
+        out["methods"][method] = entry
+    return out
+
+
+def combine_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One architecture's entry from its per-seed results (latency comes from the first seed).
+
+    The first seed's result, with ``seed_runs`` (every seed's result without latency)
+    and ``summary`` (:func:`summarize_seeds`) added when there are several seeds.
+    """
+    first = dict(runs[0])
+    if len(runs) > 1:
+        first["seed_runs"] = [{k: v for k, v in r.items() if k != "latency"} for r in runs]
+        first["summary"] = summarize_seeds(runs)
+    return first
+
+
+def plan_from_layers(layer_rows: Sequence[dict]) -> dict[str, dict]:
+    """The decomposition plan (``decompositions.model_plan`` format) of a result's per-layer rows."""
+    plan: dict[str, dict] = {}
+    for row in layer_rows:
+        if row["skipped"]:
+            continue
+        if row["method"] == "tucker":
+            plan[row["name"]] = {"method": "tucker", "ranks": [int(r) for r in row["ranks"]]}
+        elif row["method"] in ("cp", "svd"):
+            plan[row["name"]] = {"method": row["method"], "rank": int(row["ranks"][0])}
+        elif row["method"] == "diagonal":
+            plan[row["name"]] = {"method": "diagonal", "bandwidth": int(row["ranks"][0])}
+    return plan
+
+
+def remeasure_latency(payload: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Time the models of an earlier run's JSON on this machine (``--latency_from``).
+
+    Latency depends on the architecture and the ranks, not on the weights' values, so each
+    model is rebuilt from its per-layer ranks with seeded random weights: a run whose
+    accuracy was measured elsewhere (on a GPU) gets CPU latency from this machine.
+    """
+    torch.manual_seed(args.seed)
+    for arch, res in payload["archs"].items():
+        classes = len(res["classes"])
+        nets = {"original": models.build_model(arch, classes).eval()}
+        for row in res["rows"]:
+            if row["method"] != "original":
+                nets[row["method"]] = decompositions.apply_plan(models.build_model(arch, classes),
+                                                                plan_from_layers(row["layers"])).eval()
+        sizes = sorted({res["image_size"], *args.latency_sizes}) if args.latency_sizes else res["latency_sizes"]
+        res["latency"] = measure_latencies(nets, sizes=sizes, backends=args.latency_backends,
+                                           repeats=args.latency_repeats, seed=args.seed, progress=not args.quiet)
+        res["latency_sizes"] = sizes
+    payload["latency_machine"] = machine_info()
+    payload["settings"]["latency_backends"] = list(args.latency_backends)
+    payload["settings"]["latency_from"] = args.latency_from
+    return payload
 
 
 def write_outputs(payload: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
@@ -542,6 +697,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated (default {','.join(SCRATCH_ARCHS)} from scratch, "
                              f"{','.join(PRETRAINED_ARCHS)} with --weights_dir; only the first with --quick)")
     parser.add_argument("--weights_dir", help="folder with <arch>.pth ImageNet state_dicts (else: from scratch)")
+    parser.add_argument("--weights", help="one trained weights file for every arch (state_dict, ONNX or Keras, as "
+                                          f"main.py --weights FILE); default archs {','.join(TRAINED_ARCHS)}, "
+                                          f"{TRAINED_IMAGE_SIZE} px, seeds {','.join(map(str, TRAINED_SEEDS))}, "
+                                          f"the tool's default learning rates, output {TRAINED_OUT}")
+    parser.add_argument("--seeds", type=_csv(int), default=None,
+                        help="run every arch once per seed and report mean and spread (default: --seed alone; "
+                             f"{','.join(map(str, TRAINED_SEEDS))} with --weights)")
     parser.add_argument("--image_size", type=int, default=None,
                         help=f"benchmark size for every arch (default {DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--epochs", type=int, default=None,
@@ -556,9 +718,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None,
                         help=f"training learning rate (default per architecture family: {TRAIN_LR})")
     parser.add_argument("--ranks", choices=RANK_CHOICES, default="auto", help="rank source (see the docstring)")
+    parser.add_argument("--fc_ranks", choices=RANK_CHOICES, default=None,
+                        help="rank source of the hidden Linear layers (default: --ranks; ratio with --weights, "
+                             "whose FC layers start fresh: VBMF would find noise after a short training)")
     parser.add_argument("--rank_ratio", type=float, default=DEFAULT_RANK_RATIO)
     parser.add_argument("--fc_rank_ratio", type=float, default=DEFAULT_FC_RANK_RATIO)
     parser.add_argument("--cp_max_iter", type=int, default=decompositions.CP_MAX_ITER)
+    parser.add_argument("--no_rescale", action="store_true",
+                        help="plain best approximations (main.py --no_rescale): no filter-norm correction")
+    parser.add_argument("--decompose_threads", type=int, default=1,
+                        help="torch threads while decomposing (1: fastest on a small shared CPU)")
     parser.add_argument("--latency_backends", type=_csv(str), default=None,
                         help=f"inference backends timed, the first in the main table (default "
                              f"{','.join(DEFAULT_LATENCY_BACKENDS)}; {','.join(QUICK_LATENCY_BACKENDS)} with --quick; "
@@ -572,15 +741,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--out_dir", default=None,
                         help=f"where the outputs go (default {DEFAULT_OUT}; {DEFAULT_OUT / 'quick'} with --quick)")
+    parser.add_argument("--latency_from", metavar="JSON",
+                        help="no training: re-measure the latency of an earlier run's models (rebuilt from the "
+                             "ranks in its bench_real.json) on this machine; outputs go beside that file unless "
+                             "--out_dir is given")
     parser.add_argument("--quick", action="store_true",
                         help=f"first arch only (vgg16_bn, or vgg16 with --weights_dir), {QUICK_PER_CLASS} images per class, "
                              "fewer epochs and rounds: a smoke test")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    args.out_dir = args.out_dir or str(DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
+    if args.latency_from and not args.out_dir:
+        args.out_dir = os.path.dirname(os.path.abspath(args.latency_from))
+    base_out = TRAINED_OUT if args.weights else DEFAULT_OUT
+    args.out_dir = args.out_dir or str(base_out / "quick" if args.quick else base_out)
+    if args.weights and args.weights_dir:
+        parser.error("give --weights (one file) or --weights_dir (one file per arch), not both")
+    if args.weights and not os.path.isfile(args.weights):
+        parser.error(f"--weights {args.weights}: no such file")
     if not args.archs:
-        archs = PRETRAINED_ARCHS if args.weights_dir else SCRATCH_ARCHS
+        archs = TRAINED_ARCHS if args.weights else PRETRAINED_ARCHS if args.weights_dir else SCRATCH_ARCHS
         args.archs = list(archs[:1] if args.quick else archs)
+    if args.fc_ranks is None:
+        args.fc_ranks = "ratio" if args.weights else args.ranks
+    if not args.seeds:
+        args.seeds = list(TRAINED_SEEDS[:1] if args.quick else TRAINED_SEEDS) if args.weights else [args.seed]
     args.epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
     if args.quick:
         args.train_per_class = args.train_per_class or QUICK_PER_CLASS
@@ -602,15 +786,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
+    if args.latency_from:
+        import json
+
+        with open(args.latency_from) as fh:
+            payload = remeasure_latency(json.load(fh), args)
+        paths = write_outputs(payload, args.out_dir)
+        print(format_markdown(payload))
+        print(f"\nre-measured latency; wrote {', '.join(paths.values())}")
+        return payload
     device = finetune.resolve_device(args.device)
     start = time.perf_counter()
     payload: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items()}, "machine": machine_info(),
                                "device": str(device), "archs": {}}
     payload["settings"]["ft_lr_factor"] = dict(FT_LR_FACTOR)
     for arch in args.archs:
-        payload["archs"][arch] = run_arch(arch, args, device)
-        payload["total_s"] = time.perf_counter() - start
-        paths = write_outputs(payload, args.out_dir)  # after each arch: a long run keeps its partial results
+        runs = []
+        for i, seed in enumerate(args.seeds):
+            runs.append(run_arch(arch, args, device, seed=seed, latency=i == 0))
+            payload["archs"][arch] = combine_seeds(runs)
+            payload["total_s"] = time.perf_counter() - start
+            paths = write_outputs(payload, args.out_dir)  # after each run: a long one keeps its partial results
     print(format_markdown(payload))
     print(f"\ntotal {payload['total_s']:.0f} s; wrote {', '.join(paths.values())}")
     return payload

@@ -142,3 +142,82 @@ def test_bench_inference_quick(tmp_path, capsys):
     layers = {r["name"]: r for r in data["layers"]}
     assert layers["features.0"]["skipped"] and tuple(layers["features.2"]["ranks"]) == (21, 21)
     assert tuple(layers["features.28"]["ranks"]) == (170, 170)
+
+
+def test_latency_from_rebuilds_the_models_and_keeps_the_accuracies(tiny_run, tmp_path):
+    payload, out = tiny_run
+    again = bench_real.main(["--latency_from", str(out / "bench_real.json"), "--latency_backends", "eager",
+                             "--latency_repeats", "1", "--out_dir", str(tmp_path), "--quiet"])
+    res, before = again["archs"]["alexnet"], payload["archs"]["alexnet"]
+    assert [r["acc_finetuned"] for r in res["rows"]] == [r["acc_finetuned"] for r in before["rows"]]
+    for name in ("original", "tucker", "cp", "tucker+svd"):
+        assert all(v > 0 for v in res["latency"][name]["eager"]["63"].values())
+    assert again["latency_machine"]["cpu_count"] >= 1 and again["settings"]["latency_from"].endswith(".json")
+    assert json.loads((tmp_path / "bench_real.json").read_text())["settings"]["latency_backends"] == ["eager"]
+    # The rebuilt models have exactly the decomposed structure of the run's.
+    svd = next(r for r in before["rows"] if r["method"] == "tucker+svd")
+    plan = bench_real.plan_from_layers(svd["layers"])
+    assert {e["method"] for e in plan.values()} == {"tucker", "svd"} and "features.0" not in plan
+
+
+def test_trained_weights_run_over_seeds(tmp_path):
+    """--weights FILE (an ONNX conv stack) with two seeds: the tool's learning rates, the seed summary."""
+    torch.manual_seed(0)
+    onnx_file = tmp_path / "alexnet_convs.onnx"
+    torch.onnx.export(nn.Sequential(bench_real.models.torchvision.models.alexnet(weights=None).features).eval(),
+                      torch.randn(1, 3, 63, 63), str(onnx_file), dynamo=False)
+    make_image_folder(tmp_path / "data", n_train=4, n_test=2, size=32)
+    payload = bench_real.main([
+        str(tmp_path / "data"), "--weights", str(onnx_file), "--archs", "alexnet", "--image_size", "63",
+        "--seeds", "0,1", "--epochs", "1", "--ft_epochs", "1", "--batch_size", "8", "--ranks", "ratio",
+        "--rank_ratio", "0.25", "--fc_rank_ratio", "0.01", "--cp_max_iter", "3", "--latency_backends", "",
+        "--out_dir", str(tmp_path / "out"), "--quiet"])
+    res = payload["archs"]["alexnet"]
+    assert res["training"]["source"] == "trained weights" and res["training"]["pretrained_tensors"] == 10
+    assert res["training"]["lr"] == bench_real.main_cli.DEFAULT_LR["train"]
+    lrs = {r["method"]: r["finetune_lr"] for r in res["rows"][1:]}
+    assert lrs == {"tucker": 0.001, "cp": 0.0001, "tucker+svd": 0.001}
+    assert [r["seed"] for r in res["seed_runs"]] == [0, 1]
+    summary = res["summary"]
+    for method, entry in summary["methods"].items():
+        accs = [next(x for x in r["rows"] if x["method"] == method)["acc_finetuned"] for r in res["seed_runs"]]
+        assert entry["acc_finetuned"]["mean"] == pytest.approx(sum(accs) / 2)
+        assert entry["acc_finetuned"]["n"] == 2
+    table = (tmp_path / "out" / "bench_real.md").read_text()
+    assert "Over seeds" in table and "| alexnet | tucker+svd | 0,1 |" in table
+
+
+def test_trained_weights_defaults(tmp_path):
+    weights = tmp_path / "w.onnx"
+    weights.write_bytes(b"x")
+    args = bench_real.parse_args(["--weights", str(weights)])
+    assert args.archs == list(bench_real.TRAINED_ARCHS) and args.seeds == list(bench_real.TRAINED_SEEDS)
+    assert args.fc_ranks == "ratio" and args.out_dir == str(bench_real.TRAINED_OUT)
+    assert bench_real.parse_args(["--weights", str(weights), "--quick"]).seeds == [0]
+    with pytest.raises(SystemExit):
+        bench_real.parse_args(["--weights", str(tmp_path / "missing.onnx")])
+
+
+def test_bench_rescale_variants_touch_the_layers_they_name():
+    import bench_rescale
+
+    torch.manual_seed(0)
+    net = SmallNet(width=16)
+    ranks = bench_real.choose_ranks(net, input_size=(3, 8, 8), policy="ratio", rank_ratio=0.25, fc_rank_ratio=0.05,
+                                    skip=["features.0"])
+    plain, _, _ = bench_real.decompose(net, "tucker+svd", ranks, input_size=(3, 8, 8), skip=["features.0"],
+                                       cp_max_iter=3, seed=0, rescale=False)
+
+    def norms(model, name):
+        return decompositions.dense_weight(model.get_submodule(name)).flatten(1).norm(dim=1)
+
+    out = {v: bench_rescale.corrected(plain, net, v) for v in bench_rescale.VARIANTS}
+    for name in ("features.2", "classifier.1"):
+        original = net.get_submodule(name).weight.flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms(out["none"], name), norms(plain, name))
+        torch.testing.assert_close(norms(out["uncapped"], name), original.detach())
+        capped = torch.minimum(original, decompositions.MAX_FILTER_SCALE * norms(plain, name))
+        torch.testing.assert_close(norms(out["capped"], name), capped.detach())
+    torch.testing.assert_close(norms(out["conv"], "classifier.1"), norms(plain, "classifier.1"))
+    torch.testing.assert_close(norms(out["conv"], "features.2"), norms(out["capped"], "features.2"))
+    assert decompositions.MAX_FILTER_SCALE == 2.0  # restored after the uncapped variant
