@@ -747,13 +747,15 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def restore_filter_norms(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+def restore_filter_norms(module: nn.Module, weight: torch.Tensor, *,
+                         max_scale: float = MAX_FILTER_SCALE) -> nn.Module:
     """Scale each output filter of a decomposed ``module`` back towards its norm in ``weight``.
 
     A truncated Tucker-2, CP or SVD factorization is the best approximation in the
-    Frobenius norm, and that approximation shrinks every output filter (row) by the
-    energy it drops -- unevenly: measured on a trained VGG16 at VBMF ranks, the deeper
-    layers keep 60-80% of each filter's norm, the first ones nearly all.  Through a
+    Frobenius norm, and that approximation loses the energy it drops -- for a truncated
+    SVD every row shrinks, and Tucker-2 and CP filters mostly do too, unevenly: measured
+    on a trained VGG16 at VBMF ranks, the deeper layers keep 60-80% of each filter's
+    norm, the first ones nearly all.  Through a
     plain network without BatchNorm those per-channel losses compound and shift the
     balance between channels, and the trained classifier reads the result as one class
     (chance accuracy straight after decomposition).  Restoring each filter's norm, the
@@ -762,7 +764,7 @@ def restore_filter_norms(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     any fine-tuning (benchmarks/RESULTS.md).  The direction of every filter is the
     best approximation's; only its length changes.  At full rank it is a no-op.
 
-    The scale is capped at :data:`MAX_FILTER_SCALE` = 2.  Where a row ``p`` of the
+    The scale is capped at ``max_scale`` (:data:`MAX_FILTER_SCALE` = 2).  Where a row ``p`` of the
     approximation is the projection of the original row ``w`` (truncated SVD: each row
     projected on the kept right singular vectors, so ``<w, p> = |p|^2``),
     ``|w - s p|^2 = |w|^2 - s (2 - s) |p|^2``: up to ``s = 2`` the corrected row is never
@@ -777,6 +779,8 @@ def restore_filter_norms(module: nn.Module, weight: torch.Tensor) -> nn.Module:
         Scaled in place through its last layer's rows (the bias is not touched).
     weight : Tensor
         The original dense weight (out_channels first).
+    max_scale : float
+        The largest factor a filter is scaled by (``inf``: full restoration).
 
     Returns
     -------
@@ -792,7 +796,7 @@ def restore_filter_norms(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     else:
         current = dense_weight(module).double().pow(2).sum(dims).sqrt()
     # A filter the factorization dropped entirely (norm 0) stays at zero.
-    scale = (target / current.clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=MAX_FILTER_SCALE)
+    scale = (target / current.clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=max_scale)
     last.weight.mul_(scale.to(last.weight.dtype).view(-1, *([1] * (last.weight.dim() - 1))))
     return module
 
@@ -846,7 +850,7 @@ def decompose_model(
     fc_bandwidth: int = DIAGONAL_BANDWIDTH,
     keep_last_linear: bool = True,
     input_size: Sequence[int] = (3, 224, 224),
-    skip: Sequence[str] = (),
+    skip: Sequence[str] | dict[str, str] = (),
     cp_max_iter: int = CP_MAX_ITER,
     seed: int = 0,
     show_progress: bool = False,

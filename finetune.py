@@ -71,7 +71,7 @@ WARMUP_START_FACTOR = 0.1
 FINAL_LR_FACTOR = 0.0
 
 #: A non-finite loss restarts the epoch from its first batch with every learning rate
-#: multiplied by this (torchvision's and timm's recipes would also lower the rate by 10x).
+#: multiplied by this (once more at each further restart).
 NONFINITE_LR_FACTOR = 0.1
 #: How many such restarts :func:`fit` makes before it gives up with NonFiniteLossError.
 MAX_NONFINITE_RESTARTS = 2
@@ -755,10 +755,13 @@ def fit(
 
     history = []
     restarts_left = max_restarts
+    rate_factor = 1.0  # every learning rate's multiplier after the restarts so far
     epoch = 0
     while epoch < epochs:
         start = time.perf_counter()
+        saved = None  # free the previous epoch's copy before taking the next
         saved = _training_state(model, optimizer, scheduler, scaler) if restarts_left else None
+        saved_factor = rate_factor
         restarts = 0
         while True:
             try:
@@ -770,16 +773,18 @@ def fit(
             except NonFiniteLossError as exc:
                 if not restarts_left:
                     if max_restarts:
-                        raise NonFiniteLossError(f"{exc} (already restarted {max_restarts} time(s) at "
-                                                 f"{NONFINITE_LR_FACTOR:g}x the learning rate)") from None
+                        raise NonFiniteLossError(f"{exc} (already restarted {max_restarts} time(s), down to "
+                                                 f"{rate_factor:g}x the learning rate)") from None
                     raise
                 restarts_left -= 1
                 restarts += 1
+                # The saved state carries the rates of saved_factor; each restart lowers them further.
+                rate_factor *= NONFINITE_LR_FACTOR
                 _restore_training_state(saved, model, optimizer, scheduler, scaler)
-                _scale_learning_rates(optimizer, scheduler, NONFINITE_LR_FACTOR)
+                _scale_learning_rates(optimizer, scheduler, rate_factor / saved_factor)
                 if is_main:
-                    log.warning("%s: restarting epoch %d from its start with the learning rate(s) multiplied by "
-                                "%g (now %s)", str(exc).split(";")[0], epoch + 1, NONFINITE_LR_FACTOR,
+                    log.warning("%s: restarting epoch %d from its start at %gx the learning rate(s) (now %s)",
+                                str(exc).split(";")[0], epoch + 1, rate_factor,
                                 ", ".join(f"{lr_:.3g}" for lr_ in scheduler.base_lrs))
         record["seconds"] = time.perf_counter() - start
         record["restarts"] = restarts

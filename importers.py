@@ -40,7 +40,6 @@ arrays.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import re
@@ -52,20 +51,19 @@ import torch
 from torch import nn
 
 from errors import UserError
+from report import short_list
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["Layer", "ForeignWeights", "file_kind", "read_layers", "load_into", "FOREIGN_KINDS"]
+__all__ = ["Layer", "ForeignWeights", "file_kind", "read_layers", "load_into"]
 
 #: The first bytes of every HDF5 file (Keras ``.h5`` / ``.weights.h5``).
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-FOREIGN_KINDS = ("onnx", "keras")
 #: How many names an error or log line lists before "and N more".
 _LIST_LIMIT = 6
 #: Nodes that pass a weight through unchanged in value (Transpose is handled apart).
 _PASS_THROUGH_OPS = ("Identity", "Cast")
 #: ONNX permutation NCHW -> NHWC: a Keras flatten of a channels-last map.
 _TO_CHANNELS_LAST = (0, 2, 3, 1)
+_TO_CHANNELS_FIRST = (0, 3, 1, 2)
 
 
 @dataclasses.dataclass
@@ -91,7 +89,7 @@ class ForeignWeights:
     """The conv and dense layers of one file, in network order."""
 
     path: str
-    kind: str  # one of FOREIGN_KINDS
+    kind: str  # "onnx" or "keras"
     convs: list[Layer]
     denses: list[Layer]
 
@@ -169,17 +167,19 @@ def _read_onnx(path: str) -> tuple[list[Layer], list[Layer]]:
             return np.transpose(value, perm) if perm is not None else value.T
         return None
 
-    def bias_after(output: str, channels: int) -> tuple[np.ndarray | None, str]:
+    def bias_after(output: str, channels: int) -> np.ndarray | None:
         """A constant of ``channels`` values added to ``output`` (a separate bias ``Add``)."""
         users = consumers.get(output, [])
         if len(users) != 1 or users[0].op_type != "Add":
-            return None, output
+            return None
         add = users[0]
-        other = add.input[1] if add.input[0] == output else add.input[0]
-        value = constant(other)
-        if value is None or value.size != channels:
-            return None, output
-        return value.reshape(channels), add.output[0]
+        value = constant(add.input[1] if add.input[0] == output else add.input[0])
+        return value.reshape(channels) if value is not None and value.size == channels else None
+
+    def vector(name: str, size: int) -> np.ndarray | None:
+        """A bias given as a node input: any broadcastable shape of ``size`` values, e.g. (1, N)."""
+        value = constant(name) if name else None
+        return value.reshape(size) if value is not None and value.size == size else None
 
     convs: list[Layer] = []
     denses: list[Layer] = []
@@ -189,13 +189,15 @@ def _read_onnx(path: str) -> tuple[list[Layer], list[Layer]]:
             weight = constant(node.input[1]) if len(node.input) > 1 else None
             if weight is None or weight.ndim != 4:
                 continue
-            bias = constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            bias = vector(node.input[2], weight.shape[0]) if len(node.input) > 2 else None
             if bias is None:
-                bias, _ = bias_after(node.output[0], weight.shape[0])
+                bias = bias_after(node.output[0], weight.shape[0])
             convs.append(Layer(_onnx_name(node, node.input[1]), _tensor(weight), _tensor(bias)))
             channels_last = False
         elif node.op_type == "Transpose" and tuple(_attr(node, "perm") or ()) == _TO_CHANNELS_LAST:
             channels_last = bool(convs)
+        elif node.op_type == "Transpose" and tuple(_attr(node, "perm") or ()) == _TO_CHANNELS_FIRST:
+            channels_last = False
         elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1:
             weight = constant(node.input[1])
             if weight is None or weight.ndim != 2:
@@ -204,9 +206,9 @@ def _read_onnx(path: str) -> tuple[list[Layer], list[Layer]]:
             if not (node.op_type == "Gemm" and _attr(node, "transB")):
                 weight = weight.T
             out_features = weight.shape[0]
-            bias = constant(node.input[2]) if node.op_type == "Gemm" and len(node.input) > 2 else None
+            bias = vector(node.input[2], out_features) if node.op_type == "Gemm" and len(node.input) > 2 else None
             if bias is None:
-                bias, _ = bias_after(node.output[0], out_features)
+                bias = bias_after(node.output[0], out_features)
             first = not denses
             denses.append(Layer(_onnx_name(node, node.input[1]), _tensor(weight), _tensor(bias),
                                 channels_last_input=first and channels_last))
@@ -301,18 +303,8 @@ def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------- loading
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_LIST_LIMIT])
-    return shown + (f" and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else "")
-
-
-def _shape(t: torch.Size | Sequence[int]) -> str:
-    return "x".join(str(d) for d in t)
-
-
-def _match_in_order(targets: Sequence[tuple[str, torch.Size]], layers: Sequence[Layer]
-                    ) -> tuple[dict[str, int], int]:
-    """Greedy in-order matching by shape: target name -> layer index, and how many targets matched.
+def _match_in_order(targets: Sequence[tuple[str, torch.Size]], layers: Sequence[Layer]) -> dict[str, int]:
+    """Greedy in-order matching by shape: target name -> layer index (the first targets that match).
 
     Taking the first layer of the right shape is optimal for an in-order (subsequence)
     match: if any matching exists, the greedy one completes it.
@@ -326,7 +318,7 @@ def _match_in_order(targets: Sequence[tuple[str, torch.Size]], layers: Sequence[
             break
         matched[name] = cursor
         cursor += 1
-    return matched, len(matched)
+    return matched
 
 
 def _to_channels_first(weight: torch.Tensor, channels: int) -> torch.Tensor | None:
@@ -359,25 +351,38 @@ def load_into(model: nn.Module, weights: ForeignWeights, *, arch: str) -> dict[s
     -------
     dict
         ``loaded`` (module names whose weights came from the file), ``fresh`` (Linear
-        layers left at their initialisation) and ``ignored`` (file layers not used,
-        with their shapes).
+        and BatchNorm layers left at their initialisation) and ``ignored`` (file layers
+        not used, with their shapes).
 
     Raises
     ------
     UserError
         If the file lacks part of the model's conv stack (the message names the first
-        missing conv and what the file holds).
+        missing conv and what the file holds), or holds extra convs of the stack's own
+        shapes inside it (a deeper network of the same family).
     """
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     hidden = linears[:-1]  # the head is always new
-    conv_match, count = _match_in_order([(n, m.weight.shape) for n, m in convs], weights.convs)
+    conv_match = _match_in_order([(n, m.weight.shape) for n, m in convs], weights.convs)
+    count = len(conv_match)
     if count < len(convs):
         name, conv = convs[count]
         found = [f"{layer.shape_text}" for layer in weights.convs] or ["none"]
         raise UserError(f"{weights.path} lacks the conv stack of {arch}: {len(weights.convs)} conv kernel(s) "
-                        f"found ({_listing(found)}); {arch} needs {len(convs)} in order, and {name} "
-                        f"({_shape(conv.weight.shape)}) has no match after the {count} matched before it")
+                        f"found ({short_list(found, _LIST_LIMIT)}); {arch} needs {len(convs)} in order, and "
+                        f"{name} ({'x'.join(map(str, conv.weight.shape))}) has no match after the {count} "
+                        f"matched before it")
+    # A kernel skipped inside the stack with the shape of one of the arch's own convs means a
+    # deeper network of the same family (a VGG19 file read as vgg16): matching would mix its blocks.
+    used = sorted(conv_match.values())
+    stack_shapes = {tuple(m.weight.shape) for _, m in convs}
+    extra = [layer for i, layer in enumerate(weights.convs)
+             if used[0] < i < used[-1] and i not in used and tuple(layer.weight.shape) in stack_shapes]
+    if extra:
+        raise UserError(f"{weights.path} holds more convs of {arch}'s shapes inside its stack than {arch} has "
+                        f"({short_list([f'{x.name} ({x.shape_text})' for x in extra], _LIST_LIMIT)} would be "
+                        f"skipped): it looks like a deeper network; pick the --arch it was trained as")
     loaded: list[str] = []
     used_convs = set(conv_match.values())
     for name, conv in convs:
@@ -411,6 +416,8 @@ def load_into(model: nn.Module, weights: ForeignWeights, *, arch: str) -> dict[s
         cursor = index + 1
     if linears:
         fresh.append(linears[-1][0])
+    # BatchNorm layers (vgg16_bn, ...) keep their initialisation: these files carry no statistics for them.
+    fresh += [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     ignored = [f"{layer.name} ({layer.shape_text})" for i, layer in enumerate(weights.convs) if i not in used_convs]
     ignored += [f"{layer.name} ({layer.shape_text})" for i, layer in enumerate(weights.denses)
                 if i not in used_denses]

@@ -36,6 +36,7 @@ import decompositions
 import importers
 from atomic import atomic_open
 from errors import UserError
+from report import short_list
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +138,8 @@ def build_pretrained(arch: str, num_classes: int, *, weights: str = "none") -> t
 
 
 def _layer_summary(result: dict[str, list[str]]) -> str:
-    def listing(items: list[str]) -> str:
-        return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "") if items else "none"
-
-    return (f"loaded {len(result['loaded'])} layers ({listing(result['loaded'])}); fresh: {listing(result['fresh'])}; "
-            f"ignored in the file: {listing(result['ignored'])}")
+    return (f"loaded {len(result['loaded'])} layers ({short_list(result['loaded'], 8)}); fresh: "
+            f"{short_list(result['fresh'], 8)}; ignored in the file: {short_list(result['ignored'], 8)}")
 
 
 def _head_name(model: nn.Module) -> str:

@@ -108,6 +108,14 @@ def totals(rows: Sequence[dict], *, params_total: tuple[int, int], macs_total: t
     }
 
 
+def short_list(items: Sequence[str], limit: int = 4) -> str:
+    """``a, b, c and N more``: a list capped for one line of output ("none" when empty)."""
+    if not items:
+        return "none"
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def _human(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:

@@ -511,9 +511,10 @@ def train_lr(arch: str) -> float:
     return TRAIN_LR["alexnet" if arch.startswith("alexnet") else "vgg"]
 
 
-def _learning_rates(arch: str, args: argparse.Namespace, pretrained: bool) -> tuple[float, dict[str, float]]:
-    """(training rate, fine-tuning rate per method): the tool's own defaults from trained weights."""
-    if pretrained:
+def _learning_rates(arch: str, args: argparse.Namespace) -> tuple[float, dict[str, float]]:
+    """(training rate, fine-tuning rate per method): the tool's own defaults with ``--weights FILE``,
+    else the from-scratch / ``--weights_dir`` protocol (:data:`TRAIN_LR`, :data:`FT_LR_FACTOR`)."""
+    if args.weights:
         lr = args.lr or main_cli.DEFAULT_LR["train"]
         return lr, {m: main_cli.DEFAULT_LR["cp" if m == "cp" else "tucker"] for m in METHODS}
     lr = args.lr or train_lr(arch)
@@ -538,8 +539,9 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, *, seed:
     progress = not args.quiet
     model, pretrained = models.build_pretrained(arch, len(classes), weights=weights)
     model.to(device)
-    lr, ft_lrs = _learning_rates(arch, args, bool(pretrained))
-    lr_scale = {n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained}
+    lr, ft_lrs = _learning_rates(arch, args)
+    scaled = bool(args.weights)  # the --weights_dir protocol trains every layer at one rate, as before
+    lr_scale = {n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained} if scaled else None
     start = time.perf_counter()
     history = finetune.fit(model, train_loader, None, epochs=args.epochs, lr=lr, device=device,
                            show_progress=progress, log=logger, lr_scale=lr_scale)
@@ -594,7 +596,7 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, *, seed:
             "macs_224": macs0_224,
             "training": {"source": "trained weights" if pretrained else "from scratch", "weights": weights,
                          "pretrained_tensors": len(pretrained), "epochs": args.epochs, "lr": lr,
-                         "pretrained_lr_scale": main_cli.DEFAULT_PRETRAINED_LR_SCALE if pretrained else None,
+                         "pretrained_lr_scale": main_cli.DEFAULT_PRETRAINED_LR_SCALE if scaled else None,
                          "seconds": train_s},
             "ranks": {k: v for k, v in ranks.items()}, "rows": rows, "latency": measured, "latency_sizes": sizes}
 

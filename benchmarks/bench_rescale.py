@@ -50,12 +50,8 @@ def corrected(plain: torch.nn.Module, original: torch.nn.Module, variant: str) -
             continue
         if variant == "none" or (variant == "conv" and isinstance(module, decompositions.SVDLinear)):
             continue
-        cap = decompositions.MAX_FILTER_SCALE
-        decompositions.MAX_FILTER_SCALE = float("inf") if variant == "uncapped" else cap
-        try:
-            decompositions.restore_filter_norms(module, original.get_submodule(name).weight)
-        finally:
-            decompositions.MAX_FILTER_SCALE = cap
+        cap = float("inf") if variant == "uncapped" else decompositions.MAX_FILTER_SCALE
+        decompositions.restore_filter_norms(module, original.get_submodule(name).weight, max_scale=cap)
     return net
 
 

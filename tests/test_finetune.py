@@ -370,16 +370,16 @@ def test_distributed_two_processes_agree(tmp_path):
 
 
 class _NanOnCall(nn.Module):
-    """``inner``, except that its ``at``-th forward call returns NaN (a one-off blow-up)."""
+    """``inner``, except that its forward calls numbered in ``at`` return NaN (one-off blow-ups)."""
 
-    def __init__(self, inner: nn.Module, at: int) -> None:
+    def __init__(self, inner: nn.Module, at: int | tuple[int, ...]) -> None:
         super().__init__()
-        self.inner, self.at, self.calls = inner, at, 0
+        self.inner, self.at, self.calls = inner, (at,) if isinstance(at, int) else at, 0
 
     def forward(self, x):
         self.calls += 1
         out = self.inner(x)
-        return out * float("nan") if self.calls == self.at else out
+        return out * float("nan") if self.calls in self.at else out
 
 
 def test_fit_restarts_a_diverging_epoch_at_a_lower_rate(caplog):
@@ -392,12 +392,29 @@ def test_fit_restarts_a_diverging_epoch_at_a_lower_rate(caplog):
     with caplog.at_level(logging.WARNING, logger="finetune"):
         history = fit(flaky, loader, epochs=2, lr=0.2, device=CPU, show_progress=False)
     assert [r["restarts"] for r in history] == [1, 0]
-    assert any("restarting epoch 1" in r.getMessage() and "0.02" in r.getMessage() for r in caplog.records)
+    assert any("restarting epoch 1" in r.getMessage() and "(now 0.02)" in r.getMessage() for r in caplog.records)
     clean = copy_of(start)
     fit(clean, loader, epochs=2, lr=0.2 * finetune.NONFINITE_LR_FACTOR, device=CPU, show_progress=False,
         max_restarts=0)
     for (name, got), want in zip(flaky.inner.state_dict().items(), clean.state_dict().values()):
         assert torch.equal(got, want), name
+
+
+def test_two_restarts_in_one_epoch_lower_the_rate_twice():
+    """Second blow-up in the same epoch: back to the epoch's start at 0.01x, not 0.1x again."""
+    seed_everything(0)
+    start = mlp()
+    loader = DataLoader(blobs(48), batch_size=8)
+    flaky = _NanOnCall(copy_of(start), at=(3, 9))  # batch 2 of the first try, batch 2 of the second (6 per try)
+    history = fit(flaky, loader, epochs=2, lr=0.2, device=CPU, show_progress=False)
+    assert [r["restarts"] for r in history] == [2, 0]
+    clean = copy_of(start)
+    fit(clean, loader, epochs=2, lr=0.2 * finetune.NONFINITE_LR_FACTOR ** 2, device=CPU, show_progress=False,
+        max_restarts=0)
+    for (name, got), want in zip(flaky.inner.state_dict().items(), clean.state_dict().values()):
+        assert torch.equal(got, want), name
+    with pytest.raises(NonFiniteLossError, match=r"restarted 2 time\(s\), down to 0.01x"):
+        fit(_NanOnCall(mlp(), at=(1, 2, 3)), loader, epochs=1, lr=0.2, device=CPU, show_progress=False)
 
 
 def test_fit_without_restarts_stops_at_once():

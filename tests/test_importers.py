@@ -152,7 +152,7 @@ def test_keras2_h5_vgg16_comes_back_exactly_with_extra_layers_ignored(tmp_path):
         root = fh.create_group("model_weights")
         names = []
         for i, (w, b, hwio) in enumerate(kernels):
-            name = f"conv_{i}"
+            name = f"conv_{len(kernels) - i:02d}"  # sorting by name would reverse the stack
             group = root.create_group(name).create_group(name)
             group["kernel:0"], group["bias:0"] = hwio, b.numpy()
             names.append(name)
@@ -167,7 +167,7 @@ def test_keras2_h5_vgg16_comes_back_exactly_with_extra_layers_ignored(tmp_path):
         head = root.create_group("dense_head").create_group("dense_head")
         head["kernel:0"], head["bias:0"] = np.ones((25088, 3), np.float32), np.zeros(3, np.float32)
         names += ["bn", "dense_head"]
-        # Keras 2 orders layers by this attribute, not by name: reverse-sorted names must not matter.
+        # Keras 2 orders layers by this attribute, not by name.
         root.attrs["layer_names"] = [n.encode() for n in names]
     model, pretrained = models.build_pretrained("vgg16", 2, weights=str(path))
     for (name, conv), (w, b, _) in zip(_conv_modules(model), kernels):
@@ -279,3 +279,41 @@ def test_file_kind_by_content_not_name(tmp_path):
     assert importers.file_kind(pth) == "torch"
     (tmp_path / "x.ONNX").write_bytes(b"\x08\x07")
     assert importers.file_kind(tmp_path / "x.ONNX") == "onnx"
+
+
+def test_a_deeper_network_of_the_same_family_is_refused(tmp_path):
+    """A VGG19 file read as vgg16: its extra 3x3 convs would be skipped and its blocks mixed."""
+    convs = [m for m in models.torchvision.models.vgg19(weights=None).features if isinstance(m, nn.Conv2d)]
+    path = tmp_path / "vgg19.h5"
+    with h5py.File(path, "w") as fh:
+        for i, conv in enumerate(convs):
+            o, c, kh, kw = conv.weight.shape
+            fh[f"c{i:02d}/c{i:02d}/kernel:0"] = np.zeros((kh, kw, c, o), np.float32)
+        fh.attrs["layer_names"] = [f"c{i:02d}".encode() for i in range(len(convs))]
+    with pytest.raises(UserError, match=r"more convs of vgg16's shapes inside its stack.*c07/c07 \(256x256x3x3\)"
+                                        r".*pick the --arch"):
+        models.build_model("vgg16", 2, weights=str(path))
+    assert models.build_pretrained("vgg19", 2, weights=str(path))[1]  # as the arch it is, it loads
+
+
+def test_onnx_gemm_with_a_broadcast_bias(tmp_path):
+    """Gemm (transB=1) whose bias C has shape (1, N), as the ONNX spec allows."""
+    rng = np.random.default_rng(4)
+    conv_w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    gemm_w = rng.standard_normal((5, 36)).astype(np.float32)  # (out, in)
+    gemm_b = rng.standard_normal((1, 5)).astype(np.float32)
+    inits = [numpy_helper.from_array(conv_w, "w"), numpy_helper.from_array(gemm_w, "fc_w"),
+             numpy_helper.from_array(gemm_b, "fc_b")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["c"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], initializer=inits)
+    path = tmp_path / "gemm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    model = Tiny()
+    result = importers.load_into(model, importers.read_layers(path), arch="tiny")
+    assert result["loaded"] == ["features.0", "classifier.1"]
+    assert torch.equal(model.features[0].bias, torch.zeros(4))  # no conv bias in the file
+    assert torch.equal(model.classifier[1].weight, torch.from_numpy(gemm_w))
+    assert torch.equal(model.classifier[1].bias, torch.from_numpy(gemm_b.reshape(5)))
