@@ -173,11 +173,10 @@ def _read_onnx(path: str) -> tuple[list[Layer], list[Layer]]:
         if len(users) != 1 or users[0].op_type != "Add":
             return None
         add = users[0]
-        value = constant(add.input[1] if add.input[0] == output else add.input[0])
-        return value.reshape(channels) if value is not None and value.size == channels else None
+        return vector(add.input[1] if add.input[0] == output else add.input[0], channels)
 
     def vector(name: str, size: int) -> np.ndarray | None:
-        """A bias given as a node input: any broadcastable shape of ``size`` values, e.g. (1, N)."""
+        """A bias as a constant of ``size`` values in any broadcastable shape, e.g. (1, N) or (1, N, 1, 1)."""
         value = constant(name) if name else None
         return value.reshape(size) if value is not None and value.size == size else None
 
@@ -375,16 +374,16 @@ def load_into(model: nn.Module, weights: ForeignWeights, *, arch: str) -> dict[s
                         f"matched before it")
     # A kernel skipped inside the stack with the shape of one of the arch's own convs means a
     # deeper network of the same family (a VGG19 file read as vgg16): matching would mix its blocks.
-    used = sorted(conv_match.values())
+    used_convs = set(conv_match.values())
+    first, last = (min(used_convs), max(used_convs)) if used_convs else (0, 0)
     stack_shapes = {tuple(m.weight.shape) for _, m in convs}
     extra = [layer for i, layer in enumerate(weights.convs)
-             if used[0] < i < used[-1] and i not in used and tuple(layer.weight.shape) in stack_shapes]
+             if first < i < last and i not in used_convs and tuple(layer.weight.shape) in stack_shapes]
     if extra:
         raise UserError(f"{weights.path} holds more convs of {arch}'s shapes inside its stack than {arch} has "
                         f"({short_list([f'{x.name} ({x.shape_text})' for x in extra], _LIST_LIMIT)} would be "
                         f"skipped): it looks like a deeper network; pick the --arch it was trained as")
     loaded: list[str] = []
-    used_convs = set(conv_match.values())
     for name, conv in convs:
         layer = weights.convs[conv_match[name]]
         _copy(conv, layer.weight, layer.bias)
