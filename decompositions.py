@@ -47,13 +47,12 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 import report
-import vbmf
 from threads import lapack_threads
 
 logger = logging.getLogger(__name__)
@@ -65,13 +64,16 @@ __all__ = [
     "DiagonalLinear",
     "LayerReport",
     "CPDiverged",
-    "estimate_tucker_ranks",
-    "estimate_cp_rank",
     "tucker_decompose_conv",
     "cp_decompose_conv",
     "svd_decompose_linear",
     "diagonal_decompose_linear",
     "decompose_model",
+    "candidate_layers",
+    "check_plan",
+    "cp_fallback_ranks",
+    "count_params",
+    "macs_at",
     "model_plan",
     "apply_plan",
     "CONV_METHODS",
@@ -107,7 +109,7 @@ class TuckerConv2d(nn.Sequential):
 
     Built empty from the original conv's geometry; :func:`tucker_decompose_conv` fills
     the weights.  ``ranks`` is ``(R_out, R_in)``, the order of
-    :func:`estimate_tucker_ranks`.
+    :func:`ranks.estimate_tucker_ranks`.
     """
 
     method = "tucker"
@@ -300,42 +302,10 @@ def _check_plain_conv(conv: nn.Module) -> None:
         raise ValueError(f"grouped convolutions (groups={conv.groups}) are not decomposed")
 
 
-# ------------------------------------------------------------------------ rank choice
+# ---------------------------------------------------------------------------- helpers
 def _unfold(weight: torch.Tensor, mode: int) -> torch.Tensor:
     """Mode-``mode`` unfolding: (shape[mode], prod(other dims))."""
     return weight.movedim(mode, 0).reshape(weight.shape[mode], -1)
-
-
-def estimate_tucker_ranks(conv: nn.Conv2d) -> tuple[int, int]:
-    """EVBMF ranks of the out-channel and in-channel unfoldings of a conv weight.
-
-    Parameters
-    ----------
-    conv : nn.Conv2d
-        The layer; its weight ``(T, S, kh, kw)`` is unfolded along mode 0
-        ``(T, S*kh*kw)`` and mode 1 ``(S, T*kh*kw)``.
-
-    Returns
-    -------
-    (rank_out, rank_in) : tuple of int
-        Either may be 0, meaning EVBMF found only noise on that mode.
-
-    References
-    ----------
-    Kim et al. 2015 [1]_ (rank selection by VBMF), Nakajima et al. 2013 [3]_.
-    """
-    weight = conv.weight.detach()
-    return vbmf.estimate_rank(_unfold(weight, 0)), vbmf.estimate_rank(_unfold(weight, 1))
-
-
-def estimate_cp_rank(conv: nn.Conv2d) -> int:
-    """A VBMF-based CP rank: the larger of the two EVBMF Tucker ranks.
-
-    A CP decomposition of rank R has multilinear ranks at most R, so R must be at
-    least the larger multilinear rank that the data supports; we take exactly
-    that.  0 means EVBMF found only noise on both modes.
-    """
-    return max(estimate_tucker_ranks(conv))
 
 
 # --------------------------------------------------------------------------- Tucker-2
@@ -405,7 +375,7 @@ def tucker2(weight: torch.Tensor, ranks: Sequence[int], *, n_iter: int = TUCKER_
     return core, u_out, u_in
 
 
-def tucker_decompose_conv(conv: nn.Conv2d, ranks: Sequence[int] | None = None, *,
+def tucker_decompose_conv(conv: nn.Conv2d, ranks: Sequence[int], *,
                           n_iter: int = TUCKER_HOOI_ITERS) -> TuckerConv2d:
     """Tucker-2 decomposition of a convolution into three convolutions.
 
@@ -414,9 +384,8 @@ def tucker_decompose_conv(conv: nn.Conv2d, ranks: Sequence[int] | None = None, *
     conv : nn.Conv2d
         Any non-grouped conv (any kernel, stride, padding incl. strings, dilation,
         padding mode, bias or not).
-    ranks : (rank_out, rank_in), optional
-        Ranks of the output and input channel modes; ``None`` uses
-        :func:`estimate_tucker_ranks`.
+    ranks : (rank_out, rank_in)
+        Ranks of the output and input channel modes (:mod:`ranks` chooses them).
     n_iter : int
         HOOI refinement steps after the HOSVD start.
 
@@ -432,10 +401,6 @@ def tucker_decompose_conv(conv: nn.Conv2d, ranks: Sequence[int] | None = None, *
     Kim et al. 2015 [1]_, De Lathauwer et al. 2000 [5]_.
     """
     _check_plain_conv(conv)
-    if ranks is None:
-        ranks = estimate_tucker_ranks(conv)
-        if min(ranks) == 0:
-            raise ValueError(f"EVBMF found only noise in this layer (ranks {tuple(ranks)}); pass ranks explicitly")
     module = TuckerConv2d(conv, ranks)
     with torch.no_grad():
         weight = conv.weight.detach().to(_work_dtype(conv.weight))
@@ -565,7 +530,7 @@ def cp_als(weight: torch.Tensor, rank: int, *, max_iter: int = CP_MAX_ITER, tol:
     return [A, B, C, D], rel_err
 
 
-def cp_decompose_conv(conv: nn.Conv2d, rank: int | None = None, *, max_iter: int = CP_MAX_ITER,
+def cp_decompose_conv(conv: nn.Conv2d, rank: int, *, max_iter: int = CP_MAX_ITER,
                       tol: float = CP_TOL, init: str = "svd", seed: int = 0) -> CPConv2d:
     """CP decomposition of a convolution into four convolutions.
 
@@ -573,9 +538,8 @@ def cp_decompose_conv(conv: nn.Conv2d, rank: int | None = None, *, max_iter: int
     ----------
     conv : nn.Conv2d
         Any non-grouped conv.
-    rank : int, optional
-        CP rank R; ``None`` uses :func:`estimate_cp_rank` (the larger EVBMF
-        Tucker rank).
+    rank : int
+        CP rank R (:mod:`ranks` chooses it).
     max_iter, tol, init, seed
         CP-ALS options, see :func:`cp_als`.
 
@@ -596,10 +560,6 @@ def cp_decompose_conv(conv: nn.Conv2d, rank: int | None = None, *, max_iter: int
     Lebedev et al. 2014 [2]_.
     """
     _check_plain_conv(conv)
-    if rank is None:
-        rank = estimate_cp_rank(conv)
-        if rank == 0:
-            raise ValueError("EVBMF found only noise in this layer (rank 0); pass rank explicitly")
     module = CPConv2d(conv, rank)
     with torch.no_grad():
         weight = conv.weight.detach().to(_work_dtype(conv.weight))
@@ -615,15 +575,15 @@ def cp_decompose_conv(conv: nn.Conv2d, rank: int | None = None, *, max_iter: int
 
 
 # ----------------------------------------------------------------------------- Linear
-def svd_decompose_linear(linear: nn.Linear, rank: int | None = None) -> SVDLinear:
+def svd_decompose_linear(linear: nn.Linear, rank: int) -> SVDLinear:
     """Truncated SVD of a Linear layer: ``W ~ (U_r S_r^1/2)(S_r^1/2 V_r^T)``.
 
     Parameters
     ----------
     linear : nn.Linear
         An ``M -> N`` layer with weight ``(N, M)``.
-    rank : int, optional
-        Kept singular values; ``None`` uses the EVBMF rank of the weight.
+    rank : int
+        Kept singular values (:mod:`ranks` chooses them).
 
     Returns
     -------
@@ -637,10 +597,6 @@ def svd_decompose_linear(linear: nn.Linear, rank: int | None = None) -> SVDLinea
     """
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
-    if rank is None:
-        rank = vbmf.estimate_rank(linear.weight.detach())
-        if rank == 0:
-            raise ValueError("EVBMF found only noise in this layer (rank 0); pass rank explicitly")
     module = SVDLinear(linear, rank)
     with torch.no_grad():
         weight = linear.weight.detach().to(_work_dtype(linear.weight))  # (N, M)
@@ -719,6 +675,7 @@ class LayerReport:
     skipped: bool = False
     reason: str = ""
     seconds: float = 0.0
+    why: str = ""                  # the rank rule's note from the plan
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -811,15 +768,17 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _ratio_rank(ratio: float, size: int) -> int:
-    return max(1, min(size, round(ratio * size)))
-
-
-def _params(module: nn.Module) -> int:
+def count_params(module: nn.Module) -> int:
+    """Parameters of one module (as :func:`report.count_params`)."""
     return sum(p.numel() for p in module.parameters())
 
 
-def _macs_of(module: nn.Module, input_shape: torch.Size) -> int:
+def macs_at(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """MACs of one call of ``module`` on an input of ``input_shape`` (batch included, one image).
+
+    Works on the meta device too, which is how :mod:`ranks` costs a factorization
+    without building it.
+    """
     total = 0
 
     def hook(mod, args, out):
@@ -831,56 +790,58 @@ def _macs_of(module: nn.Module, input_shape: torch.Size) -> int:
     try:
         param = next(module.parameters())
         with torch.no_grad():
-            module(torch.zeros(input_shape, device=param.device, dtype=param.dtype))
+            module(torch.zeros(tuple(input_shape), device=param.device, dtype=param.dtype))
     finally:
         for h in handles:
             h.remove()
     return total
 
 
+def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Conv2d and Linear layer not inside an already decomposed module, in model order."""
+    decomposed = [n for n, m in model.named_modules() if isinstance(m, DECOMPOSED_TYPES)]
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and n and not _inside_decomposed(n, decomposed)]
+
+
+def cp_fallback_ranks(conv: nn.Conv2d, rank: int) -> tuple[int, int]:
+    """Tucker-2 ranks that stand in for a CP layer of ``rank`` whose ALS failed.
+
+    A rank-R CP tensor has multilinear ranks at most R, so Tucker-2 at
+    ``(min(R, T), min(R, S))`` can represent anything the CP layer could.
+    """
+    return min(rank, conv.out_channels), min(rank, conv.in_channels)
+
+
 def decompose_model(
     model: nn.Module,
-    method: str = "tucker",
+    plan: dict[str, dict],
     *,
-    fc_method: str = "none",
-    rank_ratio: float | None = None,
-    ranks: dict[str, Sequence[int] | int] | None = None,
-    fc_rank: int | None = None,
-    fc_rank_ratio: float | None = None,
-    fc_bandwidth: int = DIAGONAL_BANDWIDTH,
-    keep_last_linear: bool = True,
     input_size: Sequence[int] = (3, 224, 224),
-    skip: Sequence[str] | dict[str, str] = (),
     cp_max_iter: int = CP_MAX_ITER,
     seed: int = 0,
     show_progress: bool = False,
     rescale: bool = True,
 ) -> list[LayerReport]:
-    """Replace every eligible Conv2d (and optionally Linear) layer of ``model`` in place.
+    """Apply a decomposition plan to ``model`` in place.
 
     Parameters
     ----------
     model : nn.Module
-        Any model; layers are found at any nesting depth.
-    method : {"tucker", "cp", "none"}
-        Conv decomposition.  "none" leaves convolutions alone (FC only).
-    fc_method : {"none", "svd", "diagonal"}
-        Linear layer compression; the last Linear (the classifier) is kept dense
-        unless ``keep_last_linear=False``.
-    rank_ratio : float in (0, 1], optional
-        Fixed fraction of channels instead of VBMF ranks: Tucker ranks
-        ``round(ratio*T), round(ratio*S)``; CP rank ``round(ratio*max(T, S))``.
-    ranks : dict, optional
-        Per-layer override by qualified name: ``(R_out, R_in)`` for Tucker, ``R``
-        for CP and SVD.
-    fc_rank, fc_rank_ratio : optional
-        SVD rank for every compressed Linear layer, absolute or as a fraction of
-        ``min(M, N)``; VBMF when neither is given.
-    fc_bandwidth : int
-        Bandwidth of :class:`DiagonalLinear`.
+        Any model; the plan's layer names are qualified names at any depth.
+    plan : dict
+        ``name -> entry`` as :func:`ranks.plan_decomposition` makes it (or a user
+        edits it): ``{"method": "tucker", "ranks": [R_out, R_in]}``, ``{"method":
+        "cp", "rank": R}``, ``{"method": "svd", "rank": r}``, ``{"method":
+        "diagonal", "bandwidth": b}`` or ``{"method": "none", "reason": ...}``.
+        Checked as a whole first (:func:`check_plan`): a plan that does not fit
+        leaves the model untouched.
     input_size : (C, H, W)
-        Image size at which MACs are counted (and layers' input shapes recorded).
-    skip : names of layers to leave alone (a dict maps each to the reason the report gives).
+        Image size at which MACs are counted.
+    cp_max_iter, seed
+        CP-ALS options.
+    show_progress : bool
+        A tqdm bar over the layers.
     rescale : bool, default True
         Scale each output filter of a Tucker-2, CP or SVD layer back to the norm it
         has in the original (:func:`restore_filter_norms`); False keeps the plain
@@ -889,88 +850,67 @@ def decompose_model(
     Returns
     -------
     list of LayerReport
-        One row per conv (and per Linear when ``fc_method != "none"``), in model
-        order.  A layer is skipped, with the reason, when it is grouped, EVBMF finds
-        only noise (rank 0), the decomposition would not be smaller, or it is
-        already decomposed.  CP layers whose ALS fails (non-finite or degenerate)
-        are retried from random starts and then decomposed with Tucker-2 instead;
-        the row says so.
+        One row per plan entry, in model order.  A planned layer is still kept (with
+        the reason) when it is not used in the forward pass at ``input_size``, its
+        factorization would not be smaller or gives non-finite weights.  CP layers
+        whose ALS fails are retried from random starts and then decomposed with
+        Tucker-2 at :func:`cp_fallback_ranks`; the row says so.
 
     References
     ----------
-    Kim et al. 2015 [1]_, Lebedev et al. 2014 [2]_, Nakajima et al. 2013 [3]_,
-    Girshick 2015 [4]_.
+    Kim et al. 2015 [1]_, Lebedev et al. 2014 [2]_, Girshick 2015 [4]_.
     """
-    if method not in CONV_METHODS:
-        raise ValueError(f"method must be one of {CONV_METHODS}, got {method!r}")
-    if fc_method not in FC_METHODS:
-        raise ValueError(f"fc_method must be one of {FC_METHODS}, got {fc_method!r}")
-    for what, value in (("rank_ratio", rank_ratio), ("fc_rank_ratio", fc_rank_ratio)):
-        if value is not None and not 0 < value <= 1:
-            raise ValueError(f"{what} must be in (0, 1], got {value}")
-    if fc_rank is not None and fc_rank < 1:
-        raise ValueError(f"fc_rank must be >= 1, got {fc_rank}")
-    ranks = dict(ranks or {})
+    check_plan(model, plan)
     shapes = report.record_input_shapes(model, input_size)
-
-    decomposed = [n for n, m in model.named_modules() if isinstance(m, DECOMPOSED_TYPES)]
-    candidates = [(n, m) for n, m in model.named_modules()
-                  if isinstance(m, (nn.Conv2d, nn.Linear)) and n and not _inside_decomposed(n, decomposed)]
-    linear_names = [n for n, m in candidates if isinstance(m, nn.Linear)]
-    last_linear = linear_names[-1] if linear_names else None
-
-    rows: list[LayerReport] = []
-    work = []
-    for name, layer in candidates:
-        kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
-        if kind == "conv" and method == "none":
-            continue
-        if kind == "linear" and fc_method == "none":
-            continue
-        if name not in shapes:
-            # Not reached by a forward pass at this input size (unused layer).
-            rows.append(_skipped(name, kind, layer, 0, "not used in the forward pass"))
-            continue
-        work.append((name, kind, layer))
-
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    work = sorted(plan.items(), key=lambda item: order[item[0]])
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a requirement
         tqdm = None
     iterator = tqdm(work, desc="decompose", unit="layer", disable=not show_progress) if tqdm else work
-    for name, kind, layer in iterator:
-        in_shape, macs_before = shapes[name]
+    rows: list[LayerReport] = []
+    for name, entry in iterator:
+        layer = model.get_submodule(name)
+        kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
+        method = entry["method"]
         start = time.perf_counter()
-        if name in skip:
-            reason = skip[name] if isinstance(skip, dict) else "excluded by the caller"
-            row = _skipped(name, kind, layer, macs_before, reason)
-        elif kind == "linear" and keep_last_linear and name == last_linear:
-            row = _skipped(name, kind, layer, macs_before, "last Linear (classifier) kept dense")
-        elif kind == "conv":
-            row, new = _decompose_conv(name, layer, method, rank_ratio, ranks.get(name), cp_max_iter, seed,
-                                       macs_before, in_shape, rescale)
+        if method == "none":
+            in_shape, macs = shapes.get(name, (None, 0))
+            row, new = _skipped(name, kind, layer, macs, entry.get("reason") or "kept by the plan"), None
+        elif name not in shapes:
+            row, new = _skipped(name, kind, layer, 0, "not used in the forward pass"), None
         else:
-            row, new = _decompose_linear(name, layer, fc_method, fc_rank, fc_rank_ratio, ranks.get(name),
-                                         fc_bandwidth, macs_before, in_shape, rescale)
-
-        if not row.skipped:
+            in_shape, macs = shapes[name]
+            if method == "tucker":
+                new = tucker_decompose_conv(layer, entry["ranks"])
+                row, new = _finish(name, kind, layer, new, "tucker", tuple(entry["ranks"]), macs, in_shape,
+                                   rescale=rescale)
+            elif method == "cp":
+                row, new = _decompose_cp(name, layer, entry["rank"], cp_max_iter, seed, macs, in_shape, rescale)
+            elif method == "svd":
+                new = svd_decompose_linear(layer, entry["rank"])
+                row, new = _finish(name, kind, layer, new, "svd", (entry["rank"],), macs, in_shape, rescale=rescale)
+            else:
+                new = diagonal_decompose_linear(layer, bandwidth=entry["bandwidth"])
+                row, new = _finish(name, kind, layer, new, "diagonal", (new.bandwidth,), macs, in_shape)
+        if new is not None:
             _replace(model, name, new)
+        row.why = entry.get("why", "")
         row.seconds = time.perf_counter() - start
         rows.append(row)
         logger.debug("%s: %s", name, row)
-    order = {n: i for i, (n, _) in enumerate(candidates)}
-    rows.sort(key=lambda r: order[r.name])
     return rows
 
 
 def _skipped(name: str, kind: str, layer: nn.Module, macs: int, reason: str) -> LayerReport:
-    params = _params(layer)
+    params = count_params(layer)
     return LayerReport(name, kind, tuple(layer.weight.shape), "-", None, params, params, macs, macs,
                        skipped=True, reason=reason)
 
 
 def _finish(name, kind, layer, new, method, ranks_tuple, macs_before, in_shape, note="", rescale=False) -> tuple:
-    params_before, params_after = _params(layer), _params(new)
+    params_before, params_after = count_params(layer), count_params(new)
     if not all(torch.isfinite(p).all() for p in new.parameters()):
         return _skipped(name, kind, layer, macs_before, f"{method} gave non-finite weights"), None
     if params_after >= params_before:
@@ -980,89 +920,118 @@ def _finish(name, kind, layer, new, method, ranks_tuple, macs_before, in_shape, 
     if rescale and method != "diagonal":
         restore_filter_norms(new, layer.weight)
     row = LayerReport(name, kind, tuple(layer.weight.shape), method, ranks_tuple, params_before, params_after,
-                      macs_before, _macs_of(new, in_shape), error=_relative_error(layer.weight, dense_weight(new)),
+                      macs_before, macs_at(new, in_shape), error=_relative_error(layer.weight, dense_weight(new)),
                       reason=note)
     return row, new
 
 
-def _tucker_ranks(layer: nn.Conv2d, rank_ratio, override) -> tuple[int, int]:
-    if override is not None:
-        return tuple(int(r) for r in override)
-    if rank_ratio is not None:
-        return _ratio_rank(rank_ratio, layer.out_channels), _ratio_rank(rank_ratio, layer.in_channels)
-    return estimate_tucker_ranks(layer)
-
-
-def _decompose_conv(name, layer, method, rank_ratio, override, cp_max_iter, seed, macs_before, in_shape, rescale):
+def _decompose_cp(name, layer, rank, cp_max_iter, seed, macs_before, in_shape, rescale):
     kind = "conv"
-    if layer.groups != 1:
-        return _skipped(name, kind, layer, macs_before, f"grouped convolution (groups={layer.groups})"), None
-    if method == "cp":
-        if override is not None:
-            rank = int(override if isinstance(override, int) else override[0])
-        elif rank_ratio is not None:
-            rank = _ratio_rank(rank_ratio, max(layer.out_channels, layer.in_channels))
-        else:
-            rank = estimate_cp_rank(layer)
-        if rank == 0:
-            return _skipped(name, kind, layer, macs_before, "EVBMF found only noise (rank 0)"), None
-        # Check the size first: no point running ALS for a layer that would grow.
-        cp_params = rank * (layer.in_channels + sum(layer.kernel_size) + layer.out_channels)
-        if cp_params >= _params(layer):
-            return _skipped(name, kind, layer, macs_before,
-                            f"cp at rank {rank} would not shrink the layer ({cp_params} >= {_params(layer)} "
-                            f"weights)"), None
-        failures = []
-        for attempt in range(CP_RETRIES + 1):
-            init = "svd" if attempt == 0 else "random"
-            try:
-                new = cp_decompose_conv(layer, rank, max_iter=cp_max_iter, init=init, seed=seed + attempt)
-                note = f"CP retried after: {'; '.join(failures)}" if failures else ""
-                return _finish(name, kind, layer, new, "cp", (rank,), macs_before, in_shape, note, rescale)
-            except CPDiverged as exc:
-                failures.append(f"{init} start: {exc}")
-                logger.warning("%s: CP-ALS failed (%s)", name, exc)
-        ranks_t = _tucker_ranks(layer, rank_ratio, None)
-        if min(ranks_t) == 0:
-            return _skipped(name, kind, layer, macs_before, f"CP failed ({'; '.join(failures)}) and EVBMF "
-                            f"found only noise for Tucker-2"), None
-        note = f"CP failed ({'; '.join(failures)}); fell back to Tucker-2"
-        warnings.warn(f"{name}: {note}", RuntimeWarning, stacklevel=3)
-        new = tucker_decompose_conv(layer, ranks_t)
-        return _finish(name, kind, layer, new, "tucker", ranks_t, macs_before, in_shape, note, rescale)
-    ranks_t = _tucker_ranks(layer, rank_ratio, override)
-    if min(ranks_t) == 0:
-        return _skipped(name, kind, layer, macs_before, f"EVBMF found only noise (ranks {ranks_t})"), None
+    # Check the size first: no point running ALS for a layer that would grow.
+    cp_params = rank * (layer.in_channels + sum(layer.kernel_size) + layer.out_channels)
+    if cp_params >= count_params(layer):
+        return _skipped(name, kind, layer, macs_before, f"cp at rank {rank} would not shrink the layer "
+                        f"({cp_params} >= {count_params(layer)} weights)"), None
+    failures = []
+    for attempt in range(CP_RETRIES + 1):
+        init = "svd" if attempt == 0 else "random"
+        try:
+            new = cp_decompose_conv(layer, rank, max_iter=cp_max_iter, init=init, seed=seed + attempt)
+            note = f"CP retried after: {'; '.join(failures)}" if failures else ""
+            return _finish(name, kind, layer, new, "cp", (rank,), macs_before, in_shape, note, rescale)
+        except CPDiverged as exc:
+            failures.append(f"{init} start: {exc}")
+            logger.warning("%s: CP-ALS failed (%s)", name, exc)
+    ranks_t = cp_fallback_ranks(layer, rank)
+    note = f"CP failed ({'; '.join(failures)}); fell back to Tucker-2 at ranks {ranks_t}"
+    warnings.warn(f"{name}: {note}", RuntimeWarning, stacklevel=3)
     new = tucker_decompose_conv(layer, ranks_t)
-    return _finish(name, kind, layer, new, "tucker", ranks_t, macs_before, in_shape, rescale=rescale)
+    return _finish(name, kind, layer, new, "tucker", ranks_t, macs_before, in_shape, note, rescale)
 
 
-def _decompose_linear(name, layer, fc_method, fc_rank, fc_rank_ratio, override, bandwidth, macs_before, in_shape,
-                      rescale):
-    kind = "linear"
-    if fc_method == "diagonal":
-        new = diagonal_decompose_linear(layer, bandwidth=min(bandwidth, layer.in_features))
-        return _finish(name, kind, layer, new, "diagonal", (new.bandwidth,), macs_before, in_shape)
-    full = min(layer.in_features, layer.out_features)
-    if override is not None:
-        rank = int(override if isinstance(override, int) else override[0])
-    elif fc_rank is not None:
-        rank = min(fc_rank, full)
-    elif fc_rank_ratio is not None:
-        rank = _ratio_rank(fc_rank_ratio, full)
-    else:
-        rank = vbmf.estimate_rank(layer.weight.detach())
-    if rank == 0:
-        return _skipped(name, kind, layer, macs_before, "EVBMF found only noise (rank 0)"), None
-    svd_params = rank * (layer.in_features + layer.out_features)
-    if svd_params >= layer.weight.numel():
-        return _skipped(name, kind, layer, macs_before, f"svd at rank {rank} would not shrink the layer "
-                        f"({svd_params} >= {layer.weight.numel()} weights)"), None
-    new = svd_decompose_linear(layer, rank)
-    return _finish(name, kind, layer, new, "svd", (rank,), macs_before, in_shape, rescale=rescale)
+# ---------------------------------------------------------------- plans (check, save, load)
+PLAN_METHODS = ("tucker", "cp", "svd", "diagonal", "none")
+# Keys an entry may hold besides "method": the rank field of its method, and text for people.
+PLAN_ENTRY_KEYS = {"tucker": {"ranks"}, "cp": {"rank"}, "svd": {"rank"}, "diagonal": {"bandwidth"}, "none": set()}
+PLAN_TEXT_KEYS = {"why", "reason"}
 
 
-# ---------------------------------------------------------------- plans (save / load)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def plan_entry_problem(name: Any, entry: Any) -> str | None:
+    """What is wrong with the form of one plan entry, whatever the model (None when nothing)."""
+    if not isinstance(name, str) or not name:
+        return f"layer names must be non-empty text, got {str(name)[:60]!r}"
+    if not isinstance(entry, dict):
+        return f"layer {name!r}: an entry must be an object with a \"method\", got {type(entry).__name__}"
+    method = entry.get("method")
+    if not isinstance(method, str) or method not in PLAN_METHODS:
+        return f"layer {name!r}: method must be one of {', '.join(PLAN_METHODS)}, got {str(method)[:40]!r}"
+    extra = set(entry) - {"method"} - PLAN_ENTRY_KEYS[method] - PLAN_TEXT_KEYS
+    missing = PLAN_ENTRY_KEYS[method] - set(entry)
+    if extra or missing:
+        what = f"unknown key {str(sorted(map(str, extra))[0])[:40]!r}" if extra else f"missing {sorted(missing)[0]!r}"
+        return f"layer {name!r}: {what} for method {method!r}"
+    for key in PLAN_TEXT_KEYS & set(entry):
+        if not isinstance(entry[key], str):
+            return f"layer {name!r}: {key!r} must be text"
+    if method == "tucker":
+        ranks = entry["ranks"]
+        if not (isinstance(ranks, list) and len(ranks) == 2 and all(_is_int(r) and r >= 1 for r in ranks)):
+            return f"layer {name!r}: tucker ranks must be two integers >= 1, [R_out, R_in], got {str(ranks)[:60]}"
+    elif method != "none":
+        key = "bandwidth" if method == "diagonal" else "rank"
+        if not _is_int(entry[key]) or entry[key] < 1:
+            return f"layer {name!r}: {method} {key} must be an integer >= 1, got {str(entry[key])[:60]}"
+    return None
+
+
+def _fit_problem(name: str, entry: dict, layer: nn.Module | None) -> str | None:
+    """What keeps a well-formed entry from fitting ``layer`` (None when it fits)."""
+    if layer is None:
+        return f"layer {name!r} is not in the model"
+    method = entry["method"]
+    if method == "none":
+        return None
+    if isinstance(layer, DECOMPOSED_TYPES):
+        return f"layer {name!r} is already decomposed"
+    if method in ("tucker", "cp") and not isinstance(layer, nn.Conv2d):
+        return f"layer {name!r} is a {type(layer).__name__}; {method} applies to Conv2d layers"
+    if method in ("svd", "diagonal") and not isinstance(layer, nn.Linear):
+        return f"layer {name!r} is a {type(layer).__name__}; {method} applies to Linear layers"
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        return f"layer {name!r} is a grouped convolution (groups={layer.groups}); only 'none' fits"
+    if method == "tucker":
+        limits = (layer.out_channels, layer.in_channels)
+        if any(r > lim for r, lim in zip(entry["ranks"], limits)):
+            return f"layer {name!r}: tucker ranks {entry['ranks']} exceed the layer's channels {list(limits)}"
+    elif method == "svd" and entry["rank"] > min(layer.in_features, layer.out_features):
+        return f"layer {name!r}: svd rank {entry['rank']} exceeds min(in, out) = " \
+               f"{min(layer.in_features, layer.out_features)}"
+    elif method == "diagonal" and entry["bandwidth"] > layer.in_features:
+        return f"layer {name!r}: bandwidth {entry['bandwidth']} exceeds the layer's {layer.in_features} inputs"
+    return None
+
+
+def check_plan(model: nn.Module, plan: Any) -> None:
+    """Raise ValueError (one line, naming the layer) when ``plan`` does not fit ``model``."""
+    if not isinstance(plan, Mapping):
+        raise ValueError(f"a plan must map layer names to entries, got {type(plan).__name__}")
+    modules = dict(model.named_modules())
+    for name, entry in plan.items():
+        problem = plan_entry_problem(name, entry)
+        if problem is None:
+            layer = modules.get(name)
+            if layer is not None and not isinstance(layer, (nn.Conv2d, nn.Linear, *DECOMPOSED_TYPES)):
+                problem = f"layer {name!r} is a {type(layer).__name__}, not a Conv2d or Linear layer"
+            else:
+                problem = _fit_problem(name, entry, layer)
+        if problem:
+            raise ValueError(problem)
+
+
 def model_plan(model: nn.Module) -> dict[str, dict]:
     """The decomposition plan of a model: qualified name -> ``plan_entry()``.
 
@@ -1075,29 +1044,23 @@ def model_plan(model: nn.Module) -> dict[str, dict]:
 def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
     """Replace the layers named in ``plan`` by empty decomposed modules of the same structure.
 
-    The weights are then filled by ``load_state_dict``.  Raises ``ValueError`` when
-    an entry names a missing layer, a layer of the wrong type or an unknown method.
+    The weights are then filled by ``load_state_dict``.  Raises ``ValueError`` (from
+    :func:`check_plan`) when the plan does not fit the model; "none" entries are ignored.
     """
+    check_plan(model, plan)
     for name, entry in plan.items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"plan names layer {name!r}, which the architecture does not have") from None
-        method = entry.get("method") if isinstance(entry, dict) else None
-        try:
-            if method == "tucker" and isinstance(layer, nn.Conv2d):
-                new = TuckerConv2d(layer, entry["ranks"])
-            elif method == "cp" and isinstance(layer, nn.Conv2d):
-                new = CPConv2d(layer, entry["rank"])
-            elif method == "svd" and isinstance(layer, nn.Linear):
-                new = SVDLinear(layer, entry["rank"])
-            elif method == "diagonal" and isinstance(layer, nn.Linear):
-                new = DiagonalLinear(layer.in_features, layer.out_features, bandwidth=int(entry["bandwidth"]),
-                                     bias=layer.bias is not None, device=layer.weight.device,
-                                     dtype=layer.weight.dtype)
-            else:
-                raise ValueError(f"plan entry {entry!r} does not fit layer {name!r} ({type(layer).__name__})")
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"malformed plan entry for {name!r}: {entry!r}") from exc
+        layer = model.get_submodule(name)
+        method = entry["method"]
+        if method == "tucker":
+            new = TuckerConv2d(layer, entry["ranks"])
+        elif method == "cp":
+            new = CPConv2d(layer, entry["rank"])
+        elif method == "svd":
+            new = SVDLinear(layer, entry["rank"])
+        elif method == "diagonal":
+            new = DiagonalLinear(layer.in_features, layer.out_features, bandwidth=int(entry["bandwidth"]),
+                                 bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
+        else:
+            continue
         _replace(model, name, new)
     return model

@@ -1163,13 +1163,13 @@ def anneal_to_masks(
     the replacement is gone: the layers are plain ``nn.Linear`` again, with their
     off-structure entries exactly 0, and::
 
-        decompositions.decompose_model(model, "none", fc_method="diagonal",
-                                       fc_bandwidth=bandwidth, ...)
+        policy = ranks.Policy(conv="none", fc="diagonal", fc_bandwidth=bandwidth)
+        decompositions.decompose_model(model, ranks.plan_decomposition(model, policy, input_size))
 
     converts them without changing the model's function (up to float rounding of the
     structured forward), provided it compresses the same layers (by default it keeps
-    the last Linear, the classifier, dense; pass ``skip=`` or ``keep_last_linear=``
-    to match ``layers``).
+    the last Linear, the classifier, dense; ``Policy(skip=..., keep_last_linear=...)``
+    matches ``layers``).
 
     Parameters
     ----------

@@ -119,6 +119,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     dec.add_argument("--cp", action="store_true", help="CP instead of Tucker-2 for conv layers")
     dec.add_argument("--rank_ratio", "--rank-ratio", type=float, default=None,
                      help="fixed fraction of channels as ranks instead of VBMF")
+    dec.add_argument("--vbmf_weaken", "--vbmf-weaken", type=float, default=1.0, metavar="K",
+                     help="weaken every VBMF rank as in MUSCO: R - K (R - R_vbmf), R the full rank; 1 is plain "
+                          "VBMF, 0 keeps every layer, above 1 compresses beyond VBMF")
+    dec.add_argument("--target_macs", "--target-macs", type=float, default=None, metavar="R",
+                     help="a budget: choose every rank (convs, and FC layers with --fc svd) so that the whole "
+                          "model needs R times fewer MACs at its image size (smallest worst-layer error)")
+    dec.add_argument("--target_params", "--target-params", type=float, default=None, metavar="R",
+                     help="a budget: the whole model R times fewer parameters (as --target_macs)")
+    dec.add_argument("--plan", help="apply the per-layer methods and ranks of this JSON plan file (as written by "
+                                    "--save_plan, and edited) instead of choosing them")
+    dec.add_argument("--save_plan", "--save-plan", help="write the plan that was applied as JSON (per layer: "
+                                                        "method, ranks, why)")
     dec.add_argument("--include_first_conv", "--include-first-conv", action="store_true",
                      help="decompose the first conv too (by default it is kept: it reads the 3 image channels, "
                           "holds few weights and costs accuracy when factorized, as in Kim et al. 2015)")
@@ -168,6 +180,7 @@ def _check_args(args: argparse.Namespace) -> None:
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder):
             raise UserError(f"folder {folder} for the exported file does not exist")
+    _check_decompose_args(args)
     for name in ("batch_size", "epochs", "latency_repeats", "latency_batch", "fc_bandwidth", "fc_anneal_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -201,6 +214,39 @@ def _check_args(args: argparse.Namespace) -> None:
         source = args.decomposed_model if (args.fine_tune and not args.decompose) else args.model
         if (args.decompose or args.fine_tune or args.eval or args.export) and not os.path.exists(source):
             raise UserError(f"model file {source} does not exist (run --train first, or pass --model)")
+
+
+def _check_decompose_args(args: argparse.Namespace) -> None:
+    """The rank options: values in range, one rank rule at a time, output folders that exist."""
+    import math
+
+    if not (math.isfinite(args.vbmf_weaken) and args.vbmf_weaken >= 0):
+        raise UserError(f"--vbmf_weaken must be a number >= 0, got {args.vbmf_weaken}")
+    for name in ("target_macs", "target_params"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 1):
+            raise UserError(f"--{name} must be a ratio > 1 (e.g. 5 for five times smaller), got {value}")
+    fixed = [f"--{n}" for n in ("rank_ratio", "fc_rank", "fc_rank_ratio") if getattr(args, n) is not None]
+    fixed += ["--vbmf_weaken"] if args.vbmf_weaken != 1 else []
+    targets = [f"--{n}" for n in ("target_macs", "target_params") if getattr(args, n) is not None]
+    if len(targets) > 1:
+        raise UserError("give --target_macs or --target_params, not both")
+    if targets and fixed:
+        raise UserError(f"{targets[0]} chooses every rank; drop {', '.join(fixed)}")
+    if args.plan:
+        clash = fixed + targets + (["--cp"] if args.cp else []) + ([f"--fc {args.fc}"] if args.fc != "none" else [])
+        if clash:
+            raise UserError(f"--plan gives every layer's method and ranks; drop {', '.join(clash)}")
+        if not args.decompose:
+            raise UserError("--plan is applied by --decompose")
+    for name in ("save_plan", "report"):
+        path = getattr(args, name)
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise UserError(f"folder {folder} for --{name} does not exist")
+            if os.path.isdir(path):
+                raise UserError(f"--{name} {path} is a directory")
 
 
 def _data(args: argparse.Namespace, *, image_size: int, train: bool, test: bool, dist=None):
@@ -292,18 +338,16 @@ def step_decompose(args, device) -> dict:
             raise UserError(f"the test folder's classes {classes} differ from the model's {info['classes']}")
     input_size = (3, image_size, image_size)
     params_before, macs_before = report.count_params(model), report.count_macs(model, input_size)
-    acc_before = _evaluate_loader(model, test_loader, device, args) if test_loader else None
     method = "cp" if args.cp else "tucker"
     start = time.perf_counter()
+    # Plan first: a plan that does not fit or an impossible budget stops here, before any
+    # evaluation or training.  (The diagonal FC annealing below changes weights, not layers.)
+    plan = _plan(args, model, method, input_size)
+    acc_before = _evaluate_loader(model, test_loader, device, args) if test_loader else None
     if args.fc == "diagonal":
         summary_anneal = _move_fc_onto_diagonal(args, model, device, image_size, info["classes"], test_loader)
-    convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    skip = {} if args.include_first_conv or not convs else {
-        convs[0]: "first conv (image channels) kept; --include_first_conv decomposes it"}
-    rows = decompositions.decompose_model(
-        model, method, fc_method=args.fc, skip=skip, rank_ratio=args.rank_ratio, fc_rank=args.fc_rank,
-        fc_rank_ratio=args.fc_rank_ratio, fc_bandwidth=args.fc_bandwidth, input_size=input_size,
-        seed=args.seed, show_progress=not args.quiet, rescale=not args.no_rescale)
+    rows = decompositions.decompose_model(model, plan, input_size=input_size, seed=args.seed,
+                                          show_progress=not args.quiet, rescale=not args.no_rescale)
     seconds = time.perf_counter() - start
     rows = [r.as_dict() for r in rows]
     if not any(not r["skipped"] for r in rows):
@@ -312,23 +356,84 @@ def step_decompose(args, device) -> dict:
     summary = report.totals(rows, params_total=(params_before, report.count_params(model)),
                             macs_total=(macs_before, report.count_macs(model, input_size)))
     summary["seconds"] = seconds
+    budget = _budget(args)
+    if budget:
+        what, requested = budget
+        summary["target"] = {"metric": what, "requested": requested, "reached": summary[f"{what}_ratio"]}
     if args.fc == "diagonal":
         summary["fc_diagonal"] = summary_anneal
     print(report.format_table(rows, summary))
+    if budget:
+        print(f"budget: {budget[1]:g}x fewer {'MACs' if budget[0] == 'macs' else 'parameters'} requested, "
+              f"{summary['target']['reached']:.3f}x reached")
     acc_after = _evaluate_loader(model, test_loader, device, args) if test_loader else None
     if acc_before is not None:
         summary["acc_before"], summary["acc_after"] = acc_before, acc_after
         print(f"test accuracy: {acc_before:.4f} before, {acc_after:.4f} after decomposition "
               f"(before fine-tuning)")
     meta = {"step": "decompose", "source": os.path.abspath(args.model), "method": method, "fc": args.fc,
-            "rank_ratio": args.rank_ratio, "rescale": not args.no_rescale, "layers": rows, "totals": summary,
-            "original_meta": info["meta"]}
+            "rank_ratio": args.rank_ratio, "vbmf_weaken": args.vbmf_weaken, "target_macs": args.target_macs,
+            "target_params": args.target_params, "plan_file": os.path.abspath(args.plan) if args.plan else None,
+            "rescale": not args.no_rescale, "layers": rows, "totals": summary, "original_meta": info["meta"]}
     models.save_model(args.decomposed_model, model, arch=info["arch"], classes=info["classes"],
                       image_size=image_size, meta=meta)
     if args.report:
         report.write_json(args.report, {"model": args.model, "method": method, "fc": args.fc, "layers": rows,
                                         "totals": summary})
+    if args.save_plan:
+        import ranks
+
+        ranks.write_plan(args.save_plan, _applied_plan(plan, rows), arch=info["arch"], input_size=input_size,
+                         extra={"source": os.path.abspath(args.model)})
+        print(f"plan written to {args.save_plan} (edit it and replay it with --plan)")
     return summary
+
+
+def _budget(args: argparse.Namespace) -> tuple[str, float] | None:
+    if args.target_macs is not None:
+        return "macs", args.target_macs
+    if args.target_params is not None:
+        return "params", args.target_params
+    return None
+
+
+def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_size) -> dict[str, dict]:
+    """The plan to apply: read from --plan, or chosen by the rank options."""
+    import decompositions
+    import ranks
+
+    if args.plan:
+        plan = ranks.read_plan(args.plan)
+        try:
+            decompositions.check_plan(model, plan)
+        except ValueError as exc:
+            raise UserError(f"plan file {args.plan} does not fit {args.model}: {exc}") from None
+        return plan
+    convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    skip = {} if args.include_first_conv or not convs else {
+        convs[0]: "first conv (image channels) kept; --include_first_conv decomposes it"}
+    policy = ranks.Policy(conv=method, fc=args.fc, rank_ratio=args.rank_ratio, vbmf_weaken=args.vbmf_weaken,
+                          fc_rank=args.fc_rank, fc_rank_ratio=args.fc_rank_ratio, fc_bandwidth=args.fc_bandwidth,
+                          target_macs=args.target_macs, target_params=args.target_params, skip=skip)
+    return ranks.plan_decomposition(model, policy, input_size)
+
+
+def _applied_plan(plan: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
+    """The plan as it was applied: layers the decomposition kept (or changed, as a CP fallback) say so."""
+    applied = {}
+    for row in rows:
+        entry = plan[row["name"]]
+        if row["skipped"]:
+            applied[row["name"]] = {"method": "none", "reason": row["reason"]}
+            continue
+        ranks = list(row["ranks"])
+        applied[row["name"]] = ({"method": "tucker", "ranks": ranks} if row["method"] == "tucker" else
+                                {"method": "diagonal", "bandwidth": ranks[0]} if row["method"] == "diagonal" else
+                                {"method": row["method"], "rank": ranks[0]})
+        note = "; ".join(x for x in (entry.get("why", ""), row["reason"]) if x)
+        if note:
+            applied[row["name"]]["why"] = note
+    return applied
 
 
 def _move_fc_onto_diagonal(args, model, device, image_size: int, classes: list[str], test_loader) -> dict:

@@ -78,6 +78,7 @@ for path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
 import dataset  # noqa: E402
 import decompositions  # noqa: E402
 import finetune  # noqa: E402
+import ranks  # noqa: E402
 import make_fashion_mnist  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
@@ -142,8 +143,7 @@ def compressed_fc_names(model: nn.Module) -> list[str]:
 def matched_svd_rank(layer: nn.Linear, bandwidth: int) -> int:
     """SVD rank whose ``r (M + N)`` weights are closest to the diagonal layer's ``max(M, N) b``."""
     band = min(bandwidth, layer.in_features)
-    diagonal_weights = max(layer.in_features, layer.out_features) * band
-    return max(1, round(diagonal_weights / (layer.in_features + layer.out_features)))
+    return ranks.svd_rank_for_params(layer, max(layer.in_features, layer.out_features) * band)
 
 
 def fc_params(model: nn.Module, names: Sequence[str]) -> int:
@@ -217,14 +217,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = [dense_row]
     for bandwidth in args.bandwidth:
-        ranks = {name: matched_svd_rank(dense.get_submodule(name), bandwidth) for name in names}
-        common = {"method": "none", "keep_last_linear": True, "input_size": input_size}
-        # ranks= overrides the SVD rank per layer; fc_rank_ratio is ignored then.
-        svd_kwargs = {**common, "fc_method": "svd", "ranks": ranks}
-        diag_kwargs = {**common, "fc_method": "diagonal", "fc_bandwidth": bandwidth}
+        # The two plans: SVD at the rank matched to the diagonal layer's weights, and the diagonal structure.
+        svd_plan = {name: {"method": "svd", "rank": matched_svd_rank(dense.get_submodule(name), bandwidth)}
+                      for name in names}
+        diag_plan = ranks.plan_decomposition(
+            dense, ranks.Policy(conv="none", fc="diagonal", fc_bandwidth=bandwidth), input_size)
 
-        def compress(model: nn.Module, kwargs: dict) -> list[dict]:
-            layer_rows = decompositions.decompose_model(model, **kwargs)
+        def compress(model: nn.Module, plan: dict) -> list[dict]:
+            layer_rows = decompositions.decompose_model(model, plan, input_size=input_size)
             return [r.as_dict() for r in layer_rows if r.name in names]
 
         def finish(label: str, model: nn.Module, layer_rows: list[dict], *, extra: int, ft: int,
@@ -244,13 +244,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         controlled = {"none": (), "svd": ("svd",), "all": ("svd", "diagonal, projection")}[args.budget_control]
         # (a) truncated SVD at the matched rank, (b) direct projection: same fine-tuning,
         # then again with the annealing epochs added to the fine-tuning (equal budget).
-        for label, kwargs in (("svd", svd_kwargs), ("diagonal, projection", diag_kwargs)):
+        for label, plan in (("svd", svd_plan), ("diagonal, projection", diag_plan)):
             for ft, suffix in ((ft_epochs, ""), (budget, ", equal budget")):
                 if suffix and label not in controlled:
                     continue
                 t_start = time.perf_counter()
                 model = copy.deepcopy(dense)
-                layer_rows = compress(model, kwargs)
+                layer_rows = compress(model, plan)
                 rows.append(finish(label + suffix, model, layer_rows, extra=0, ft=ft, t_start=t_start))
                 del model
 
@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t_start = time.perf_counter()
             model = copy.deepcopy(dense)
             finetune.project_to_masks(model, layers=names, bandwidth=bandwidth, rescale=True)
-            layer_rows = compress(model, diag_kwargs)
+            layer_rows = compress(model, diag_plan)
             rows.append(finish("diagonal, projection + rescale", model, layer_rows, extra=0, ft=ft_epochs,
                                t_start=t_start))
             del model
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log=logger)
         annealed_acc = runner.accuracy(model)
         logits_dense = runner.logits(model)
-        layer_rows = compress(model, diag_kwargs)
+        layer_rows = compress(model, diag_plan)
         logits_structured = runner.logits(model)
         conversion = {
             "acc_before_conversion": annealed_acc,

@@ -102,10 +102,14 @@ def build_pair(*, image_size: int, seed: int = SEED,
     decomposed = models.build_model(ARCH, NUM_CLASSES, weights="none").eval()
     decomposed.load_state_dict(original.state_dict())
     convs = [(name, m) for name, m in decomposed.named_modules() if isinstance(m, nn.Conv2d)]
-    ranks = {name: (m.out_channels // rank_divisor, m.in_channels // rank_divisor) for name, m in convs[1:]}
+    input_size = (3, image_size, image_size)
+    # The benchmark's fixed protocol, written as an explicit plan (as a user's plan file would
+    # be): floor division keeps the published figures' ranks (170 for 512 channels, not 171).
+    plan = {convs[0][0]: {"method": "none", "reason": "first conv kept"}}
+    plan.update({name: {"method": "tucker", "ranks": [m.out_channels // rank_divisor, m.in_channels // rank_divisor]}
+                 for name, m in convs[1:]})
     with torch_threads(1):
-        rows = decompositions.decompose_model(decomposed, "tucker", ranks=ranks, skip=[convs[0][0]],
-                                              input_size=(3, image_size, image_size))
+        rows = decompositions.decompose_model(decomposed, plan, input_size=input_size)
     return original, decomposed.eval(), [r.as_dict() for r in rows]
 
 

@@ -89,11 +89,11 @@ for _path in (REPO_ROOT, BENCH_DIR):
 
 import dataset  # noqa: E402
 import decompositions  # noqa: E402
+import ranks  # noqa: E402
 import finetune  # noqa: E402
 import inference  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
-import vbmf  # noqa: E402
 import main as main_cli  # noqa: E402 - the tool's default learning rates
 from bench_inference import machine_info, torch_threads  # noqa: E402
 
@@ -157,20 +157,10 @@ def _hidden_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][:-1]
 
 
-def _tucker_macs(conv: nn.Conv2d, in_shape: Sequence[int], macs: int, ranks: tuple[int, int]) -> int:
-    """Per-image MACs of the Tucker-2 chain of ``conv`` at ``ranks`` (R_out, R_in)."""
-    rank_out, rank_in = ranks
-    kh, kw = conv.kernel_size
-    out_pixels = macs // (conv.out_channels * conv.in_channels * kh * kw)
-    in_pixels = int(in_shape[-2]) * int(in_shape[-1])
-    return (in_pixels * conv.in_channels * rank_in + out_pixels * (kh * kw * rank_in * rank_out)
-            + out_pixels * rank_out * conv.out_channels)
-
-
 def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "auto",
                  rank_ratio: float = DEFAULT_RANK_RATIO, fc_rank_ratio: float = DEFAULT_FC_RANK_RATIO,
                  skip: Sequence[str] = (), fc_policy: str | None = None) -> dict[str, Any]:
-    """Tucker, CP and SVD ranks for every layer: VBMF, or a fraction of the channels.
+    """The benchmark's plans: VBMF ranks, or a fraction of the channels (chosen by :mod:`ranks`).
 
     Parameters
     ----------
@@ -182,8 +172,7 @@ def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "
         ``"auto"``: VBMF where usable (no rank 0, at least :data:`MIN_VBMF_MAC_RATIO`
         fewer MACs in the decomposed convs; for the Linear layers: no rank 0 and a
         smaller layer), else the ratios.  ``"vbmf"`` forces VBMF (layers at rank 0
-        are then left alone by :func:`decompositions.decompose_model`), ``"ratio"``
-        the ratios.
+        are then kept), ``"ratio"`` the ratios.
     rank_ratio, fc_rank_ratio : float in (0, 1]
         The fallback fractions.
     skip : names of convs to leave alone.
@@ -193,7 +182,8 @@ def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "
     Returns
     -------
     dict
-        ``tucker`` (name -> (R_out, R_in)), ``cp`` (name -> R), ``svd`` (name -> r),
+        ``plans`` (``tucker``, ``cp``, ``svd``: a plan each), the ranks they hold as
+        ``tucker`` (name -> (R_out, R_in)), ``cp`` and ``svd`` (name -> R),
         ``conv_source`` / ``fc_source`` ("vbmf" or "ratio"), ``conv_reason`` /
         ``fc_reason`` (why), ``vbmf_conv`` / ``vbmf_fc`` (the VBMF estimates, or None
         when not computed) and ``vbmf_conv_mac_ratio``.
@@ -201,25 +191,28 @@ def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "
     fc_policy = policy if fc_policy is None else fc_policy
     if policy not in RANK_CHOICES or fc_policy not in RANK_CHOICES:
         raise ValueError(f"rank policies must be among {RANK_CHOICES}, got {policy!r} and {fc_policy!r}")
+    kept = {name: "first conv kept" for name in skip}
     convs = [(n, m) for n, m in _conv_layers(model) if n not in skip]
     linears = _hidden_linears(model)
-    shapes = report.record_input_shapes(model, input_size)
     result: dict[str, Any] = {"vbmf_conv": None, "vbmf_fc": None, "vbmf_conv_mac_ratio": None}
 
-    def ratio(value: float, size: int) -> int:
-        return max(1, min(size, round(value * size)))
+    def plans(conv_rule: dict, fc_rule: dict) -> dict[str, dict]:
+        with torch_threads(1):
+            out = {m: ranks.plan_decomposition(model, ranks.Policy(conv=m, skip=kept, **conv_rule), input_size)
+                   for m in ("tucker", "cp")}
+            out["svd"] = ranks.plan_decomposition(model, ranks.Policy(conv="none", fc="svd", **fc_rule), input_size)
+        return out
 
     # ---- convs
     conv_source, conv_reason = "ratio", "--ranks ratio"
     if policy != "ratio":
+        vbmf_plans = plans({}, {})
         with torch_threads(1):
-            estimates = {n: tuple(int(r) for r in decompositions.estimate_tucker_ranks(m)) for n, m in convs}
+            estimates = {n: tuple(int(r) for r in ranks.estimate_tucker_ranks(m)) for n, m in convs}
         result["vbmf_conv"] = {n: list(r) for n, r in estimates.items()}
         zero = [n for n, r in estimates.items() if min(r) == 0]
-        before = sum(shapes[n][1] for n, _ in convs if n in shapes)
-        after = sum(_tucker_macs(m, shapes[n][0], shapes[n][1], estimates[n]) if min(estimates[n]) > 0
-                    else shapes[n][1] for n, m in convs if n in shapes)
-        mac_ratio = before / after if after else float("inf")
+        conv_plan = {n: e for n, e in vbmf_plans["tucker"].items() if n in estimates}
+        mac_ratio = _conv_mac_ratio(model, conv_plan, input_size)
         result["vbmf_conv_mac_ratio"] = mac_ratio
         if policy == "vbmf":
             conv_source, conv_reason = "vbmf", "--ranks vbmf"
@@ -230,55 +223,63 @@ def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "
                            f"(< {MIN_VBMF_MAC_RATIO}x)")
         else:
             conv_source, conv_reason = "vbmf", f"VBMF usable ({mac_ratio:.2f}x fewer conv MACs)"
-    if conv_source == "vbmf":
-        tucker = {n: tuple(r) for n, r in result["vbmf_conv"].items()}
-    else:
-        tucker = {n: (ratio(rank_ratio, m.out_channels), ratio(rank_ratio, m.in_channels)) for n, m in convs}
-    result["tucker"] = tucker
-    result["cp"] = {n: max(r) for n, r in tucker.items()}
+    ratio_plans = plans({"rank_ratio": rank_ratio}, {"fc_rank_ratio": fc_rank_ratio})
+    chosen = vbmf_plans if conv_source == "vbmf" else ratio_plans
+    result["plans"] = {"tucker": chosen["tucker"], "cp": chosen["cp"]}
     result["conv_source"], result["conv_reason"] = conv_source, conv_reason
 
     # ---- hidden Linear layers
     fc_source, fc_reason = "ratio", "--fc_ranks ratio"
     if fc_policy != "ratio" and linears:
-        with torch_threads(1):
-            fc_estimates = {n: int(vbmf.estimate_rank(m.weight.detach())) for n, m in linears}
-        result["vbmf_fc"] = fc_estimates
-        useless = [n for n, m in linears
-                   if fc_estimates[n] == 0 or fc_estimates[n] * (m.in_features + m.out_features) >= m.weight.numel()]
+        fc_vbmf = vbmf_plans["svd"] if policy != "ratio" else plans({}, {})["svd"]
+        result["vbmf_fc"] = {n: e.get("rank", 0) for n, e in fc_vbmf.items() if n in dict(linears)}
+        useless = [n for n, e in fc_vbmf.items() if e["method"] == "none" and n in dict(linears)]
         if fc_policy == "vbmf":
             fc_source, fc_reason = "vbmf", "--fc_ranks vbmf"
         elif useless:
             fc_reason = f"VBMF ranks are 0 or would not shrink {len(useless)} of {len(linears)} Linear layers"
         else:
             fc_source, fc_reason = "vbmf", "VBMF usable"
-    if fc_source == "vbmf":
-        result["svd"] = dict(result["vbmf_fc"])
-    else:
-        result["svd"] = {n: ratio(fc_rank_ratio, min(m.in_features, m.out_features)) for n, m in linears}
+        if fc_source == "vbmf":
+            result["plans"]["svd"] = fc_vbmf
+    result["plans"].setdefault("svd", ratio_plans["svd"])
     result["fc_source"], result["fc_reason"] = fc_source, fc_reason
+    result["tucker"] = {n: tuple(e["ranks"]) for n, e in result["plans"]["tucker"].items() if "ranks" in e}
+    result["cp"] = {n: e["rank"] for n, e in result["plans"]["cp"].items() if "rank" in e}
+    result["svd"] = {n: e["rank"] for n, e in result["plans"]["svd"].items() if "rank" in e}
     return result
 
 
+def _conv_mac_ratio(model: nn.Module, plan: dict[str, dict], input_size: Sequence[int]) -> float:
+    """How many times fewer MACs the planned convs need (the convs alone)."""
+    shapes = report.record_input_shapes(model, input_size)
+    before = sum(shapes[n][1] for n in plan if n in shapes)
+    cost = ranks.plan_cost(model, plan, input_size)
+    after = before - (cost["macs_before"] - cost["macs_after"])
+    return before / after if after else float("inf")
+
+
 # ------------------------------------------------------------------------ decompose
-def decompose(model: nn.Module, method: str, ranks: dict[str, Any], *, input_size: Sequence[int],
+def decompose(model: nn.Module, method: str, ranks_: dict[str, Any], *, input_size: Sequence[int],
               skip: Sequence[str], cp_max_iter: int, seed: int, threads: int = 1, rescale: bool = True
               ) -> tuple[nn.Module, list[dict], float]:
-    """A decomposed copy of ``model``: (copy, per-layer report rows, seconds)."""
+    """A decomposed copy of ``model``: (copy, per-layer report rows, seconds).
+
+    ``ranks_`` is :func:`choose_ranks`' result: its ``plans`` are applied (the conv
+    method's, and the SVD plan for ``tucker+svd``); the layers in ``skip`` are kept.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     net = copy.deepcopy(model)
-    conv_method = "cp" if method == "cp" else "tucker"
-    overrides: dict[str, Any] = dict(ranks["cp"] if method == "cp" else ranks["tucker"])
-    fc_method = "svd" if method == "tucker+svd" else "none"
-    if fc_method == "svd":
-        overrides.update(ranks["svd"])
+    plan = dict(ranks_["plans"]["cp" if method == "cp" else "tucker"])
+    if method == "tucker+svd":
+        plan.update(ranks_["plans"]["svd"])
+    plan.update({name: {"method": "none", "reason": "first conv kept"} for name in skip})
     start = time.perf_counter()
     # One thread by default: many small LAPACK calls, see bench_inference.torch_threads.  On a
     # large idle machine more threads speed up the FC SVD's big matrix products.
     with torch_threads(threads):
-        rows = decompositions.decompose_model(net, conv_method, fc_method=fc_method, ranks=overrides,
-                                              input_size=input_size, skip=skip, cp_max_iter=cp_max_iter,
+        rows = decompositions.decompose_model(net, plan, input_size=input_size, cp_max_iter=cp_max_iter,
                                               seed=seed, rescale=rescale)
     seconds = time.perf_counter() - start
     return net, [r.as_dict() for r in rows], seconds
@@ -551,10 +552,10 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, *, seed:
                 100 * acc_original)
     model = model.cpu().eval()
     skip = [_conv_layers(model)[0][0]]
-    ranks = choose_ranks(model, input_size=input_size, policy=args.ranks, rank_ratio=args.rank_ratio,
-                         fc_rank_ratio=args.fc_rank_ratio, skip=skip, fc_policy=args.fc_ranks)
-    logger.info("%s: conv ranks from %s (%s); FC ranks from %s (%s)", arch, ranks["conv_source"],
-                ranks["conv_reason"], ranks["fc_source"], ranks["fc_reason"])
+    chosen = choose_ranks(model, input_size=input_size, policy=args.ranks, rank_ratio=args.rank_ratio,
+                          fc_rank_ratio=args.fc_rank_ratio, skip=skip, fc_policy=args.fc_ranks)
+    logger.info("%s: conv ranks from %s (%s); FC ranks from %s (%s)", arch, chosen["conv_source"],
+                chosen["conv_reason"], chosen["fc_source"], chosen["fc_reason"])
     params0 = report.count_params(model)
     macs0, macs0_224 = report.count_macs(model, input_size), report.count_macs(model, (3, REFERENCE_SIZE,
                                                                                         REFERENCE_SIZE))
@@ -563,7 +564,7 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, *, seed:
              "decompose_s": None, "finetune_s": None, "layers": [], "history": history}]
     nets = {"original": model}
     for method in METHODS:
-        net, layer_rows, decompose_s = decompose(model, method, ranks, input_size=input_size, skip=skip,
+        net, layer_rows, decompose_s = decompose(model, method, chosen, input_size=input_size, skip=skip,
                                                  cp_max_iter=args.cp_max_iter, seed=seed,
                                                  threads=args.decompose_threads, rescale=not args.no_rescale)
         net.to(device)
@@ -598,7 +599,7 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, *, seed:
                          "pretrained_tensors": len(pretrained), "epochs": args.epochs, "lr": lr,
                          "pretrained_lr_scale": main_cli.DEFAULT_PRETRAINED_LR_SCALE if scaled else None,
                          "seconds": train_s},
-            "ranks": {k: v for k, v in ranks.items()}, "rows": rows, "latency": measured, "latency_sizes": sizes}
+            "ranks": {k: v for k, v in chosen.items()}, "rows": rows, "latency": measured, "latency_sizes": sizes}
 
 
 def summarize_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -139,3 +139,13 @@ def spawn_and_wait(worker, *args, nprocs: int, timeout_s: float) -> None:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"distributed workers did not finish in {timeout_s} s")
+
+
+def decompose(model, input_size, *, rescale: bool = True, seed: int = 0, cp_max_iter: int | None = None, **policy):
+    """Plan with ``ranks.Policy(**policy)`` and apply the plan: the two steps ``main.py`` takes."""
+    import decompositions
+    import ranks
+
+    plan = ranks.plan_decomposition(model, ranks.Policy(**policy), input_size)
+    extra = {} if cp_max_iter is None else {"cp_max_iter": cp_max_iter}
+    return decompositions.decompose_model(model, plan, input_size=input_size, rescale=rescale, seed=seed, **extra)

@@ -14,6 +14,7 @@ from conftest import REPO_ROOT, make_image_folder
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_inference  # noqa: E402
 import decompositions  # noqa: E402
+import ranks as ranks_module  # noqa: E402
 import bench_real  # noqa: E402
 
 ROW_FIELDS = {"method", "acc_decomposed", "acc_finetuned", "params", "params_ratio", "macs", "macs_ratio",
@@ -103,7 +104,7 @@ def test_choose_ranks_uses_vbmf_on_low_rank_weights():
     ranks = bench_real.choose_ranks(net, input_size=(3, 8, 8), skip=["features.0"])
     assert ranks["conv_source"] == "vbmf", ranks["conv_reason"]
     for name in ("features.2", "features.4"):  # exactly VBMF's estimates, well below full rank
-        estimate = tuple(decompositions.estimate_tucker_ranks(net.get_submodule(name)))
+        estimate = tuple(ranks_module.estimate_tucker_ranks(net.get_submodule(name)))
         assert ranks["tucker"][name] == estimate and max(estimate) < 24
         assert ranks["cp"][name] == max(estimate)
     forced = bench_real.choose_ranks(net, input_size=(3, 8, 8), policy="ratio", rank_ratio=0.5, skip=["features.0"])

@@ -10,6 +10,8 @@ from tensorly.decomposition import parafac, partial_tucker
 from torch import nn
 
 import decompositions as D
+import ranks
+from conftest import decompose
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -139,7 +141,7 @@ def test_cp_failure_retries_then_falls_back_to_tucker(monkeypatch):
     monkeypatch.setattr(D, "cp_als", failing)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
     with pytest.warns(RuntimeWarning, match="fell back to Tucker-2"):
-        rows = D.decompose_model(model, "cp", rank_ratio=0.25, input_size=(3, 8, 8))
+        rows = decompose(model, (3, 8, 8), conv="cp", rank_ratio=0.25)
     assert calls == ["svd"] + ["random"] * D.CP_RETRIES + ["svd"] + ["random"] * D.CP_RETRIES
     row = rows[1]
     assert not row.skipped and row.method == "tucker" and "fell back" in row.reason
@@ -149,7 +151,7 @@ def test_cp_failure_retries_then_falls_back_to_tucker(monkeypatch):
 
 def test_grouped_conv_is_skipped_with_reason():
     model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 3, groups=2))
-    rows = D.decompose_model(model, "tucker", rank_ratio=0.5, input_size=(8, 9, 9))
+    rows = decompose(model, (8, 9, 9), rank_ratio=0.5)
     assert all(r.skipped and "grouped" in r.reason for r in rows)
     assert isinstance(model[0], nn.Conv2d) and isinstance(model[1], nn.Conv2d)
     with pytest.raises(ValueError, match="grouped"):
@@ -170,9 +172,13 @@ def _planted_conv(t, s, r_out, r_in, noise, seed=0):
 
 def test_vbmf_ranks_recover_planted_tucker_ranks():
     conv = _planted_conv(64, 48, 12, 7, noise=0.01)
-    assert D.estimate_tucker_ranks(conv) == (12, 7)
-    assert D.estimate_cp_rank(conv) == 12
-    dec = D.tucker_decompose_conv(conv)  # ranks=None: VBMF
+    assert ranks.estimate_tucker_ranks(conv) == (12, 7)
+    assert ranks.estimate_cp_rank(conv) == 12
+    model = nn.Sequential(conv)
+    plan = ranks.plan_decomposition(model, ranks.Policy(), (48, 8, 8))
+    assert plan == {"0": {"method": "tucker", "ranks": [12, 7], "why": "VBMF"}}
+    D.decompose_model(model, plan, input_size=(48, 8, 8), rescale=False)
+    dec = model[0]
     assert dec.ranks == (12, 7)
     x = torch.randn(2, 48, 8, 8)
     # The planted noise is 6% of the weight's norm; the rest is reproduced.
@@ -184,16 +190,14 @@ def test_vbmf_ranks_recover_planted_tucker_ranks():
 def test_noise_only_layer_is_kept_and_reported():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(32, 64, 3))  # random init: no structure
-    rows = D.decompose_model(model, "tucker", input_size=(32, 8, 8))
+    rows = decompose(model, (32, 8, 8))
     assert rows[0].skipped and "only noise" in rows[0].reason
     assert type(model[0]) is nn.Conv2d
-    with pytest.raises(ValueError, match="only noise"):
-        D.tucker_decompose_conv(model[0])
 
 
 def test_rank_that_would_not_shrink_is_skipped():
     model = nn.Sequential(nn.Conv2d(3, 16, 3))
-    rows = D.decompose_model(model, "tucker", rank_ratio=1.0, input_size=(3, 8, 8))
+    rows = decompose(model, (3, 8, 8), rank_ratio=1.0)
     assert rows[0].skipped and "would not shrink" in rows[0].reason
     assert rows[0].params_after == rows[0].params_before
     assert type(model[0]) is nn.Conv2d
@@ -219,8 +223,8 @@ def test_decompose_model_any_nesting(method, fc_method):
     x = torch.randn(2, 3, 8, 8)
     # rescale=False: the plain best approximation, whose relative error is below 1 (the filter-norm
     # correction may trade a larger weight error on these random weights for the original norms).
-    rows = D.decompose_model(model, method, fc_method=fc_method, rank_ratio=0.5, fc_rank_ratio=0.25,
-                             input_size=(3, 8, 8), rescale=False)
+    rows = decompose(model, (3, 8, 8), conv=method, fc=fc_method, rank_ratio=0.5,
+                     fc_rank_ratio=0.25 if fc_method == "svd" else None, rescale=False)
     names = [r.name for r in rows]
     assert names[:3] == ["stem.0", "blocks.a.0", "blocks.a.2"]
     done = {r.name: r for r in rows if not r.skipped}
@@ -239,16 +243,15 @@ def test_decompose_model_any_nesting(method, fc_method):
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
     # Nothing left: a second pass decomposes nothing more.
-    again = D.decompose_model(model, method, fc_method=fc_method, rank_ratio=0.5, input_size=(3, 8, 8))
+    again = decompose(model, (3, 8, 8), conv=method, fc=fc_method, rank_ratio=0.5)
     assert not [r for r in again if not r.skipped]
 
 
 def test_plan_round_trip_rebuilds_identical_model():
     torch.manual_seed(7)
     model = Nested()
-    D.decompose_model(model, "tucker", fc_method="svd", rank_ratio=0.5, fc_rank=8, input_size=(3, 8, 8))
-    D.decompose_model(model, "cp", fc_method="diagonal", rank_ratio=0.5, input_size=(3, 8, 8),
-                      keep_last_linear=False)
+    decompose(model, (3, 8, 8), fc="svd", rank_ratio=0.5, fc_rank=8)
+    decompose(model, (3, 8, 8), conv="cp", fc="diagonal", rank_ratio=0.5, keep_last_linear=False)
     plan = D.model_plan(model)
     assert {e["method"] for e in plan.values()} >= {"tucker", "svd", "diagonal"}
     fresh = D.apply_plan(Nested(), plan)
@@ -258,20 +261,53 @@ def test_plan_round_trip_rebuilds_identical_model():
         assert torch.equal(fresh(x), model(x))
 
 
-def test_apply_plan_rejects_bad_entries():
-    with pytest.raises(ValueError, match="does not have"):
-        D.apply_plan(Nested(), {"nope.0": {"method": "tucker", "ranks": [2, 2]}})
-    with pytest.raises(ValueError, match="does not fit"):
-        D.apply_plan(Nested(), {"head.1": {"method": "tucker", "ranks": [2, 2]}})
-    with pytest.raises(ValueError, match="malformed"):
-        D.apply_plan(Nested(), {"stem.0": {"method": "tucker"}})
+BAD_PLANS = [
+    ({"nope.0": {"method": "tucker", "ranks": [2, 2]}}, "'nope.0' is not in the model"),
+    ({"head.1": {"method": "tucker", "ranks": [2, 2]}}, "tucker applies to Conv2d"),
+    ({"stem.0": {"method": "svd", "rank": 2}}, "svd applies to Linear"),
+    ({"stem.0": {"method": "tucker"}}, "missing 'ranks'"),
+    ({"stem.0": {"method": "tucker", "ranks": [2, 2], "rnak": 3}}, "unknown key 'rnak'"),
+    ({"stem.0": {"method": "tucker", "ranks": [2]}}, "two integers"),
+    ({"stem.0": {"method": "tucker", "ranks": [2, True]}}, "two integers"),
+    ({"stem.0": {"method": "tucker", "ranks": [17, 2]}}, r"exceed the layer's channels \[16, 3\]"),
+    ({"stem.0": {"method": "cp", "rank": 0}}, "integer >= 1"),
+    ({"head.1": {"method": "svd", "rank": 65}}, "exceeds min"),
+    ({"head.1": {"method": "diagonal", "bandwidth": 1000}}, "exceeds the layer's 512 inputs"),
+    ({"stem.0": {"method": "prune"}}, "method must be one of"),
+    ({"stem.0": ["tucker", 2, 2]}, "must be an object"),
+    ({"stem": {"method": "none"}}, "not a Conv2d or Linear"),
+    ([("stem.0", {"method": "none"})], "must map layer names"),
+]
 
 
-def test_decompose_model_validates_options():
-    with pytest.raises(ValueError, match="method"):
-        D.decompose_model(Nested(), "svd", input_size=(3, 8, 8))
-    with pytest.raises(ValueError, match="rank_ratio"):
-        D.decompose_model(Nested(), "tucker", rank_ratio=1.5, input_size=(3, 8, 8))
+@pytest.mark.parametrize("plan,message", BAD_PLANS, ids=[m for _, m in BAD_PLANS])
+def test_bad_plans_are_refused_before_anything_changes(plan, message):
+    model = Nested()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        D.apply_plan(model, plan)
+    with pytest.raises(ValueError, match=message):
+        D.decompose_model(model, plan, input_size=(3, 8, 8))
+    assert [type(m) for m in model.modules()] == [type(m) for m in Nested().modules()]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_decompose_model_applies_a_plan_and_reports_every_entry():
+    torch.manual_seed(3)
+    model = Nested()
+    plan = {"stem.0": {"method": "none", "reason": "kept on purpose"},
+            "blocks.a.2": {"method": "cp", "rank": 4, "why": "by hand"},
+            "blocks.a.0": {"method": "tucker", "ranks": [5, 3]},
+            "head.1": {"method": "svd", "rank": 6}}
+    rows = D.decompose_model(model, plan, input_size=(3, 8, 8))
+    # Rows in model order, whatever the plan's order; layers outside the plan untouched.
+    assert [r.name for r in rows] == ["stem.0", "blocks.a.0", "blocks.a.2", "head.1"]
+    assert rows[0].skipped and rows[0].reason == "kept on purpose" and type(model.stem[0]) is nn.Conv2d
+    assert rows[2].why == "by hand" and rows[2].ranks == (4,)
+    assert model.blocks["a"][0].ranks == (5, 3) and model.head[1].rank == 6
+    assert type(model.head[3]) is nn.Linear
+    assert D.model_plan(model) == {"blocks.a.0": {"method": "tucker", "ranks": [5, 3]},
+                                   "blocks.a.2": {"method": "cp", "rank": 4}, "head.1": {"method": "svd", "rank": 6}}
 
 
 # ---------------------------------------------------------------------------- Linear
@@ -291,7 +327,11 @@ def test_svd_linear_planted_rank():
     with torch.no_grad():
         lin.weight.copy_(torch.randn(120, 9, generator=g) @ torch.randn(9, 200, generator=g)
                          + 0.01 * torch.randn(120, 200, generator=g))
-    dec = D.svd_decompose_linear(lin)
+    model = nn.Sequential(lin, nn.Linear(120, 2))
+    plan = ranks.plan_decomposition(model, ranks.Policy(conv="none", fc="svd"), (200,))
+    assert plan["0"]["rank"] == 9 and plan["1"]["method"] == "none"
+    D.decompose_model(model, plan, input_size=(200,), rescale=False)
+    dec = model[0]
     assert dec.rank == 9
     x = torch.randn(4, 200)
     with torch.no_grad():
@@ -321,7 +361,7 @@ def test_svd_linear_randomized_path_is_near_optimal(shape):
 
 def test_svd_linear_not_smaller_is_skipped():
     model = nn.Sequential(nn.Linear(10, 8), nn.Linear(8, 2))
-    rows = D.decompose_model(model, "none", fc_method="svd", fc_rank=8, input_size=(10,))
+    rows = decompose(model, (10,), conv="none", fc="svd", fc_rank=8)
     assert rows[0].skipped and "would not shrink" in rows[0].reason
 
 
@@ -400,10 +440,9 @@ def test_decompose_model_rescales_by_default_and_is_a_no_op_at_full_rank():
                           nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 3))
     x = torch.randn(2, 3, 6, 6)
     plain, fixed = copy.deepcopy(model), copy.deepcopy(model)
-    ranks = {"2": (3, 3), "4": 4}
-    rows_plain = D.decompose_model(plain, fc_method="svd", ranks=ranks, input_size=(3, 6, 6), skip=["0"],
-                                   rescale=False)
-    rows_fixed = D.decompose_model(fixed, fc_method="svd", ranks=ranks, input_size=(3, 6, 6), skip=["0"])
+    plan = {"2": {"method": "tucker", "ranks": [3, 3]}, "4": {"method": "svd", "rank": 4}}
+    rows_plain = D.decompose_model(plain, plan, input_size=(3, 6, 6), rescale=False)
+    rows_fixed = D.decompose_model(fixed, plan, input_size=(3, 6, 6))
     for name in ("2", "4"):
         original = _filter_norms(model.get_submodule(name).weight)
         kept = _filter_norms(D.dense_weight(plain.get_submodule(name)))

@@ -22,7 +22,7 @@ from torchvision.datasets import ImageFolder
 
 import decompositions
 import finetune
-from conftest import make_image_folder, spawn_and_wait
+from conftest import decompose, make_image_folder, spawn_and_wait
 from finetune import anneal_lr_factor, anneal_to_masks, evaluate, fit, mask_factor, project_to_masks
 
 CPU = torch.device("cpu")
@@ -139,8 +139,7 @@ def test_conversion_after_annealing_is_exact(annealed, data):
     inputs = data.tensors[0]
     with torch.no_grad():
         dense_out = model(inputs)
-    rows = decompositions.decompose_model(model, "none", fc_method="diagonal", fc_bandwidth=BANDWIDTH,
-                                          input_size=(3, IMAGE_SIZE, IMAGE_SIZE))
+    rows = decompose(model, (3, IMAGE_SIZE, IMAGE_SIZE), conv="none", fc="diagonal", fc_bandwidth=BANDWIDTH)
     assert isinstance(model[1], decompositions.DiagonalLinear)
     assert isinstance(model[3], nn.Linear)  # the classifier is kept dense
     row = next(r for r in rows if r.name == FIRST)
@@ -184,8 +183,7 @@ def test_gradients_flow_during_and_after_annealing(annealed, data):
     model.zero_grad()
 
     converted = copy.deepcopy(model)
-    decompositions.decompose_model(converted, "none", fc_method="diagonal", fc_bandwidth=BANDWIDTH,
-                                   input_size=(3, IMAGE_SIZE, IMAGE_SIZE))
+    decompose(converted, (3, IMAGE_SIZE, IMAGE_SIZE), conv="none", fc="diagonal", fc_bandwidth=BANDWIDTH)
     nn.functional.cross_entropy(converted(inputs), targets).backward()
     grad = converted[1].weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

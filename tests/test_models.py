@@ -11,6 +11,7 @@ from torch import nn
 import decompositions as D
 import models
 import report
+from conftest import decompose
 from errors import UserError
 
 SMALL = {"vgg16": 32, "vgg16_bn": 32, "vgg19": 32, "alexnet": 63}
@@ -25,8 +26,7 @@ def test_archs_decompose_train_and_shrink(arch, method):
     assert model.classifier[-1].out_features == 3
     before_params = report.count_params(model)
     before_macs = report.count_macs(model, (3, size, size))
-    rows = D.decompose_model(model, method, fc_method="svd", rank_ratio=0.25, fc_rank=64,
-                             input_size=(3, size, size), cp_max_iter=5)
+    rows = decompose(model, (3, size, size), conv=method, fc="svd", rank_ratio=0.25, fc_rank=64, cp_max_iter=5)
     assert [r.kind for r in rows].count("conv") == sum(isinstance(m, nn.Conv2d) for m in
                                                        models.build_model(arch, 3).features)
     assert report.count_params(model) < before_params
@@ -81,8 +81,8 @@ def test_weights_file_and_offline_default(tmp_path, monkeypatch):
 def decomposed_alexnet():
     torch.manual_seed(2)
     model = models.build_model("alexnet", 2)
-    D.decompose_model(model, "tucker", fc_method="svd", rank_ratio=0.25, fc_rank=32, input_size=(3, 63, 63))
-    D.decompose_model(model, "none", fc_method="diagonal", input_size=(3, 63, 63), keep_last_linear=False)
+    decompose(model, (3, 63, 63), fc="svd", rank_ratio=0.25, fc_rank=32)
+    decompose(model, (3, 63, 63), conv="none", fc="diagonal", keep_last_linear=False)
     return model
 
 

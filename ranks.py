@@ -1,0 +1,714 @@
+"""Choose the ranks of a decomposition: the one place in the tool where a rank is decided.
+
+:func:`plan_decomposition` turns a :class:`Policy` into a *plan*, and
+:func:`decompositions.decompose_model` applies a plan.  A plan is plain data, the dict
+that model files store (``qualified layer name -> entry``)::
+
+    {"features.2":  {"method": "tucker", "ranks": [21, 20], "why": "VBMF"},
+     "features.28": {"method": "cp", "rank": 64},
+     "classifier.0": {"method": "svd", "rank": 128},
+     "classifier.3": {"method": "diagonal", "bandwidth": 1},
+     "features.0":  {"method": "none", "reason": "first conv (image channels) kept"}}
+
+so a user can read, edit and replay what the tool chose (:func:`write_plan`,
+:func:`read_plan`, ``main.py --save_plan / --plan``).  ``ranks`` of a Tucker-2 entry are
+``(R_out, R_in)``; ``why`` and ``reason`` are for people and change nothing.
+
+Rank rules (a :class:`Policy` picks one for the convs and one for the FC layers):
+
+* VBMF (default): the EVBMF rank of each unfolding (Kim et al. 2015 [1]_, Nakajima et
+  al. 2013 [2]_), weakened by ``k`` as in MUSCO (Gusak et al. 2019 [3]_):
+  ``R_w = R - k (R - R_vbmf)`` with ``R`` the full rank; ``k = 1`` is plain VBMF,
+  ``k = 0`` keeps every layer, ``k > 1`` goes beyond VBMF (clipped at rank 1).
+* a fixed fraction of the channels (``rank_ratio``, ``fc_rank_ratio``) or a fixed SVD
+  rank (``fc_rank``).
+* a budget (``target_macs`` / ``target_params``): the whole model ``R`` times smaller,
+  ranks chosen jointly across every decomposed layer by the smallest worst-layer
+  relative error, see :func:`_budget_plan`.
+
+References
+----------
+.. [1] Kim, Y.-D. et al. "Compression of Deep Convolutional Neural Networks for Fast and
+   Low Power Mobile Applications", ICLR 2016, arXiv:1511.06530.
+.. [2] Nakajima, S. et al. "Global analytic solution of fully-observed variational
+   Bayesian matrix factorization", JMLR 14, 2013.
+.. [3] Gusak, J. et al. "Automated Multi-Stage Compression of Neural Networks" (MUSCO),
+   ICCV Workshops 2019, arXiv:1903.09973.
+.. [4] Liebenwein, L. et al. "Compressing Neural Networks: Towards Determining the
+   Optimal Layer-wise Decomposition" (ALDS), NeurIPS 2021, arXiv:2107.11442.
+.. [5] De Lathauwer, L. et al. "A multilinear singular value decomposition", SIAM J.
+   Matrix Anal. Appl. 21(4), 2000 (the truncated HOSVD error bound).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+import decompositions as D
+import report
+import vbmf
+from errors import UserError
+from threads import lapack_threads
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Policy", "plan_decomposition", "estimate_tucker_ranks", "estimate_cp_rank", "weaken",
+           "check_plan", "plan_cost", "structural", "read_plan", "write_plan", "BudgetError",
+           "svd_rank_for_params", "PLAN_FORMAT", "PLAN_VERSION", "PLAN_METHODS"]
+
+PLAN_FORMAT = "lowrank-cnn-plan"
+PLAN_VERSION = 1
+# A plan file is a few kB per layer; anything far larger is not one (and is not read whole).
+MAX_PLAN_BYTES = 8 * 1024 * 1024
+# Bisection steps on the squared error of the budget rule: 2 / 2**60 is far below the
+# smallest change of any layer's error bound.
+BUDGET_BISECTION_STEPS = 60
+# The largest squared relative error bound a Tucker-2 layer can have: two tails of 1.
+MAX_ERROR2 = 2.0
+
+
+class BudgetError(UserError):
+    """The requested budget cannot be met (the message names the best reachable ratio)."""
+
+
+# ---------------------------------------------------------------------------- VBMF
+def _unfold(weight: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` unfolding: ``(shape[mode], prod(other dims))``."""
+    return weight.movedim(mode, 0).reshape(weight.shape[mode], -1)
+
+
+def estimate_tucker_ranks(conv: nn.Conv2d) -> tuple[int, int]:
+    """EVBMF ranks ``(R_out, R_in)`` of the out- and in-channel unfoldings of a conv weight.
+
+    The weight ``(T, S, kh, kw)`` is unfolded along mode 0 ``(T, S*kh*kw)`` and mode 1
+    ``(S, T*kh*kw)``.  Either rank may be 0: EVBMF found only noise on that mode.
+
+    References
+    ----------
+    Kim et al. 2015 [1]_ (rank selection by VBMF), Nakajima et al. 2013 [2]_.
+    """
+    weight = conv.weight.detach()
+    return vbmf.estimate_rank(_unfold(weight, 0)), vbmf.estimate_rank(_unfold(weight, 1))
+
+
+def estimate_cp_rank(conv: nn.Conv2d) -> int:
+    """A VBMF-based CP rank: the larger of the two EVBMF Tucker ranks.
+
+    A CP decomposition of rank R has multilinear ranks at most R, so R must be at least
+    the larger multilinear rank that the data supports; we take exactly that.
+    """
+    return max(estimate_tucker_ranks(conv))
+
+
+def weaken(rank_vbmf: int, full: int, k: float) -> int:
+    """MUSCO's weakened rank ``R - k (R - R_vbmf)``, rounded, at least 1 for ``k < 1``.
+
+    ``k = 0`` gives the full rank ``R``, ``k = 1`` exactly the VBMF rank (0 included:
+    noise only), ``k > 1`` goes below VBMF, clipped at 1.
+    """
+    if k == 1:
+        return int(rank_vbmf)
+    value = round(full - k * (full - rank_vbmf))
+    return int(min(full, max(1, value)))
+
+
+# --------------------------------------------------------------------------- policy
+@dataclass(frozen=True)
+class Policy:
+    """How to choose ranks; see the module docstring.
+
+    Parameters
+    ----------
+    conv : {"tucker", "cp", "none"}
+        Conv decomposition ("none": convs stay as they are).
+    fc : {"none", "svd", "diagonal"}
+        Compression of the Linear layers; the last one (the classifier) stays dense
+        unless ``keep_last_linear=False``.
+    rank_ratio : float in (0, 1], optional
+        Conv ranks as a fraction of the channels instead of VBMF: Tucker
+        ``round(ratio T), round(ratio S)``, CP ``round(ratio max(T, S))``.
+    vbmf_weaken : float >= 0
+        MUSCO's ``k`` for every VBMF rank (:func:`weaken`); 1 is plain VBMF.
+    fc_rank, fc_rank_ratio : optional
+        SVD rank of every compressed Linear layer, absolute or as a fraction of
+        ``min(M, N)``; VBMF (weakened by ``vbmf_weaken``) when neither is given.
+    fc_bandwidth : int
+        Bandwidth of the diagonal FC structure.
+    target_macs, target_params : float > 1, optional
+        A budget: the whole model this many times smaller in MACs (at the plan's input
+        size) or in parameters.  Replaces every other rank rule; at most one of the two.
+    skip : mapping name -> reason
+        Layers to keep as they are, with the reason the report gives.
+    keep_last_linear : bool
+        Keep the last Linear layer (the classifier) dense.
+    """
+
+    conv: str = "tucker"
+    fc: str = "none"
+    rank_ratio: float | None = None
+    vbmf_weaken: float = 1.0
+    fc_rank: int | None = None
+    fc_rank_ratio: float | None = None
+    fc_bandwidth: int = D.DIAGONAL_BANDWIDTH
+    target_macs: float | None = None
+    target_params: float | None = None
+    skip: Mapping[str, str] = field(default_factory=dict)
+    keep_last_linear: bool = True
+
+    def __post_init__(self) -> None:
+        if self.conv not in D.CONV_METHODS:
+            raise ValueError(f"conv must be one of {D.CONV_METHODS}, got {self.conv!r}")
+        if self.fc not in D.FC_METHODS:
+            raise ValueError(f"fc must be one of {D.FC_METHODS}, got {self.fc!r}")
+        for what, value in (("rank_ratio", self.rank_ratio), ("fc_rank_ratio", self.fc_rank_ratio)):
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{what} must be in (0, 1], got {value}")
+        if not (math.isfinite(self.vbmf_weaken) and self.vbmf_weaken >= 0):
+            raise ValueError(f"vbmf_weaken must be a finite number >= 0, got {self.vbmf_weaken}")
+        if self.fc_rank is not None and self.fc_rank < 1:
+            raise ValueError(f"fc_rank must be >= 1, got {self.fc_rank}")
+        if self.fc_bandwidth < 1:
+            raise ValueError(f"fc_bandwidth must be >= 1, got {self.fc_bandwidth}")
+        for what, value in (("target_macs", self.target_macs), ("target_params", self.target_params)):
+            if value is not None and not (math.isfinite(value) and value > 1):
+                raise ValueError(f"{what} must be a finite ratio > 1, got {value}")
+        if self.target_macs is not None and self.target_params is not None:
+            raise ValueError("give target_macs or target_params, not both")
+        if self.budget is not None:
+            fixed = [n for n, v in (("rank_ratio", self.rank_ratio), ("fc_rank", self.fc_rank),
+                                    ("fc_rank_ratio", self.fc_rank_ratio)) if v is not None]
+            if fixed or self.vbmf_weaken != 1:
+                fixed += ["vbmf_weaken"] if self.vbmf_weaken != 1 else []
+                raise ValueError(f"a budget chooses every rank; it cannot be combined with {', '.join(fixed)}")
+        object.__setattr__(self, "skip", dict(self.skip))
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """``("macs", R)``, ``("params", R)`` or None."""
+        if self.target_macs is not None:
+            return "macs", float(self.target_macs)
+        if self.target_params is not None:
+            return "params", float(self.target_params)
+        return None
+
+
+# ---------------------------------------------------------------------------- sites
+@dataclass
+class _Site:
+    """One layer the policy looks at, with what the planner needs to know about it."""
+
+    name: str
+    layer: nn.Module
+    kind: str                   # "conv" or "linear"
+    method: str                 # what the policy asks for: tucker, cp, svd, diagonal
+    in_shape: torch.Size | None  # None: not reached by a forward pass
+    macs: int
+    params: int
+
+
+def _sites(model: nn.Module, policy: Policy, input_size: Sequence[int]) -> list[_Site]:
+    """The layers the policy decomposes, in model order (already decomposed ones excluded)."""
+    shapes = report.record_input_shapes(model, input_size)
+    sites = []
+    candidates = D.candidate_layers(model)
+    linears = [n for n, m in candidates if isinstance(m, nn.Linear)]
+    for name, layer in candidates:
+        kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
+        method = policy.conv if kind == "conv" else policy.fc
+        if method == "none":
+            continue
+        if kind == "linear" and policy.keep_last_linear and name == linears[-1]:
+            method = "keep-last"
+        in_shape, macs = shapes.get(name, (None, 0))
+        sites.append(_Site(name, layer, kind, method, in_shape, macs, D.count_params(layer)))
+    return sites
+
+
+def _site_reason(site: _Site, policy: Policy) -> str | None:
+    """Why a site is kept whatever the rank rule, or None."""
+    if site.name in policy.skip:
+        return policy.skip[site.name] or "excluded by the caller"
+    if site.method == "keep-last":
+        return "last Linear (classifier) kept dense"
+    if site.in_shape is None:
+        return "not used in the forward pass"
+    if site.kind == "conv" and site.layer.groups != 1:
+        return f"grouped convolution (groups={site.layer.groups})"
+    if site.method in ("tucker", "cp", "svd") and min(site.layer.weight.shape[:2]) < 2:
+        return f"too small to factorize (weight {tuple(site.layer.weight.shape)})"
+    return None
+
+
+def _none(reason: str) -> dict:
+    return {"method": "none", "reason": reason}
+
+
+def _entry(site: _Site, ranks: Sequence[int], why: str) -> dict:
+    """A plan entry for ``site`` at ``ranks``, or a "none" entry when it would not shrink."""
+    ranks = [int(r) for r in ranks]
+    if min(ranks) == 0:
+        return _none(f"EVBMF found only noise (ranks {tuple(ranks)})" if why.startswith("VBMF")
+                     else f"rank 0 ({why})")
+    if site.method == "tucker":
+        entry = {"method": "tucker", "ranks": ranks}
+    else:
+        entry = {"method": site.method, "rank": ranks[0]}
+    params = _cost_model(site).params(ranks)
+    if params >= site.params:
+        return _none(f"{site.method} at ranks {tuple(ranks)} would not shrink the layer "
+                     f"({params} >= {site.params} params)")
+    entry["why"] = why
+    return entry
+
+
+def _ratio_rank(ratio: float, size: int) -> int:
+    return max(1, min(size, round(ratio * size)))
+
+
+def _rule_entry(site: _Site, policy: Policy, vbmf_cache: dict) -> dict:
+    """The entry of a site under the fixed (non-budget) rules."""
+    layer, k = site.layer, policy.vbmf_weaken
+    if site.method == "diagonal":
+        return {"method": "diagonal", "bandwidth": min(policy.fc_bandwidth, layer.in_features)}
+    if site.kind == "conv":
+        out_c, in_c = layer.out_channels, layer.in_channels
+        if policy.rank_ratio is not None:
+            why = f"ratio {policy.rank_ratio:g}"
+            if site.method == "tucker":
+                return _entry(site, (_ratio_rank(policy.rank_ratio, out_c), _ratio_rank(policy.rank_ratio, in_c)), why)
+            return _entry(site, (_ratio_rank(policy.rank_ratio, max(out_c, in_c)),), why)
+        if k == 0:
+            return _none("--vbmf_weaken 0 keeps every layer at full rank")
+        r_out, r_in = _vbmf_ranks(site, vbmf_cache)
+        why = "VBMF" if k == 1 else f"VBMF {r_out}x{r_in} weakened by k={k:g}"
+        if site.method == "tucker":
+            return _entry(site, (weaken(r_out, out_c, k), weaken(r_in, in_c, k)), why)
+        return _entry(site, (weaken(max(r_out, r_in), max(out_c, in_c), k),), why)
+    full = min(layer.in_features, layer.out_features)
+    if policy.fc_rank is not None:
+        return _entry(site, (min(policy.fc_rank, full),), f"fixed rank {policy.fc_rank}")
+    if policy.fc_rank_ratio is not None:
+        return _entry(site, (_ratio_rank(policy.fc_rank_ratio, full),), f"ratio {policy.fc_rank_ratio:g}")
+    if k == 0:
+        return _none("--vbmf_weaken 0 keeps every layer at full rank")
+    rank = _vbmf_ranks(site, vbmf_cache)[0]
+    return _entry(site, (weaken(rank, full, k),), "VBMF" if k == 1 else f"VBMF {rank} weakened by k={k:g}")
+
+
+def _spectra(site: _Site, cache: dict) -> list[vbmf.VBMFResult]:
+    """EVBMF of the matrices a site's ranks come from: two unfoldings of a conv, a Linear's weight.
+
+    EVBMF computes every singular value on the way (``observed_singular_values``), so
+    the VBMF ranks and the budget rule's error bounds share one SVD per matrix.
+    """
+    if site.name not in cache:
+        weight = site.layer.weight.detach()
+        matrices = [_unfold(weight, 0), _unfold(weight, 1)] if site.kind == "conv" else [weight]
+        with lapack_threads():
+            cache[site.name] = [vbmf.evbmf(m) for m in matrices]
+    return cache[site.name]
+
+
+def _vbmf_ranks(site: _Site, cache: dict) -> tuple[int, ...]:
+    return tuple(int(r.rank) for r in _spectra(site, cache))
+
+
+# --------------------------------------------------------------------------- costs
+@dataclass
+class _CostModel:
+    """Exact params and MACs of a site's factorized module as a function of its ranks.
+
+    Every factorized module's cost is ``d + a r_in + c r_out + b r_in r_out`` (Tucker-2)
+    or ``d + a r`` (CP, SVD): fitted from the module itself, built on the meta device
+    at ranks 1 and 2, so the budget counts exactly what :mod:`report` counts, for any
+    geometry (stride, padding, dilation) without a formula of its own.
+    """
+
+    params_coef: tuple[float, ...]
+    macs_coef: tuple[float, ...]
+
+    @staticmethod
+    def _eval(coef, ranks) -> np.ndarray:
+        if len(coef) == 4:
+            d, a, c, b = coef
+            r_out, r_in = ranks
+            return d + a * np.asarray(r_in) + c * np.asarray(r_out) + b * np.asarray(r_in) * np.asarray(r_out)
+        d, a = coef
+        return d + a * np.asarray(ranks[0])
+
+    def params(self, ranks) -> int | np.ndarray:
+        out = self._eval(self.params_coef, ranks)
+        return int(round(float(out))) if np.ndim(out) == 0 else np.rint(out)
+
+    def macs(self, ranks) -> int | np.ndarray:
+        out = self._eval(self.macs_coef, ranks)
+        return int(round(float(out))) if np.ndim(out) == 0 else np.rint(out)
+
+
+def _cost_model(site: _Site) -> _CostModel:
+    cached = getattr(site, "_costs", None)
+    if cached is not None:
+        return cached
+    layer = site.layer
+    with torch.device("meta"):
+        if site.kind == "conv":
+            probe = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                              padding=layer.padding, dilation=layer.dilation, padding_mode=layer.padding_mode,
+                              bias=layer.bias is not None)
+        else:
+            probe = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    in_shape = site.in_shape if site.in_shape is not None else None
+
+    def cost(ranks):
+        if site.method == "tucker":
+            module = D.TuckerConv2d(probe, ranks)
+        elif site.method == "cp":
+            module = D.CPConv2d(probe, ranks[0])
+        else:
+            module = D.SVDLinear(probe, ranks[0])
+        macs = D.macs_at(module, in_shape) if in_shape is not None else 0
+        return D.count_params(module), macs
+
+    if site.method == "tucker":
+        # (r_out, r_in) at (1,1), (2,1), (1,2), (2,2) -> the four coefficients.
+        f11, f21, f12, f22 = (cost(r) for r in ((1, 1), (2, 1), (1, 2), (2, 2)))
+        coefs = []
+        for i in range(2):
+            b = f22[i] - f21[i] - f12[i] + f11[i]
+            c = f21[i] - f11[i] - b
+            a = f12[i] - f11[i] - b
+            coefs.append((f11[i] - a - b - c, a, c, b))
+    else:
+        f1, f2 = cost((1,)), cost((2,))
+        coefs = [(f1[i] - (f2[i] - f1[i]), f2[i] - f1[i]) for i in range(2)]
+    model = _CostModel(tuple(coefs[0]), tuple(coefs[1]))
+    site._costs = model
+    return model
+
+
+def _diagonal_cost(site: _Site, bandwidth: int) -> tuple[int, int]:
+    layer = site.layer
+    with torch.device("meta"):
+        module = D.DiagonalLinear(layer.in_features, layer.out_features, bandwidth=bandwidth,
+                                  bias=layer.bias is not None)
+    return D.count_params(module), D.macs_at(module, site.in_shape)
+
+
+# -------------------------------------------------------------------------- budget
+def _tails(result: vbmf.VBMFResult, full: int) -> np.ndarray:
+    """``tail[r]``: the share of ``||W||^2`` beyond the ``r`` leading singular values, r = 0..full."""
+    s2 = np.asarray(result.observed_singular_values, dtype=np.float64) ** 2
+    total = s2.sum()
+    tail = np.zeros(full + 1)
+    if total > 0:
+        # Suffix sums, so that tail[len(s2)] (and beyond) is exactly 0.
+        suffix = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]]) / total
+        n = min(full, len(s2))
+        tail[:n + 1] = suffix[:n + 1]
+    return tail
+
+
+@dataclass
+class _BudgetSite:
+    site: _Site
+    costs: _CostModel
+    tails: list[np.ndarray]
+
+    def choose(self, error2: float, metric: str) -> tuple[tuple[int, ...] | None, float, float]:
+        """The cheapest ranks whose error bound is within ``error2``: (ranks or None to keep, cost, bound^2)."""
+        site, keep = self.site, (site_cost(self.site, metric))
+        if self.site.method == "tucker":
+            t_out, t_in = self.tails
+            r_out = np.arange(1, len(t_out))
+            room = error2 - t_out[1:]
+            # Smallest r_in with t_in[r_in] <= room (t_in is non-increasing).
+            r_in = np.searchsorted(-t_in, -room, side="left")
+            ok = (room >= 0) & (r_in < len(t_in))
+            r_in = np.clip(r_in, 1, len(t_in) - 1)
+            ranks = (r_out, r_in)
+        else:
+            # CP ranks up to where the CP layer is as large as the original (beyond, it never pays).
+            full = math.ceil(_cp_equal_rank(site.layer)) if site.method == "cp" else \
+                min(site.layer.in_features, site.layer.out_features)
+            r = np.arange(1, full + 1)
+            if site.method == "cp":
+                bound = self._cp_bound2(r)
+            else:
+                bound = self.tails[0][r]
+            ok = bound <= error2
+            ranks = (r,)
+        params = self.costs.params(ranks)
+        ok = ok & (params < site.params)
+        if not ok.any():
+            return None, keep, 0.0
+        value = (self.costs.macs(ranks) if metric == "macs" else params).astype(float)
+        value = np.where(ok, value, np.inf)
+        best = int(np.argmin(value))
+        if value[best] >= keep:
+            return None, keep, 0.0
+        chosen = tuple(int(np.asarray(x)[best]) for x in ranks)
+        return chosen, float(value[best]), self.bound2(chosen)
+
+    def bound2(self, ranks) -> float:
+        if self.site.method == "tucker":
+            return float(self.tails[0][ranks[0]] + self.tails[1][ranks[1]])
+        if self.site.method == "cp":
+            return float(self._cp_bound2(np.asarray([ranks[0]]))[0])
+        return float(self.tails[0][ranks[0]])
+
+    def _cp_bound2(self, r: np.ndarray) -> np.ndarray:
+        """An error proxy for CP rank ``r``; CP has no error bound from singular values.
+
+        The proxy maps ``r`` to the fraction ``f = r / R_eq`` of the rank ``R_eq`` at
+        which the CP layer has as many weights as the original, and takes the Tucker-2
+        bound at ``(ceil(f T), ceil(f S))``: 0 where CP stops saving anything, the
+        bound of rank 1 channels at the other end, and the same ordering of layers by
+        how fast their spectra decay as for Tucker-2.  (Bounding by the multilinear
+        ranks ``min(r, T)`` alone would call a CP layer exact at ``r = max(T, S)``,
+        which it is not: the CP rank of a generic ``T x S x k x k`` tensor is far higher.)
+        """
+        layer = self.site.layer
+        t_out, t_in = self.tails
+        f = np.minimum(1.0, r / _cp_equal_rank(layer))
+        r_out = np.clip(np.ceil(f * layer.out_channels).astype(int), 1, len(t_out) - 1)
+        r_in = np.clip(np.ceil(f * layer.in_channels).astype(int), 1, len(t_in) - 1)
+        return t_out[r_out] + t_in[r_in]
+
+
+def _cp_equal_rank(conv: nn.Conv2d) -> float:
+    """The CP rank at which a CP layer has as many weights as ``conv``: ``T S kh kw / (T + S + kh + kw)``."""
+    return conv.weight.numel() / (conv.out_channels + conv.in_channels + sum(conv.kernel_size))
+
+
+def site_cost(site: _Site, metric: str) -> float:
+    return float(site.macs if metric == "macs" else site.params)
+
+
+def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_size: Sequence[int],
+                 cache: dict, plan: dict) -> None:
+    """Fill ``plan`` for a budget: the smallest worst-layer error bound that meets it.
+
+    Rule (ALDS, Liebenwein et al. 2021 [4]_, which minimises the largest per-layer
+    relative error under a global budget): for an error level ``e``, every layer takes
+    its cheapest ranks whose relative weight error is at most ``e``; the total cost only
+    falls as ``e`` grows, so a bisection on ``e`` finds the smallest ``e`` within the
+    budget.  The error of a rank is bounded from the singular values that VBMF already
+    computes: exactly ``sqrt(tail(r) / ||W||^2)`` for an SVD (Eckart-Young), and for
+    Tucker-2 the truncated-HOSVD bound ``sqrt(tail_out(R_out) + tail_in(R_in))`` over
+    both unfoldings (De Lathauwer et al. 2000 [5]_; HOOI only improves on it).  So the
+    rule needs no decomposition and no data, and treats a rank cut the same in every
+    layer: what it saves is paid where the weights lose least.  Measured against
+    uniform ranks and weakened VBMF at the same budgets in benchmarks/RESULTS.md.
+    """
+    metric, target = policy.budget
+    total = float(report.count_macs(model, input_size) if metric == "macs" else report.count_params(model))
+    movable: list[_BudgetSite] = []
+    fixed = total
+    for site in sites:
+        if site.name in plan:
+            if plan[site.name]["method"] == "diagonal":
+                params, macs = _diagonal_cost(site, plan[site.name]["bandwidth"])
+                fixed += (macs if metric == "macs" else params) - site_cost(site, metric)
+            continue
+        full = [site.layer.weight.shape[0], site.layer.weight.shape[1]] if site.kind == "conv" else \
+            [min(site.layer.weight.shape)]
+        tails = [_tails(r, f) for r, f in zip(_spectra(site, cache), full)]
+        movable.append(_BudgetSite(site, _cost_model(site), tails))
+        fixed -= site_cost(site, metric)
+    allowed = total / target
+
+    def spend(error2: float) -> float:
+        return fixed + sum(m.choose(error2, metric)[1] for m in movable)
+
+    least = spend(MAX_ERROR2)
+    if least > allowed * (1 + 1e-12):
+        raise BudgetError(f"a {target:g}x reduction in {_metric_name(metric)} is out of reach: the most these "
+                          f"layers can give is {total / least:.3g}x (every decomposed layer at rank 1; first "
+                          f"conv, classifier and other kept layers count in full)")
+    low, high = 0.0, MAX_ERROR2
+    if spend(low) <= allowed:
+        high = low
+    for _ in range(BUDGET_BISECTION_STEPS):
+        if high - low <= 1e-15:
+            break
+        mid = 0.5 * (low + high)
+        if spend(mid) <= allowed:
+            high = mid
+        else:
+            low = mid
+    # Layers whose error bounds are equal switch ranks at the same level (for example,
+    # layers still at their random start all have flat spectra), so one bisection step
+    # can move the total by more than the 3% the budget allows.  Fill what is left of
+    # the budget layer by layer, worst error bound first, with the ranks each layer
+    # would take just below the found level.
+    choice = {m.site.name: m.choose(high, metric) for m in movable}
+    spent = fixed + sum(c[1] for c in choice.values())
+    for m in sorted(movable, key=lambda m: -choice[m.site.name][2]):
+        richer = m.choose(low, metric)
+        delta = richer[1] - choice[m.site.name][1]
+        if delta > 0 and spent + delta <= allowed:
+            choice[m.site.name], spent = richer, spent + delta
+    worst = 0.0
+    for m in movable:
+        ranks, _, bound2 = choice[m.site.name]
+        if ranks is None:
+            plan[m.site.name] = _none(f"budget: kept, no factorization cheaper at error bound "
+                                      f"{math.sqrt(high):.3f}")
+            continue
+        worst = max(worst, bound2)
+        entry = {"method": m.site.method}
+        entry.update({"ranks": list(ranks)} if m.site.method == "tucker" else {"rank": ranks[0]})
+        entry["why"] = f"budget {target:g}x {_metric_name(metric)}: error bound {math.sqrt(bound2):.3f}"
+        plan[m.site.name] = entry
+    logger.info("budget %gx %s: largest layer error bound %.3f, planned %.4gx", target, _metric_name(metric),
+                math.sqrt(worst), total / spent)
+
+
+def _metric_name(metric: str) -> str:
+    return "MACs" if metric == "macs" else "parameters"
+
+
+# ---------------------------------------------------------------------------- plan
+def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[int]) -> dict[str, dict]:
+    """Choose the ranks of every layer the policy decomposes; the model is not changed.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model; layers are found at any nesting depth.  Layers already decomposed
+        are left out.
+    policy : Policy
+        The rank rule (see the module docstring).
+    input_size : (C, H, W)
+        The image size at which MACs are counted (budgets) and used layers found.
+
+    Returns
+    -------
+    dict
+        ``name -> entry`` in model order, one entry per layer the policy looked at
+        (``{"method": "none", "reason": ...}`` for the ones it keeps).
+
+    Raises
+    ------
+    BudgetError
+        A budget that cannot be met; the message names the best reachable ratio.
+    """
+    sites = _sites(model, policy, input_size)
+    plan: dict[str, dict] = {}
+    cache: dict = {}
+    for site in sites:
+        reason = _site_reason(site, policy)
+        if reason is not None:
+            plan[site.name] = _none(reason)
+        elif site.method == "diagonal":
+            plan[site.name] = _rule_entry(site, policy, cache)
+        elif policy.budget is None:
+            plan[site.name] = _rule_entry(site, policy, cache)
+    if policy.budget is not None:
+        _budget_plan(model, sites, policy, input_size, cache, plan)
+    return {site.name: plan[site.name] for site in sites}
+
+
+def plan_cost(model: nn.Module, plan: Mapping[str, dict], input_size: Sequence[int]) -> dict[str, float]:
+    """Params and MACs the model will have once ``plan`` is applied (nothing is decomposed).
+
+    Returns ``params_before``, ``params_after``, ``macs_before``, ``macs_after`` and the
+    two ratios, counted exactly as :mod:`report` counts them.
+    """
+    check_plan(model, plan)
+    shapes = report.record_input_shapes(model, input_size)
+    params0, macs0 = report.count_params(model), report.count_macs(model, input_size)
+    params1, macs1 = params0, macs0
+    for name, entry in plan.items():
+        method = entry["method"]
+        if method == "none":
+            continue
+        layer = model.get_submodule(name)
+        in_shape, macs = shapes.get(name, (None, 0))
+        site = _Site(name, layer, "conv" if isinstance(layer, nn.Conv2d) else "linear", method, in_shape, macs,
+                     D.count_params(layer))
+        if method == "diagonal":
+            p, m = _diagonal_cost(site, entry["bandwidth"]) if in_shape is not None else (site.params, macs)
+        else:
+            ranks = entry["ranks"] if method == "tucker" else [entry["rank"]]
+            costs = _cost_model(site)
+            p, m = costs.params(ranks), costs.macs(ranks)
+        params1 += p - site.params
+        macs1 += m - macs
+    return {"params_before": params0, "params_after": params1, "params_ratio": params0 / params1,
+            "macs_before": macs0, "macs_after": macs1, "macs_ratio": macs0 / macs1 if macs1 else float("inf")}
+
+
+def structural(plan: Mapping[str, dict]) -> dict[str, dict]:
+    """The part of a plan that a model file stores: the decomposed layers, method and ranks only."""
+    return {name: {k: v for k, v in entry.items() if k not in D.PLAN_TEXT_KEYS}
+            for name, entry in plan.items() if entry.get("method") != "none"}
+
+
+# ------------------------------------------------------------------------ checking
+check_plan = D.check_plan
+PLAN_METHODS = D.PLAN_METHODS
+_entry_problem = D.plan_entry_problem
+_is_int = D._is_int
+
+
+# --------------------------------------------------------------------------- files
+def write_plan(path: str, plan: Mapping[str, dict], *, arch: str | None = None,
+               input_size: Sequence[int] | None = None, extra: Mapping[str, Any] | None = None) -> None:
+    """Write a plan as JSON (atomically) for people to read and edit, and :func:`read_plan` to replay."""
+    payload = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "arch": arch,
+               "input_size": list(input_size) if input_size is not None else None, **(extra or {}),
+               "layers": dict(plan)}
+    report.write_json(path, payload)
+
+
+def read_plan(path: str) -> dict[str, dict]:
+    """Read a plan file written by :func:`write_plan` (or a bare ``{name: entry}`` JSON object).
+
+    Raises :class:`errors.UserError` (one line) for a missing, oversized, non-JSON or
+    malformed file; whether the plan fits a model is :func:`check_plan`'s job.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"plan file {path} does not exist or is not a regular file")
+    size = os.path.getsize(path)
+    if size > MAX_PLAN_BYTES:
+        raise UserError(f"plan file {path} is {size} bytes; a plan is far smaller (limit {MAX_PLAN_BYTES})")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            payload = json.load(fh)
+    except UnicodeDecodeError:
+        raise UserError(f"plan file {path} is not text (UTF-8 JSON)") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"plan file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                        f"{exc.msg})") from None
+    if isinstance(payload, dict) and "format" in payload:
+        if payload.get("format") != PLAN_FORMAT:
+            raise UserError(f"plan file {path} has format {str(payload.get('format'))[:40]!r}, not {PLAN_FORMAT!r}")
+        version = payload.get("version")
+        if not _is_int(version) or version > PLAN_VERSION:
+            raise UserError(f"plan file {path} has version {str(version)[:20]}; this tool reads up to "
+                            f"{PLAN_VERSION}")
+        payload = payload.get("layers")
+    if not isinstance(payload, dict) or not payload:
+        raise UserError(f"plan file {path} holds no layers: expected an object mapping layer names to entries")
+    for name, entry in payload.items():
+        problem = _entry_problem(name, entry)
+        if problem:
+            raise UserError(f"plan file {path}: {problem}")
+    return payload
+
+
+# -------------------------------------------------------------------- other rank rules
+def svd_rank_for_params(layer: nn.Linear, params: int) -> int:
+    """The SVD rank whose ``r (M + N)`` weights are closest to ``params`` (at least 1)."""
+    return max(1, round(params / (layer.in_features + layer.out_features)))
+
