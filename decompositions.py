@@ -12,11 +12,12 @@ on the layer's device and dtype:
 * :func:`svd_decompose_linear` -- truncated SVD of a Linear layer (Girshick 2015).
 * :func:`diagonal_decompose_linear` -- a wrapped banded-diagonal Linear layer.
 
-:func:`decompose_model` walks any model, replaces every eligible layer in place and
-returns one :class:`LayerReport` per layer it looked at.  Every replacement module
-carries a :meth:`plan_entry` (method and ranks) so that a saved model can be rebuilt
-from its architecture and a plan (:func:`model_plan`, :func:`apply_plan`) without ever
-pickling a module.
+:func:`decompose_model` applies a *plan* (layer name -> method and ranks, chosen by
+:func:`ranks.plan_decomposition` or written by a user; checked whole first by
+:func:`check_plan`) in place and returns one :class:`LayerReport` per plan entry.  No
+rank is chosen here.  Every replacement module carries a :meth:`plan_entry` (method and
+ranks) so that a saved model can be rebuilt from its architecture and a plan
+(:func:`model_plan`, :func:`apply_plan`) without ever pickling a module.
 
 The factorizations are written in plain torch rather than with tensorly's
 ``partial_tucker``/``parafac``: the same algorithms (HOSVD + HOOI, CP-ALS), but

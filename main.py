@@ -123,10 +123,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="weaken every VBMF rank as in MUSCO: R - K (R - R_vbmf), R the full rank; 1 is plain "
                           "VBMF, 0 keeps every layer, above 1 compresses beyond VBMF")
     dec.add_argument("--target_macs", "--target-macs", type=float, default=None, metavar="R",
-                     help="a budget: choose every rank (convs, and FC layers with --fc svd) so that the whole "
-                          "model needs R times fewer MACs at its image size (smallest worst-layer error)")
+                     help="a budget: choose every rank (convs, and FC layers with --fc svd unless --fc_rank or "
+                          "--fc_rank_ratio fixes them) so that the whole model needs R times fewer MACs at its "
+                          "image size (smallest worst-layer error)")
     dec.add_argument("--target_params", "--target-params", type=float, default=None, metavar="R",
                      help="a budget: the whole model R times fewer parameters (as --target_macs)")
+    dec.add_argument("--budget_rule", "--budget-rule", default="sum", choices=("sum", "minimax"),
+                     help="how a budget spreads over the layers: the smallest sum of squared error bounds (sum; "
+                          "more accurate before fine-tuning in benchmarks/RESULTS.md) or the smallest worst-layer "
+                          "error bound (minimax, as ALDS)")
     dec.add_argument("--plan", help="apply the per-layer methods and ranks of this JSON plan file (as written by "
                                     "--save_plan, and edited) instead of choosing them")
     dec.add_argument("--save_plan", "--save-plan", help="write the plan that was applied as JSON (per layer: "
@@ -231,8 +236,9 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
     targets = [f"--{n}" for n in ("target_macs", "target_params") if getattr(args, n) is not None]
     if len(targets) > 1:
         raise UserError("give --target_macs or --target_params, not both")
-    if targets and fixed:
-        raise UserError(f"{targets[0]} chooses every rank; drop {', '.join(fixed)}")
+    conv_fixed = [f for f in fixed if f in ("--rank_ratio", "--vbmf_weaken")]
+    if targets and conv_fixed:
+        raise UserError(f"{targets[0]} chooses the conv ranks; drop {', '.join(conv_fixed)}")
     if args.plan:
         clash = fixed + targets + (["--cp"] if args.cp else []) + ([f"--fc {args.fc}"] if args.fc != "none" else [])
         if clash:
@@ -414,7 +420,8 @@ def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_s
         convs[0]: "first conv (image channels) kept; --include_first_conv decomposes it"}
     policy = ranks.Policy(conv=method, fc=args.fc, rank_ratio=args.rank_ratio, vbmf_weaken=args.vbmf_weaken,
                           fc_rank=args.fc_rank, fc_rank_ratio=args.fc_rank_ratio, fc_bandwidth=args.fc_bandwidth,
-                          target_macs=args.target_macs, target_params=args.target_params, skip=skip)
+                          target_macs=args.target_macs, target_params=args.target_params, skip=skip,
+                          budget_rule=args.budget_rule)
     return ranks.plan_decomposition(model, policy, input_size)
 
 

@@ -427,6 +427,85 @@ def test_decompose_with_nothing_left(tmp_path, capsys, trained):
     assert not twice.exists()
 
 
+# ------------------------------------------------------------------- budgets and plans
+def test_budget_save_plan_and_replay(tmp_path, capsys, trained):
+    decomposed, report_json, plan_json = tmp_path / "decomposed", tmp_path / "report.json", tmp_path / "plan.json"
+    code, out, err = run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", decomposed,
+                             "--target_macs", "1.3", "--report", report_json, "--save_plan", plan_json, *FAST)
+    assert code == 0, err
+    totals = json.loads(report_json.read_text())["totals"]
+    assert totals["target"]["requested"] == 1.3 and totals["target"]["metric"] == "macs"
+    assert 1.3 <= totals["macs_ratio"] <= 1.3 * 1.03
+    assert f"budget: 1.3x fewer MACs requested, {totals['macs_ratio']:.3f}x reached" in out
+    plan = json.loads(plan_json.read_text())
+    assert plan["format"] == "lowrank-cnn-plan" and plan["arch"] == "alexnet"
+    layers = plan["layers"]
+    assert layers["features.0"]["method"] == "none" and "first conv" in layers["features.0"]["reason"]
+    assert all("budget" in e["why"] for e in layers.values() if e["method"] == "tucker")
+    _, info = models.load_model(str(decomposed))
+    assert info["plan"] == {n: {k: v for k, v in e.items() if k != "why"} for n, e in layers.items()
+                            if e["method"] != "none"}
+    assert info["meta"]["target_macs"] == 1.3
+
+    # Replay the plan as written, then an edited one: the model file holds exactly what it says.
+    replay = tmp_path / "replay"
+    code, _, err = run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", replay,
+                           "--plan", plan_json, *FAST)
+    assert code == 0, err
+    assert models.load_model(str(replay))[1]["plan"] == info["plan"]
+    layers["features.3"] = {"method": "tucker", "ranks": [7, 5], "why": "by hand"}
+    layers["features.6"] = {"method": "none", "reason": "by hand"}
+    plan_json.write_text(json.dumps(plan))
+    edited = tmp_path / "edited"
+    code, out, err = run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", edited,
+                             "--plan", plan_json, *FAST)
+    assert code == 0, err
+    edited_plan = models.load_model(str(edited))[1]["plan"]
+    assert edited_plan["features.3"] == {"method": "tucker", "ranks": [7, 5]} and "features.6" not in edited_plan
+    assert "skipped: by hand" in out.split("features.6")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--target_macs", "500"], "a 500x reduction in MACs is out of reach: the most these layers can give is"),
+    (["--target_params", "0.5"], "--target_params must be a ratio > 1"),
+    (["--target_macs", "2", "--target_params", "2"], "not both"),
+    (["--target_macs", "2", "--rank_ratio", "0.3"], "--target_macs chooses the conv ranks; drop --rank_ratio"),
+    (["--vbmf_weaken", "-1"], "--vbmf_weaken must be a number >= 0"),
+    (["--vbmf_weaken", "0"], "nothing left to decompose"),
+    (["--plan", "{tmp}/missing.json"], "plan file {tmp}/missing.json does not exist"),
+    (["--plan", "{plan}", "--cp"], "--plan gives every layer's method and ranks; drop --cp"),
+    (["--plan", "{plan}", "--target_macs", "3"], "drop --target_macs"),
+    (["--save_plan", "{tmp}/no/such/plan.json"], "for --save_plan does not exist"),
+    (["--report", "{tmp}/no/such/r.json"], "for --report does not exist"),
+])
+def test_bad_budget_and_plan_options(tmp_path, capsys, trained, argv, needle):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"features.3": {"method": "tucker", "ranks": [4, 4]}}))
+    decomposed = tmp_path / "decomposed"
+    argv = [a.format(tmp=tmp_path, plan=plan) for a in argv]
+    code, _, err = run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", decomposed, *argv,
+                           *FAST)
+    assert_one_line_error(code, err, needle.format(tmp=tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["plan.json"]
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{oops", "is not valid JSON"),
+    ('{"features.3": {"method": "tucker", "ranks": [4]}}', "tucker ranks must be two integers"),
+    ('{"features.99": {"method": "tucker", "ranks": [4, 4]}}', "does not fit"),
+    ('{"classifier.1": {"method": "cp", "rank": 4}}', "cp applies to Conv2d layers"),
+    ('{"features.3": {"method": "tucker", "ranks": [4, 4000]}}', "exceed the layer's channels"),
+])
+def test_malformed_plan_files(tmp_path, capsys, trained, content, needle):
+    plan = tmp_path / "plan.json"
+    plan.write_text(content)
+    decomposed = tmp_path / "decomposed"
+    code, _, err = run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", decomposed,
+                           "--plan", plan, *FAST)
+    assert_one_line_error(code, err, str(plan), needle)
+    assert not decomposed.exists()
+
+
 @pytest.mark.parametrize("argv,needle", [
     ([], "nothing to do"),
     (["--decompose", "--decomposed_model", "{trained}"], "different files"),

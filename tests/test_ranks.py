@@ -66,8 +66,10 @@ def _meta_twin_counts(build, plan, input_size) -> tuple[int, int]:
     ({"target_params": float("inf")}, "target_params must be"),
     ({"target_macs": 2, "target_params": 2}, "not both"),
     ({"target_macs": 2, "rank_ratio": 0.5}, "cannot be combined with rank_ratio"),
+    ({"target_macs": 2, "rank_ratio": 0.5, "fc_rank": 4}, "cannot be combined with rank_ratio$"),
     ({"target_params": 2, "vbmf_weaken": 0.5}, "cannot be combined with vbmf_weaken"),
     ({"fc_bandwidth": 0}, "fc_bandwidth"),
+    ({"budget_rule": "greedy"}, "budget_rule must be one of"),
 ])
 def test_policy_refuses_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -137,6 +139,9 @@ def test_plan_cost_counts_exactly_what_the_model_will_have(method):
     ("vgg16", 64, {"target_macs": 3.0, "conv": "cp"}),
     ("alexnet", 63, {"target_macs": 1.4}),
     ("alexnet", 63, {"target_params": 10.0, "fc": "svd"}),
+    ("vgg16", 64, {"target_macs": 6.0, "fc": "svd", "fc_rank_ratio": 0.05}),
+    ("vgg16", 64, {"target_macs": 5.0, "budget_rule": "sum"}),
+    ("alexnet", 63, {"target_macs": 1.4, "budget_rule": "minimax"}),
 ])
 def test_budget_reaches_its_ratio(arch, size, policy):
     torch.manual_seed(0)
@@ -152,9 +157,13 @@ def test_budget_reaches_its_ratio(arch, size, policy):
     assert target <= reached <= target * (1 + TOLERANCE), reached
     assert plan[first]["method"] == "none"
     decomposed = [e for e in plan.values() if e["method"] != "none"]
-    assert len(decomposed) >= 4 and all("budget" in e["why"] for e in decomposed)
+    convs = [e for e in decomposed if e["method"] in ("tucker", "cp")]
+    assert all("budget" in e["why"] for e in convs)
+    # A MACs budget falls on the convs; a parameter budget may fall on the FC layers alone.
+    assert len(convs) >= 4 if metric == "macs" else len(decomposed) >= 2
     if policy.get("fc") == "svd":
-        assert any(e["method"] == "svd" for e in decomposed)
+        svd = [e for e in decomposed if e["method"] == "svd"]
+        assert svd and all(("ratio 0.05" if "fc_rank_ratio" in policy else "budget") in e["why"] for e in svd)
     # The model itself is untouched by planning.
     assert not D.model_plan(model)
 
@@ -165,7 +174,7 @@ def test_budget_equalizes_the_error_bounds(target):
     # the structured layer needs far lower ranks, so the budget takes its savings there.
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), _planted_conv(32, 32, 4, 4, noise=0.05))
-    plan = ranks.plan_decomposition(net, ranks.Policy(target_macs=target), (32, 8, 8))
+    plan = ranks.plan_decomposition(net, ranks.Policy(target_macs=target, budget_rule="minimax"), (32, 8, 8))
     random_ranks, planted_ranks = plan["0"]["ranks"], plan["2"]["ranks"]
     assert sum(planted_ranks) < sum(random_ranks)
     bounds = {name: float(e["why"].split("error bound ")[1]) for name, e in plan.items()}
@@ -176,6 +185,20 @@ def test_budget_equalizes_the_error_bounds(target):
     # Both layers sit near the same error level (the minimax allocation); a uniform cut would
     # leave the structured layer almost exact and the random one far worse.
     assert abs(bounds["0"] - bounds["2"]) < 0.1 * max(bounds.values())
+
+
+@pytest.mark.parametrize("target", [2.0, 4.0])
+def test_each_budget_rule_optimises_its_own_objective(target):
+    # sum: the smallest total squared error bound; minimax: the smallest worst-layer bound.
+    net = _planted_net()
+    bounds = {}
+    for rule in ranks.BUDGET_RULES:
+        plan = ranks.plan_decomposition(net, ranks.Policy(target_macs=target, budget_rule=rule, fc="svd"), INPUT)
+        cost = ranks.plan_cost(net, plan, INPUT)
+        assert target <= cost["macs_ratio"] <= target * (1 + TOLERANCE)
+        bounds[rule] = [float(e["why"].split("error bound ")[1]) ** 2 for e in plan.values() if "why" in e]
+    assert sum(bounds["sum"]) <= sum(bounds["minimax"]) * 1.02
+    assert max(bounds["minimax"]) <= max(bounds["sum"]) * 1.02
 
 
 def test_impossible_budget_names_the_best_reachable_ratio():
