@@ -73,6 +73,7 @@ __all__ = [
     "candidate_layers",
     "check_plan",
     "cp_fallback_ranks",
+    "cp_rank_limit",
     "count_params",
     "macs_at",
     "model_plan",
@@ -805,13 +806,31 @@ def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(m, (nn.Conv2d, nn.Linear)) and n and not _inside_decomposed(n, decomposed)]
 
 
+def cp_rank_limit(conv: nn.Conv2d) -> int:
+    """The largest CP rank worth planning: above it a CP layer has more weights than ``conv``.
+
+    ``R (T + S + kh + kw) < T S kh kw``, i.e. ``R < T S kh kw / (T + S + kh + kw)``.
+    """
+    return max(1, math.ceil(conv.weight.numel() / (conv.out_channels + conv.in_channels + sum(conv.kernel_size))))
+
+
 def cp_fallback_ranks(conv: nn.Conv2d, rank: int) -> tuple[int, int]:
     """Tucker-2 ranks that stand in for a CP layer of ``rank`` whose ALS failed.
 
-    A rank-R CP tensor has multilinear ranks at most R, so Tucker-2 at
-    ``(min(R, T), min(R, S))`` can represent anything the CP layer could.
+    Not a rank choice but a conversion at equal size, so that a plan's budget still holds:
+    the largest common fraction ``f`` of the channels, ``(ceil(f T), ceil(f S))``, whose
+    Tucker-2 layer has no more weights than the CP layer would have had.
     """
-    return min(rank, conv.out_channels), min(rank, conv.in_channels)
+    out_c, in_c = conv.out_channels, conv.in_channels
+    kernel = conv.kernel_size[0] * conv.kernel_size[1]
+    budget = rank * (in_c + sum(conv.kernel_size) + out_c)
+    best = (1, 1)
+    for r_out in range(1, out_c + 1):  # at most a few hundred steps, once per failed layer
+        r_in = max(1, math.ceil(r_out * in_c / out_c))
+        if in_c * r_in + r_in * r_out * kernel + r_out * out_c > budget:
+            break
+        best = (r_out, min(r_in, in_c))
+    return best
 
 
 def decompose_model(
@@ -994,10 +1013,10 @@ def _fit_problem(name: str, entry: dict, layer: nn.Module | None) -> str | None:
     if layer is None:
         return f"layer {name!r} is not in the model"
     method = entry["method"]
-    if method == "none":
-        return None
     if isinstance(layer, DECOMPOSED_TYPES):
         return f"layer {name!r} is already decomposed"
+    if method == "none":
+        return None
     if method in ("tucker", "cp") and not isinstance(layer, nn.Conv2d):
         return f"layer {name!r} is a {type(layer).__name__}; {method} applies to Conv2d layers"
     if method in ("svd", "diagonal") and not isinstance(layer, nn.Linear):
@@ -1008,6 +1027,9 @@ def _fit_problem(name: str, entry: dict, layer: nn.Module | None) -> str | None:
         limits = (layer.out_channels, layer.in_channels)
         if any(r > lim for r, lim in zip(entry["ranks"], limits)):
             return f"layer {name!r}: tucker ranks {entry['ranks']} exceed the layer's channels {list(limits)}"
+    elif method == "cp" and entry["rank"] > cp_rank_limit(layer):
+        return f"layer {name!r}: cp rank {entry['rank']} exceeds {cp_rank_limit(layer)}, beyond which a CP " \
+               f"layer is larger than the original"
     elif method == "svd" and entry["rank"] > min(layer.in_features, layer.out_features):
         return f"layer {name!r}: svd rank {entry['rank']} exceeds min(in, out) = " \
                f"{min(layer.in_features, layer.out_features)}"
@@ -1021,11 +1043,16 @@ def check_plan(model: nn.Module, plan: Any) -> None:
     if not isinstance(plan, Mapping):
         raise ValueError(f"a plan must map layer names to entries, got {type(plan).__name__}")
     modules = dict(model.named_modules())
+    decomposed = [n for n, m in modules.items() if isinstance(m, DECOMPOSED_TYPES)]
     for name, entry in plan.items():
         problem = plan_entry_problem(name, entry)
         if problem is None:
             layer = modules.get(name)
-            if layer is not None and not isinstance(layer, (nn.Conv2d, nn.Linear, *DECOMPOSED_TYPES)):
+            if layer is not None and _inside_decomposed(name, decomposed):
+                # A factor of a decomposed layer: decomposing it again would need nested plans,
+                # which model files cannot rebuild.
+                problem = f"layer {name!r} is part of an already decomposed layer"
+            elif layer is not None and not isinstance(layer, (nn.Conv2d, nn.Linear, *DECOMPOSED_TYPES)):
                 problem = f"layer {name!r} is a {type(layer).__name__}, not a Conv2d or Linear layer"
             else:
                 problem = _fit_problem(name, entry, layer)

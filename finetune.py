@@ -1078,8 +1078,8 @@ def project_to_masks(model: nn.Module, *, layers: Sequence[str], bandwidth: int,
     on-structure entries are multiplied by ``sqrt(||row||^2 / ||on-structure part||^2)``
     so that the row keeps its norm (see :func:`anneal_to_masks`). Without ``rescale``
     the result equals :func:`decompositions.diagonal_decompose_linear`'s projection,
-    kept as a dense layer. A later ``decompose_model(..., fc_method="diagonal")`` is
-    exact, as after annealing.
+    kept as a dense layer. A later ``decompose_model`` with "diagonal" plan entries for these
+    layers is exact, as after annealing.
 
     Parameters
     ----------

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from errors import UserError
+from report import short_list
 
 logger = logging.getLogger("main")
 
@@ -125,7 +126,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     dec.add_argument("--target_macs", "--target-macs", type=float, default=None, metavar="R",
                      help="a budget: choose every rank (convs, and FC layers with --fc svd unless --fc_rank or "
                           "--fc_rank_ratio fixes them) so that the whole model needs R times fewer MACs at its "
-                          "image size (smallest worst-layer error)")
+                          "image size, within 3%%, with the least error (--budget_rule)")
     dec.add_argument("--target_params", "--target-params", type=float, default=None, metavar="R",
                      help="a budget: the whole model R times fewer parameters (as --target_macs)")
     dec.add_argument("--budget_rule", "--budget-rule", default="sum", choices=("sum", "minimax"),
@@ -240,11 +241,23 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
     if targets and conv_fixed:
         raise UserError(f"{targets[0]} chooses the conv ranks; drop {', '.join(conv_fixed)}")
     if args.plan:
-        clash = fixed + targets + (["--cp"] if args.cp else []) + ([f"--fc {args.fc}"] if args.fc != "none" else [])
-        if clash:
-            raise UserError(f"--plan gives every layer's method and ranks; drop {', '.join(clash)}")
+        if args.demo:
+            raise UserError("--plan is for --decompose, not --demo")
         if not args.decompose:
             raise UserError("--plan is applied by --decompose")
+        # Flags that choose methods or ranks, given on the command line, would be ignored.
+        explicit = getattr(args, "explicit", None)
+        choosers = {"rank_ratio", "fc_rank", "fc_rank_ratio", "vbmf_weaken", "target_macs", "target_params",
+                    "budget_rule", "cp", "fc", "fc_bandwidth", "include_first_conv"}
+        parser_defaults = get_args_parser().parse_args([])
+        given = [n for n in sorted(choosers) if (n in explicit if explicit is not None
+                                                 else getattr(args, n) != getattr(parser_defaults, n))]
+        if given:
+            raise UserError(f"--plan gives every layer's method and ranks; drop {', '.join('--' + n for n in given)}")
+        import ranks
+
+        ranks.read_plan(args.plan)  # a malformed file stops here, before any step runs
+    outputs = {"--model": args.model, "--decomposed_model": args.decomposed_model}
     for name in ("save_plan", "report"):
         path = getattr(args, name)
         if path:
@@ -253,6 +266,10 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
                 raise UserError(f"folder {folder} for --{name} does not exist")
             if os.path.isdir(path):
                 raise UserError(f"--{name} {path} is a directory")
+            same = [flag for flag, other in outputs.items() if os.path.abspath(other) == os.path.abspath(path)]
+            if same:
+                raise UserError(f"--{name} {path} is the same file as {same[0]}")
+            outputs[f"--{name}"] = path
 
 
 def _data(args: argparse.Namespace, *, image_size: int, train: bool, test: bool, dist=None):
@@ -350,8 +367,10 @@ def step_decompose(args, device) -> dict:
     # evaluation or training.  (The diagonal FC annealing below changes weights, not layers.)
     plan = _plan(args, model, method, input_size)
     acc_before = _evaluate_loader(model, test_loader, device, args) if test_loader else None
-    if args.fc == "diagonal":
-        summary_anneal = _move_fc_onto_diagonal(args, model, device, image_size, info["classes"], test_loader)
+    diagonal, bandwidth = _diagonal_layers(model, plan)
+    if diagonal:
+        summary_anneal = _move_fc_onto_diagonal(args, model, device, image_size, info["classes"], test_loader,
+                                                layers=diagonal, bandwidth=bandwidth)
     rows = decompositions.decompose_model(model, plan, input_size=input_size, seed=args.seed,
                                           show_progress=not args.quiet, rescale=not args.no_rescale)
     seconds = time.perf_counter() - start
@@ -366,12 +385,20 @@ def step_decompose(args, device) -> dict:
     if budget:
         what, requested = budget
         summary["target"] = {"metric": what, "requested": requested, "reached": summary[f"{what}_ratio"]}
-    if args.fc == "diagonal":
+    if diagonal:
         summary["fc_diagonal"] = summary_anneal
     print(report.format_table(rows, summary))
     if budget:
-        print(f"budget: {budget[1]:g}x fewer {'MACs' if budget[0] == 'macs' else 'parameters'} requested, "
-              f"{summary['target']['reached']:.3f}x reached")
+        import ranks
+
+        what = "MACs" if budget[0] == "macs" else "parameters"
+        reached = summary["target"]["reached"]
+        print(f"budget: {budget[1]:g}x fewer {what} requested, {reached:.3f}x reached")
+        if not budget[1] * (1 - ranks.COST_RTOL) <= reached <= budget[1] * (1 + ranks.BUDGET_TOLERANCE):
+            changed = [r["name"] for r in rows if "fell back" in (r["reason"] or "") or
+                       (r["skipped"] and plan[r["name"]]["method"] != "none")]
+            warnings.warn(f"the decomposition reached {reached:.3f}x, outside {ranks.BUDGET_TOLERANCE:.0%} of the "
+                          f"{budget[1]:g}x planned: {short_list(changed)} did not decompose as planned")
     acc_after = _evaluate_loader(model, test_loader, device, args) if test_loader else None
     if acc_before is not None:
         summary["acc_before"], summary["acc_after"] = acc_before, acc_after
@@ -418,10 +445,13 @@ def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_s
     convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     skip = {} if args.include_first_conv or not convs else {
         convs[0]: "first conv (image channels) kept; --include_first_conv decomposes it"}
-    policy = ranks.Policy(conv=method, fc=args.fc, rank_ratio=args.rank_ratio, vbmf_weaken=args.vbmf_weaken,
-                          fc_rank=args.fc_rank, fc_rank_ratio=args.fc_rank_ratio, fc_bandwidth=args.fc_bandwidth,
-                          target_macs=args.target_macs, target_params=args.target_params, skip=skip,
-                          budget_rule=args.budget_rule)
+    try:
+        policy = ranks.Policy(conv=method, fc=args.fc, rank_ratio=args.rank_ratio, vbmf_weaken=args.vbmf_weaken,
+                              fc_rank=args.fc_rank, fc_rank_ratio=args.fc_rank_ratio,
+                              fc_bandwidth=args.fc_bandwidth, target_macs=args.target_macs,
+                              target_params=args.target_params, skip=skip, budget_rule=args.budget_rule)
+    except ValueError as exc:  # a combination the parser cannot see (e.g. --vbmf_weaken with nothing to weaken)
+        raise UserError(str(exc).replace("vbmf_weaken", "--vbmf_weaken")) from None
     return ranks.plan_decomposition(model, policy, input_size)
 
 
@@ -443,8 +473,22 @@ def _applied_plan(plan: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
     return applied
 
 
-def _move_fc_onto_diagonal(args, model, device, image_size: int, classes: list[str], test_loader) -> dict:
-    """Get the hidden FC layers' weight mass onto the diagonal structure before conversion.
+def _diagonal_layers(model: torch.nn.Module, plan: dict[str, dict]) -> tuple[list[str], int]:
+    """The plan's diagonal layers and their one bandwidth (a layer with fewer inputs uses them all)."""
+    entries = {name: e["bandwidth"] for name, e in plan.items() if e["method"] == "diagonal"}
+    if not entries:
+        return [], 0
+    bandwidth = max(entries.values())
+    odd = [n for n, b in entries.items() if b != min(bandwidth, model.get_submodule(n).in_features)]
+    if odd:
+        raise UserError(f"the plan's diagonal layers must share one bandwidth ({short_list(odd)} differ from "
+                        f"{bandwidth}): the mask schedule moves them together")
+    return list(entries), bandwidth
+
+
+def _move_fc_onto_diagonal(args, model, device, image_size: int, classes: list[str], test_loader, *,
+                           layers: list[str], bandwidth: int) -> dict:
+    """Get the weight mass of the plan's diagonal FC layers onto the structure before conversion.
 
     With training data: ``finetune.anneal_to_masks`` fine-tunes while the off-structure
     weights fade to 0.  Without: ``finetune.project_to_masks`` zeroes them at once,
@@ -454,21 +498,17 @@ def _move_fc_onto_diagonal(args, model, device, image_size: int, classes: list[s
     """
     import finetune
 
-    linears = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
-    layers = linears[:-1]  # the classifier stays dense
-    if not layers:
-        return {"layers": []}
     if not args.train_path:
-        logger.warning("--fc diagonal without --train_path: projecting the FC weights onto the structure at "
+        logger.warning("diagonal FC layers without --train_path: projecting the FC weights onto the structure at "
                        "once; give --train_path to anneal them there (much less accuracy lost)")
-        result = finetune.project_to_masks(model, layers=layers, bandwidth=args.fc_bandwidth)
+        result = finetune.project_to_masks(model, layers=layers, bandwidth=bandwidth)
         return {"layers": layers, "procedure": "projection", "gain": result["gain"]}
     # The test folder was already scanned (and its classes checked) by step_decompose.
     train_loader, _, _, data_classes = _data(args, image_size=image_size, train=True, test=False)
     if data_classes != classes:
         raise UserError(f"the data's classes {data_classes} differ from the model's {classes}")
     lr = args.lr or DEFAULT_LR["tucker"]
-    result = finetune.anneal_to_masks(model, train_loader, layers=layers, bandwidth=args.fc_bandwidth,
+    result = finetune.anneal_to_masks(model, train_loader, layers=layers, bandwidth=bandwidth,
                                       epochs=args.fc_anneal_epochs, lr=lr, device=device, test_loader=test_loader,
                                       show_progress=not args.quiet, log=logger)
     return {"layers": layers, "procedure": "anneal", "epochs": args.fc_anneal_epochs, "lr": lr,

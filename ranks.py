@@ -23,8 +23,9 @@ Rank rules (a :class:`Policy` picks one for the convs and one for the FC layers)
 * a fixed fraction of the channels (``rank_ratio``, ``fc_rank_ratio``) or a fixed SVD
   rank (``fc_rank``).
 * a budget (``target_macs`` / ``target_params``): the whole model ``R`` times smaller,
-  ranks chosen jointly across every decomposed layer by the smallest worst-layer
-  relative error, see :func:`_budget_plan`.
+  within 3%, ranks chosen jointly across every decomposed layer from error bounds that
+  the singular values give: the smallest sum of their squares (default) or the smallest
+  worst layer's, see :func:`_budget_plan`.
 
 References
 ----------
@@ -57,6 +58,7 @@ import decompositions as D
 import report
 import vbmf
 from errors import UserError
+from report import short_list
 from threads import lapack_threads
 
 logger = logging.getLogger(__name__)
@@ -76,11 +78,21 @@ BUDGET_BISECTION_STEPS = 60
 MAX_ERROR2 = 2.0
 # Range (log10) of the Lagrange multiplier of the "sum" budget rule, for costs counted as
 # shares of the whole model and squared relative errors in [0, 2]: from "any saving is
-# worth nothing" to "any saving is worth everything".
-LAGRANGE_LOG10 = (-6.0, 8.0)
+# worth nothing" to "any saving is worth everything" (at 1e12, one MAC of a 1e9-MAC model
+# still outweighs the largest error difference, 2).
+LAGRANGE_LOG10 = (-6.0, 12.0)
 BUDGET_RULES = ("sum", "minimax")
-# At most this many single-layer upgrades spend what the bisection leaves of a budget.
-BUDGET_FILL_STEPS = 200
+# At most this many single-layer upgrades spend what the bisection leaves of a budget
+# (each moves one layer along its Pareto front, usually by many ranks at once).
+BUDGET_FILL_STEPS = 10_000
+#: A budget is met when the whole model is between R and R (1 + this) times smaller.
+BUDGET_TOLERANCE = 0.03
+# Relative slack when comparing a planned cost with the allowed one (float rounding only).
+COST_RTOL = 1e-12
+# The bisection stops when its interval is this narrow (in the rule's parameter, in [0, 1]).
+BISECTION_XTOL = 1e-15
+# Options whose error removed per unit of cost is within this fraction of the best count as tied.
+FILL_SCORE_RTOL = 1e-6
 
 
 class BudgetError(UserError):
@@ -117,15 +129,18 @@ def estimate_cp_rank(conv: nn.Conv2d) -> int:
 
 
 def weaken(rank_vbmf: int, full: int, k: float) -> int:
-    """MUSCO's weakened rank ``R - k (R - R_vbmf)``, rounded, at least 1 for ``k < 1``.
+    """MUSCO's weakened rank ``R - k (R - R_vbmf)``, rounded, between 1 and ``R``.
 
-    ``k = 0`` gives the full rank ``R``, ``k = 1`` exactly the VBMF rank (0 included:
-    noise only), ``k > 1`` goes below VBMF, clipped at 1.
+    ``k = 0`` gives the full rank ``R``, ``k = 1`` exactly the VBMF rank, ``k > 1`` goes
+    below VBMF, clipped at 1.  A VBMF rank of 0 (EVBMF found only noise, so plain VBMF
+    keeps the layer) stays 0 for every ``k``: weakening moves towards keeping the layer
+    and never compresses what VBMF keeps, which keeps the ranks monotone in ``k``.
     """
-    if k == 1:
-        return int(rank_vbmf)
-    value = round(full - k * (full - rank_vbmf))
-    return int(min(full, max(1, value)))
+    if rank_vbmf == 0:
+        return 0
+    # In floats first: a huge k must clip to 1, not overflow round().
+    value = max(1.0, min(float(full), full - k * (full - rank_vbmf)))
+    return int(round(value))
 
 
 # --------------------------------------------------------------------------- policy
@@ -152,8 +167,9 @@ class Policy:
         Bandwidth of the diagonal FC structure.
     target_macs, target_params : float > 1, optional
         A budget: the whole model this many times smaller in MACs (at the plan's input
-        size) or in parameters; at most one of the two.  It chooses the conv ranks and,
-        unless ``fc_rank`` / ``fc_rank_ratio`` fix them, the SVD ranks of the FC layers.
+        size) or in parameters, within :data:`BUDGET_TOLERANCE`; at most one of the two.
+        It chooses the conv ranks and, unless ``fc_rank`` / ``fc_rank_ratio`` fix them,
+        the SVD ranks of the FC layers.
     skip : mapping name -> reason
         Layers to keep as they are, with the reason the report gives.
     keep_last_linear : bool
@@ -204,6 +220,11 @@ class Policy:
             fixed += ["vbmf_weaken"] if self.vbmf_weaken != 1 else []
             if fixed:
                 raise ValueError(f"a budget chooses the conv ranks; it cannot be combined with {', '.join(fixed)}")
+        vbmf_convs = self.conv != "none" and self.rank_ratio is None
+        vbmf_fc = self.fc == "svd" and self.fc_rank is None and self.fc_rank_ratio is None
+        if self.vbmf_weaken != 1 and self.budget is None and not (vbmf_convs or vbmf_fc):
+            raise ValueError("vbmf_weaken weakens VBMF ranks, and these settings choose none by VBMF "
+                             "(rank_ratio, fc_rank or fc_rank_ratio fix them)")
         object.__setattr__(self, "skip", dict(self.skip))
 
     @property
@@ -450,7 +471,7 @@ class _BudgetSite:
             bound2 = t_out[ranks[0]] + t_in[ranks[1]]
         else:
             # CP ranks up to where the CP layer is as large as the original (beyond, it never pays).
-            full = math.ceil(_cp_equal_rank(site.layer)) if site.method == "cp" else \
+            full = D.cp_rank_limit(site.layer) if site.method == "cp" else \
                 min(site.layer.in_features, site.layer.out_features)
             ranks = (np.arange(1, full + 1),)
             bound2 = self._cp_bound2(ranks[0]) if site.method == "cp" else self.tails[0][ranks[0]]
@@ -458,8 +479,17 @@ class _BudgetSite:
         value = (self.costs.macs(ranks) if self.metric == "macs" else params).astype(float)
         self.keep = site_cost(site, self.metric)
         useful = (params < site.params) & (value < self.keep)
-        self.ranks = tuple(r[useful] for r in ranks)
-        self.bound2s, self.values = bound2[useful], value[useful]
+        ranks, bound2, value = tuple(r[useful] for r in ranks), bound2[useful], value[useful]
+        # Only the Pareto front matters (no other option is both cheaper and more exact):
+        # by cost, then bound, keep each option whose bound is below every cheaper one's.
+        # A Tucker-2 layer's T x S options shrink to a few hundred.
+        order = np.lexsort((bound2, value))
+        ranks, bound2, value = tuple(r[order] for r in ranks), bound2[order], value[order]
+        front = np.ones(len(value), dtype=bool)
+        if len(value):
+            front[1:] = bound2[1:] < np.minimum.accumulate(bound2)[:-1]
+        self.ranks = tuple(r[front] for r in ranks)
+        self.bound2s, self.values = bound2[front], value[front]
 
     def choose(self, rule: str, level: float) -> tuple[tuple[int, ...] | None, float, float]:
         """(ranks or None to keep, cost, error bound^2) at a level of the rule.
@@ -495,15 +525,10 @@ class _BudgetSite:
         """
         layer = self.site.layer
         t_out, t_in = self.tails
-        f = np.minimum(1.0, r / _cp_equal_rank(layer))
+        f = np.minimum(1.0, r / D.cp_rank_limit(layer))
         r_out = np.clip(np.ceil(f * layer.out_channels).astype(int), 1, len(t_out) - 1)
         r_in = np.clip(np.ceil(f * layer.in_channels).astype(int), 1, len(t_in) - 1)
         return t_out[r_out] + t_in[r_in]
-
-
-def _cp_equal_rank(conv: nn.Conv2d) -> float:
-    """The CP rank at which a CP layer has as many weights as ``conv``: ``T S kh kw / (T + S + kh + kw)``."""
-    return conv.weight.numel() / (conv.out_channels + conv.in_channels + sum(conv.kernel_size))
 
 
 def site_cost(site: _Site, metric: str) -> float:
@@ -572,16 +597,27 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
     def spend(x: float) -> float:
         return fixed + sum(m.choose(rule, level_of(x))[1] for m in movable)
 
-    least = spend(1.0)
-    if least > allowed * (1 + 1e-12):
+    # The most the layers can give, whatever the rule: each at its cheapest option.
+    least = fixed + sum(min(m.keep, float(m.values.min()) if len(m.values) else m.keep) for m in movable)
+    if least > allowed * (1 + COST_RTOL):
+        best = math.floor(total / least * 1000) / 1000  # rounded down: asking for it succeeds
         raise BudgetError(f"a {target:g}x reduction in {_metric_name(metric)} is out of reach: the most these "
-                          f"layers can give is {total / least:.3g}x (every decomposed layer at rank 1; first "
-                          f"conv, classifier and other kept layers count in full)")
+                          f"layers can give is {best:g}x (each decomposed layer at its cheapest rank; the first "
+                          f"conv, the classifier and other kept or fixed layers count as they are)")
+    untouched = fixed + sum(m.keep for m in movable)
+    if untouched < allowed / (1 + BUDGET_TOLERANCE):
+        fixed_names = [s.name for s in sites if s.name in plan and plan[s.name]["method"] != "none"]
+        raise BudgetError(f"the layers with fixed ranks ({short_list(fixed_names)}) already make the model "
+                          f"{total / untouched:.3g}x smaller in {_metric_name(metric)}, more than the {target:g}x "
+                          f"asked for: ask for more, or let the budget choose their ranks")
     low, high = 0.0, 1.0
     if spend(low) <= allowed:
         high = low
+    elif spend(high) > allowed * (1 + COST_RTOL):
+        raise BudgetError(f"could not plan {target:g}x fewer {_metric_name(metric)} with the {rule} rule; "
+                          f"try --budget_rule {'minimax' if rule == 'sum' else 'sum'}")
     for _ in range(BUDGET_BISECTION_STEPS):
-        if high - low <= 1e-15:
+        if high - low <= BISECTION_XTOL:
             break
         mid = 0.5 * (low + high)
         if spend(mid) <= allowed:
@@ -608,9 +644,13 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
             if not fits.any():
                 continue
             score = np.where(fits, gain / np.where(fits, extra, 1.0), -np.inf)
-            i = int(np.argmax(score))
-            if best is None or score[i] > best[0]:
-                best = (score[i], m, i)
+            top = score.max()
+            # Among this layer's options as good per unit of cost (a straight stretch of the
+            # front: flat spectra), take the richest, so the fill moves in one step, not one
+            # rank at a time.
+            i = int(np.argmax(np.where(score >= top * (1 - FILL_SCORE_RTOL), gain, -np.inf)))
+            if best is None or top > best[0]:
+                best = (top, m, i)
         if best is None:
             break
         _, m, i = best
@@ -631,6 +671,11 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
         plan[m.site.name] = entry
     logger.info("budget %gx %s (%s): largest layer error bound %.3f, planned %.4gx", target, _metric_name(metric),
                 rule, math.sqrt(worst), total / spent)
+    if not target <= total / spent * (1 + COST_RTOL) <= target * (1 + BUDGET_TOLERANCE):
+        # Not expected (the fill spends the budget down to one rank of one layer); say so
+        # rather than hand back a plan that misses the request.
+        raise BudgetError(f"could not plan {target:g}x fewer {_metric_name(metric)} within "
+                          f"{BUDGET_TOLERANCE:.0%}: the nearest plan found gives {total / spent:.3g}x")
 
 
 def _metric_name(metric: str) -> str:
@@ -665,7 +710,8 @@ def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[in
     Raises
     ------
     BudgetError
-        A budget that cannot be met; the message names the best reachable ratio.
+        A budget that cannot be met within :data:`BUDGET_TOLERANCE`; the message names
+        the best reachable ratio (or says that layers with fixed ranks already exceed it).
     """
     sites = _sites(model, policy, input_size)
     plan: dict[str, dict] = {}
@@ -754,6 +800,10 @@ def read_plan(path: str) -> dict[str, dict]:
     except json.JSONDecodeError as exc:
         raise UserError(f"plan file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
                         f"{exc.msg})") from None
+    except RecursionError:
+        raise UserError(f"plan file {path} nests too deeply to be a plan") from None
+    except OSError as exc:
+        raise UserError(f"plan file {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
     if isinstance(payload, dict) and "format" in payload:
         if payload.get("format") != PLAN_FORMAT:
             raise UserError(f"plan file {path} has format {str(payload.get('format'))[:40]!r}, not {PLAN_FORMAT!r}")

@@ -477,6 +477,11 @@ def test_budget_save_plan_and_replay(tmp_path, capsys, trained):
     (["--plan", "{plan}", "--target_macs", "3"], "drop --target_macs"),
     (["--save_plan", "{tmp}/no/such/plan.json"], "for --save_plan does not exist"),
     (["--report", "{tmp}/no/such/r.json"], "for --report does not exist"),
+    (["--save_plan", "{tmp}/decomposed"], "is the same file as --decomposed_model"),
+    (["--save_plan", "{tmp}/p.json", "--report", "{tmp}/p.json"], "--report {tmp}/p.json is the same file as --save_plan"),
+    (["--plan", "{plan}", "--budget_rule", "minimax"], "drop --budget_rule"),
+    (["--plan", "{plan}", "--fc_bandwidth", "2"], "drop --fc_bandwidth"),
+    (["--vbmf_weaken", "0.5", "--rank_ratio", "0.3"], "--vbmf_weaken weakens VBMF ranks, and these settings choose none"),
 ])
 def test_bad_budget_and_plan_options(tmp_path, capsys, trained, argv, needle):
     plan = tmp_path / "plan.json"
@@ -489,12 +494,37 @@ def test_bad_budget_and_plan_options(tmp_path, capsys, trained, argv, needle):
     assert sorted(os.listdir(tmp_path)) == ["plan.json"]
 
 
+def test_bad_plan_stops_before_training(tmp_path, capsys, data):
+    train, test = data
+    plan, model = tmp_path / "plan.json", tmp_path / "model"
+    plan.write_text('{"features.3": {"method": "tucker"}}')
+    code, _, err = run_cli(capsys, "--train", "--decompose", "--plan", plan, "--train_path", train, "--arch", "alexnet",
+                           "--image_size", ALEXNET_SIZE, "--model", model, "--decomposed_model", tmp_path / "d", *FAST)
+    assert_one_line_error(code, err, "missing 'ranks'")
+    assert sorted(os.listdir(tmp_path)) == ["plan.json"]
+
+
+def test_plan_with_diagonal_entries_moves_the_weights_first(tmp_path, capsys, caplog, trained):
+    plan, decomposed, report_json = tmp_path / "plan.json", tmp_path / "decomposed", tmp_path / "report.json"
+    plan.write_text(json.dumps({"classifier.1": {"method": "diagonal", "bandwidth": 4},
+                                "classifier.4": {"method": "diagonal", "bandwidth": 4}}))
+    code, _, err = run_cli(capsys, "--decompose", "--model", trained, "--decomposed_model", decomposed, "--plan", plan,
+                           "--report", report_json, *FAST)
+    assert code == 0, err
+    assert "projecting the FC weights onto the structure" in caplog.text
+    totals = json.loads(report_json.read_text())["totals"]
+    assert totals["fc_diagonal"]["procedure"] == "projection"
+    assert totals["fc_diagonal"]["layers"] == ["classifier.1", "classifier.4"]
+    assert set(models.load_model(str(decomposed))[1]["plan"]) == {"classifier.1", "classifier.4"}
+
+
 @pytest.mark.parametrize("content,needle", [
     ("{oops", "is not valid JSON"),
     ('{"features.3": {"method": "tucker", "ranks": [4]}}', "tucker ranks must be two integers"),
     ('{"features.99": {"method": "tucker", "ranks": [4, 4]}}', "does not fit"),
     ('{"classifier.1": {"method": "cp", "rank": 4}}', "cp applies to Conv2d layers"),
     ('{"features.3": {"method": "tucker", "ranks": [4, 4000]}}', "exceed the layer's channels"),
+    ("[" * 100000 + "]" * 100000, "nests too deeply"),
 ])
 def test_malformed_plan_files(tmp_path, capsys, trained, content, needle):
     plan = tmp_path / "plan.json"

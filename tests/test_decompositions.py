@@ -276,6 +276,7 @@ BAD_PLANS = [
     ({"stem.0": {"method": "prune"}}, "method must be one of"),
     ({"stem.0": ["tucker", 2, 2]}, "must be an object"),
     ({"stem": {"method": "none"}}, "not a Conv2d or Linear"),
+    ({"blocks.a.0": {"method": "cp", "rank": 10 ** 30}}, "exceeds 86, beyond which a CP layer is larger"),
     ([("stem.0", {"method": "none"})], "must map layer names"),
 ]
 
@@ -290,6 +291,27 @@ def test_bad_plans_are_refused_before_anything_changes(plan, message):
         D.decompose_model(model, plan, input_size=(3, 8, 8))
     assert [type(m) for m in model.modules()] == [type(m) for m in Nested().modules()]
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("entry", [{"method": "none"}, {"method": "tucker", "ranks": [2, 2]}])
+@pytest.mark.parametrize("name", ["blocks.a.0", "blocks.a.0.1"])
+def test_plans_cannot_touch_decomposed_layers_or_their_factors(name, entry):
+    model = Nested()
+    D.decompose_model(model, {"blocks.a.0": {"method": "tucker", "ranks": [4, 4]}}, input_size=(3, 8, 8))
+    message = "is already decomposed" if name == "blocks.a.0" else "is part of an already decomposed layer"
+    with pytest.raises(ValueError, match=message):
+        D.decompose_model(model, {name: entry}, input_size=(3, 8, 8))
+    assert D.model_plan(model) == {"blocks.a.0": {"method": "tucker", "ranks": [4, 4]}}
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8, 40])
+def test_cp_fallback_is_no_larger_than_the_cp_layer(rank):
+    conv = nn.Conv2d(24, 40, 3)
+    r_out, r_in = D.cp_fallback_ranks(conv, rank)
+    tucker = 24 * r_in + r_in * r_out * 9 + r_out * 40
+    assert 1 <= r_out <= 40 and 1 <= r_in <= 24
+    assert tucker <= max(rank * (24 + 6 + 40), 24 + 9 + 40)  # rank 1 Tucker when CP is tinier still
+    assert D.cp_fallback_ranks(conv, rank + 20)[0] >= r_out  # more CP weights, no fewer Tucker ranks
 
 
 def test_decompose_model_applies_a_plan_and_reports_every_entry():
