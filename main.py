@@ -63,6 +63,13 @@ DEMO_LR = {"train": 0.002, "fine_tune": 0.003}
 # VBMF rightly finds only noise: the from-scratch demo asks for fixed ranks instead.
 DEMO_RANK_RATIO = 0.25
 INFERENCE_BACKENDS = ("eager", "channels_last", "torchscript", "onnx")
+# NumPy's and Python's generators take seeds below 2**32.
+MAX_SEED = 2**32 - 1
+# Activation memory bound (check_activation_memory): VGG's and AlexNet's first conv width,
+# the tensors of that size a training step holds at once, and the share of RAM allowed.
+FIRST_LAYER_CHANNELS = 64
+ACTIVATION_COPIES = 4
+MEMORY_SHARE = 0.5
 EXPORT_FORMATS = ("onnx",)
 
 
@@ -204,6 +211,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--fc_rank must be >= 1, got {args.fc_rank}")
     if args.image_size is not None and args.image_size < 1:
         raise UserError(f"--image_size must be >= 1, got {args.image_size}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    if args.image_size is not None and args.image_size > models.MAX_IMAGE_SIZE:
+        raise UserError(f"--image_size {args.image_size} is too large: at most {models.MAX_IMAGE_SIZE} px")
+    if args.train:
+        check_activation_memory(args.batch_size, args.image_size or DEFAULT_IMAGE_SIZE, "--batch_size")
+    _check_outputs(args)
     if args.train:
         models.check_arch(args.arch)
         models.check_image_size(args.arch, args.image_size or DEFAULT_IMAGE_SIZE)
@@ -220,6 +234,66 @@ def _check_args(args: argparse.Namespace) -> None:
         source = args.decomposed_model if (args.fine_tune and not args.decompose) else args.model
         if (args.decompose or args.fine_tune or args.eval or args.export) and not os.path.exists(source):
             raise UserError(f"model file {source} does not exist (run --train first, or pass --model)")
+
+
+def check_activation_memory(batch: int, image_size: int, flag: str) -> None:
+    """UserError when a batch's first-layer activations alone would not fit in half the memory.
+
+    VGG's and AlexNet's first conv outputs 64 channels at (close to) the input size; a
+    forward and backward pass holds a few such tensors.  Far beyond that the allocator
+    fails deep in a forward pass, or the kernel kills the process without a word.
+    """
+    per_image = FIRST_LAYER_CHANNELS * image_size ** 2 * 4 * ACTIVATION_COPIES
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no bound
+        return
+    if batch * per_image > memory * MEMORY_SHARE:
+        fits = max(1, int(memory * MEMORY_SHARE // per_image))
+        raise UserError(f"{flag} {batch} at {image_size} px needs about {batch * per_image / 2**30:.0f} GiB of "
+                        f"activations, more than half of this machine's {memory / 2**30:.0f} GiB; at most {fits} fits")
+
+
+def _check_output_path(flag: str, path: str, *, creates_folder: bool = False) -> None:
+    """An output file must go to an existing folder (model files create theirs) and replace, if
+    anything, a regular file.
+
+    The atomic rename that writes every output would otherwise replace a symlink (such as
+    /dev/stdout), a device or a directory entry with a regular file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if not creates_folder and not os.path.isdir(folder):
+        raise UserError(f"folder {folder} for {flag} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory")
+    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+        raise UserError(f"{flag} {path} exists and is not a regular file (a link, device or FIFO); name a new "
+                        f"file or a regular one")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every file this run will write, checked before any work starts."""
+    outputs = []
+    if args.train:
+        outputs.append(("--model", args.model))
+    if args.decompose:
+        outputs.append(("--decomposed_model", args.decomposed_model))
+    if args.json and (args.eval or args.demo):
+        outputs.append(("--json", args.json))
+    if args.export:
+        outputs.append(("--export", args.export[1]))
+    for flag, path in outputs:
+        _check_output_path(flag, path, creates_folder=flag in ("--model", "--decomposed_model"))
+    seen: dict[str, str] = {}
+    for flag, path in outputs:
+        key = os.path.abspath(path)
+        if key in seen:
+            raise UserError(f"{flag} {path} is the same file as {seen[key]}")
+        seen[key] = flag
+    # (--decomposed_model naming the input model has its own message below.)
+    if not args.train and seen.get(os.path.abspath(args.model), "--model") not in ("--model", "--decomposed_model"):
+        raise UserError(f"{seen[os.path.abspath(args.model)]} {args.model} is the input model (--model): it is "
+                        f"never overwritten")
 
 
 def _check_decompose_args(args: argparse.Namespace) -> None:
@@ -295,7 +369,8 @@ def _fit(args, model, *, lr: float, image_size: int, device, dist, classes_expec
     train_loader, test_loader, sampler, classes = _data(args, image_size=image_size, train=True, test=True,
                                                         dist=dist)
     if classes_expected is not None and classes != classes_expected:
-        raise UserError(f"the data's classes {classes} differ from the model's {classes_expected}")
+        raise UserError(f"the data's classes ({short_list(classes, 8)}) differ from the model's "
+                        f"({short_list(classes_expected, 8)})")
     model.to(device)
     wrapped = model
     if dist.enabled:
@@ -358,7 +433,8 @@ def step_decompose(args, device) -> dict:
     if args.test_path:
         _, test_loader, _, classes = _data(args, image_size=image_size, train=False, test=True)
         if classes != info["classes"]:
-            raise UserError(f"the test folder's classes {classes} differ from the model's {info['classes']}")
+            raise UserError(f"the test folder's classes ({short_list(classes, 8)}) differ from the model's "
+                            f"({short_list(info['classes'], 8)})")
     input_size = (3, image_size, image_size)
     params_before, macs_before = report.count_params(model), report.count_macs(model, input_size)
     method = "cp" if args.cp else "tucker"
@@ -506,7 +582,8 @@ def _move_fc_onto_diagonal(args, model, device, image_size: int, classes: list[s
     # The test folder was already scanned (and its classes checked) by step_decompose.
     train_loader, _, _, data_classes = _data(args, image_size=image_size, train=True, test=False)
     if data_classes != classes:
-        raise UserError(f"the data's classes {data_classes} differ from the model's {classes}")
+        raise UserError(f"the data's classes ({short_list(data_classes, 8)}) differ from the model's "
+                        f"({short_list(classes, 8)})")
     lr = args.lr or DEFAULT_LR["tucker"]
     result = finetune.anneal_to_masks(model, train_loader, layers=layers, bandwidth=bandwidth,
                                       epochs=args.fc_anneal_epochs, lr=lr, device=device, test_loader=test_loader,
@@ -544,7 +621,8 @@ def evaluate_file(path: str, args, device) -> dict:
     image_size = info["image_size"]
     _, test_loader, _, classes = _data(args, image_size=image_size, train=False, test=True)
     if classes != info["classes"]:
-        raise UserError(f"the test folder's classes {classes} differ from the model's {info['classes']}")
+        raise UserError(f"the test folder's classes ({short_list(classes, 8)}) differ from the model's "
+                            f"({short_list(info['classes'], 8)})")
     metrics = finetune.evaluate(model, test_loader, device=device, show_progress=not args.quiet)
     latency = _latency(model, args, device, image_size)
     return {
@@ -571,6 +649,7 @@ def _latency(model, args, device, image_size: int) -> dict:
 
     import inference
 
+    check_activation_memory(args.latency_batch, image_size, "--latency_batch")
     example = torch.randn(args.latency_batch, 3, image_size, image_size, device=device)
     try:
         predictor = inference.prepare(model, example, backend=args.backend)

@@ -26,6 +26,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import stat
+import warnings
+import zipfile
 from typing import Any
 
 import torch
@@ -40,17 +43,25 @@ from report import short_list
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARCHS", "MIN_IMAGE_SIZE", "FILE_FORMAT", "FILE_VERSION", "build_model", "build_pretrained", "check_image_size",
-           "save_model", "load_model", "unwrap", "feature_parameters"]
+__all__ = ["ARCHS", "MIN_IMAGE_SIZE", "MAX_IMAGE_SIZE", "FILE_FORMAT", "FILE_VERSION", "build_model", "build_pretrained", "check_image_size",
+           "save_model", "load_model", "unwrap", "feature_parameters", "check_input_file"]
 
 ARCHS = ("vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "alexnet")
 # Smallest square input for which every pooling stage still has an output pixel.
 # VGG: five 2x2/2 max-pools -> 2**5.  AlexNet: conv 11x11/4 (pad 2) and three
 # 3x3/2 max-pools need 63 px (63 -> 15 -> 7 -> 3 -> 1).
 MIN_IMAGE_SIZE = {"vgg16": 32, "vgg16_bn": 32, "vgg19": 32, "vgg19_bn": 32, "alexnet": 63}
+# Largest crop: 9x ImageNet's 224 px.  One VGG image at 2048 px already holds 1 GiB of
+# first-layer activations; far larger sizes end in PIL or allocator errors, not results.
+MAX_IMAGE_SIZE = 2048
 FILE_FORMAT = "lowrank-cnn"
 FILE_VERSION = 1
 REQUIRED_KEYS = ("format", "version", "arch", "classes", "image_size", "plan", "state_dict")
+# torch.save writes its archive uncompressed: the entries' declared sizes add up to about
+# the file's own.  More than this many times the file (plus the slack) is a compressed
+# archive, possibly a zip bomb, refused before anything is inflated.
+MAX_ZIP_EXPANSION = 1.5
+ZIP_SLACK_BYTES = 16 * 1024 * 1024
 
 
 def check_arch(arch: str) -> None:
@@ -59,11 +70,13 @@ def check_arch(arch: str) -> None:
 
 
 def check_image_size(arch: str, image_size: int) -> None:
-    """UserError when ``image_size`` is too small for ``arch`` (see MIN_IMAGE_SIZE)."""
+    """UserError when ``image_size`` is too small for ``arch`` (see MIN_IMAGE_SIZE) or above MAX_IMAGE_SIZE."""
     check_arch(arch)
     if image_size < MIN_IMAGE_SIZE[arch]:
         raise UserError(f"image size {image_size} is too small for {arch}: it needs at least "
                         f"{MIN_IMAGE_SIZE[arch]} px")
+    if image_size > MAX_IMAGE_SIZE:
+        raise UserError(f"image size {image_size} is too large: at most {MAX_IMAGE_SIZE} px")
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
@@ -183,10 +196,18 @@ def feature_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a DistributedDataParallel (or compiled) wrapper."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+    """The plain model inside DistributedDataParallel / DataParallel and ``torch.compile`` wrappers.
+
+    Only those wrappers are unwrapped: a model of any other class that happens to have a
+    child named ``module`` is returned as it is.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def save_model(path: str, model: nn.Module, *, arch: str, classes: list[str], image_size: int,
@@ -218,11 +239,32 @@ def save_model(path: str, model: nn.Module, *, arch: str, classes: list[str], im
     logger.info("saved %s (%s, %d parameters)", path, arch, sum(v.numel() for v in state.values()))
 
 
-def _torch_load(path: str, *, what: str) -> Any:
+def check_input_file(path: str, *, what: str) -> None:
+    """UserError unless ``path`` is an existing regular file (a FIFO would block a reader forever)."""
     if not os.path.exists(path):
         raise UserError(f"{what} {path} does not exist")
     if os.path.isdir(path):
         raise UserError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserError(f"{what} {path} is not a regular file (a FIFO, device or socket)")
+
+
+def _check_archive(path: str, *, what: str) -> None:
+    """Refuse a zip archive whose entries declare far more bytes than the file holds."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a readable zip: torch.load names the problem
+    if declared > size * MAX_ZIP_EXPANSION + ZIP_SLACK_BYTES:
+        raise UserError(f"{what} {path} declares {declared} bytes inside a {size}-byte file: a compressed archive "
+                        f"(model files are stored uncompressed), refused before reading")
+
+
+def _torch_load(path: str, *, what: str) -> Any:
+    check_input_file(path, what=what)
+    _check_archive(path, what=what)
     try:
         # weights_only=True: tensors and plain containers only; pickled code
         # (classes, functions, __reduce__ payloads) is refused without running it.
@@ -240,6 +282,24 @@ def _torch_load(path: str, *, what: str) -> Any:
         raise UserError(f"{what} {path} is truncated or not a model file ({type(exc).__name__}: {detail})") from None
 
 
+def _float32_weights(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """The state_dict with every floating tensor in float32; non-finite weights refused.
+
+    The tool trains and evaluates in float32 (autocast on GPU): a file saved in half or
+    double precision (by another script) is converted, with a warning, rather than fail
+    later with a dtype mismatch deep in a forward pass.
+    """
+    other = sorted({str(v.dtype).replace("torch.", "") for v in state.values()
+                    if v.is_floating_point() and v.dtype != torch.float32})
+    if other:
+        warnings.warn(f"model file {path} holds {', '.join(other)} weights: converted to float32", stacklevel=3)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"model file {path} has non-finite weights (NaN or Inf) in {short_list(bad, 3)}")
+    return state
+
+
 def load_model(path: str, *, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Load a model file written by :func:`save_model`.
 
@@ -254,20 +314,37 @@ def load_model(path: str, *, device: torch.device | str = "cpu") -> tuple[nn.Mod
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise UserError(f"model file {path} lacks {', '.join(missing)}")
-    if payload["version"] > FILE_VERSION:
-        raise UserError(f"model file {path} has format version {payload['version']}; this tool reads up to "
-                        f"{FILE_VERSION}")
+    version = payload["version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"model file {path} has a malformed format version {str(version)[:20]!r}")
+    if version > FILE_VERSION:
+        raise UserError(f"model file {path} has format version {version}; this tool reads up to {FILE_VERSION}")
     arch, classes, plan = payload["arch"], payload["classes"], payload["plan"]
+    if not isinstance(arch, str):
+        raise UserError(f"model file {path} has a malformed architecture name")
     check_arch(arch)
-    if not isinstance(classes, list) or len(classes) < 2 or not isinstance(plan, dict):
+    if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes)
+            or not isinstance(plan, dict)):
         raise UserError(f"model file {path} has a malformed class list or plan")
+    image_size = payload["image_size"]
+    if not isinstance(image_size, int) or isinstance(image_size, bool):
+        raise UserError(f"model file {path} has a malformed image size {str(image_size)[:20]!r}")
+    try:
+        check_image_size(arch, image_size)
+    except UserError as exc:
+        raise UserError(f"model file {path}: {exc}") from None
+    state = payload["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UserError(f"model file {path} has a malformed state_dict (expected a mapping of names to tensors)")
+    state = _float32_weights(state, path)
     try:
         # Build on the meta device: no memory or time spent on weights about to be replaced.
         with torch.device("meta"):
             model = torchvision.models.get_model(arch, weights=None)
             _replace_head(model, len(classes))
             decompositions.apply_plan(model, plan)
-        model.load_state_dict(payload["state_dict"], strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except (ValueError, RuntimeError) as exc:
         detail = str(exc).strip().splitlines()
         raise UserError(f"model file {path} does not match its architecture {arch}: "
