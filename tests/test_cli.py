@@ -351,7 +351,8 @@ def test_train_bad_input(tmp_path, capsys, case):
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, needle)
     assert model.read_bytes() == b"previous model"
-    assert sorted(os.listdir(tmp_path)) == ["data", "model"] or not (tmp_path / "data").exists()
+    # Nothing written besides what the case itself made (some cases make no data folder).
+    assert sorted(os.listdir(tmp_path)) == (["data", "model"] if (tmp_path / "data").exists() else ["model"])
 
 
 def test_single_corrupt_image_is_skipped_with_a_counted_warning(tmp_path, capsys):

@@ -64,7 +64,8 @@ def tiny_convnet() -> nn.Sequential:
 def test_resolve_device_cpu_and_auto():
     assert resolve_device("cpu") == CPU
     assert resolve_device(" CPU ") == CPU
-    assert isinstance(resolve_device("auto"), torch.device)
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_device("auto") == torch.device(expected)
 
 
 def test_resolve_device_unknown_name_lists_allowed():

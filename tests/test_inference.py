@@ -231,7 +231,9 @@ def test_pad_ranks_is_exact_and_pads_every_chain(model):
     assert cp[3].weight.shape == (12, 16, 1, 1)
     x = _example(OTHER_BATCH)
     assert _rel(_eager(padded, x), _eager(model, x)) < 1e-6
-    assert inference.pad_ranks(copy.deepcopy(model), 1) is not None  # multiple 1: nothing to pad
+    same = inference.pad_ranks(copy.deepcopy(model), 1)  # multiple 1: nothing to pad
+    assert [p.shape for p in same.parameters()] == [p.shape for p in model.parameters()]
+    assert _rel(_eager(same, x), _eager(model, x)) == 0
     with pytest.raises(ValueError, match="rank_multiple.*0"):
         inference.pad_ranks(copy.deepcopy(model), 0)
 

@@ -90,7 +90,10 @@ def test_save_load_round_trip(tmp_path, decomposed_alexnet):
     path = str(tmp_path / "m")
     models.save_model(path, decomposed_alexnet, arch="alexnet", classes=["a", "b"], image_size=63,
                       meta={"note": "x"})
-    assert oct(os.stat(path).st_mode & 0o777) != "0o600"
+    # A model file gets the usual permissions of a new file (not the temporary file's 0o600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
     payload = torch.load(path, weights_only=True)
     assert set(models.REQUIRED_KEYS) <= set(payload) and payload["meta"] == {"note": "x"}
     assert payload["plan"]["features.3"]["method"] == "tucker"

@@ -157,10 +157,11 @@ def test_zero_matrix_is_noise_only():
 
 def test_torch_inputs_of_any_kind():
     torch.manual_seed(0)
+    torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(64, 3, 3, 3))  # a conv weight, requires grad
     unfolded = weight.reshape(64, -1)  # (64, 27), part of the autograd graph
     rank = estimate_rank(unfolded)
-    assert isinstance(rank, int) and 0 <= rank <= 27
+    assert type(rank) is int and rank == 0  # Gaussian noise: nothing retained
     assert weight.grad is None
     signal = torch.from_numpy(planted(64, 160, 4, seed=9))
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
@@ -168,7 +169,7 @@ def test_torch_inputs_of_any_kind():
     # Non-contiguous views and integer arrays.
     assert estimate_rank(signal.mT) == 4
     assert estimate_rank(planted(64, 160, 4, seed=9)[:, ::-1]) == 4
-    assert estimate_rank(np.arange(12).reshape(3, 4)) >= 0
+    assert estimate_rank(np.arange(12).reshape(3, 4)) == estimate_rank(np.arange(12.0).reshape(3, 4))
 
 
 def test_result_is_immutable():
