@@ -120,18 +120,46 @@ def _list_classes(root: str) -> list[str]:
         return sorted(e.name for e in entries if e.is_dir() and not _is_hidden(e.name))
 
 
+def _walk_images(class_dir: str) -> tuple[list[str], list[str]]:
+    """Image files under ``class_dir``, recursively, in ``ImageFolder`` order, and the folders skipped.
+
+    Linked folders are followed, but each real folder is read once and none outside
+    ``class_dir``: ``os.walk(followlinks=True)`` loops forever on ``loop -> ..``, lists a
+    folder again for every link to it, and ``up -> ..`` would label the other classes'
+    images as this class.  Hidden folders are not entered.
+    """
+    top = os.path.realpath(class_dir)
+    seen: set[str] = set()
+    folders: list[tuple[str, list[str]]] = []
+    skipped: list[str] = []
+    pending = [class_dir]
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real != top and not real.startswith(top + os.sep):
+            skipped.append(f"{folder} (links outside {class_dir})")
+            continue
+        if real in seen:
+            skipped.append(f"{folder} (a folder already read)")
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append(f"{folder} ({exc.strerror or type(exc).__name__})")
+            continue
+        files = [e.path for e in entries if not _is_hidden(e.name) and _has_image_extension(e.name)
+                 and e.is_file()]
+        folders.append((folder, files))
+        pending.extend(e.path for e in reversed(entries) if not _is_hidden(e.name) and e.is_dir())
+    # Sorted by folder path, as sorted(os.walk(...)) orders ImageFolder's samples.
+    return [f for _, files in sorted(folders) for f in files], skipped
+
+
 def _list_images(class_dir: str) -> list[str]:
-    """Image files under ``class_dir``, recursively, in ``ImageFolder`` order."""
-    found = []
-    for dirpath, dirnames, filenames in sorted(os.walk(class_dir, followlinks=True)):
-        # Pruning in place stops os.walk from descending into hidden folders.
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-        found.extend(
-            os.path.join(dirpath, f)
-            for f in sorted(filenames)
-            if not _is_hidden(f) and _has_image_extension(f)
-        )
-    return found
+    """Image files under ``class_dir`` (see :func:`_walk_images`)."""
+    return _walk_images(class_dir)[0]
 
 
 def check_image_folder(path: PathLike, *, role: str) -> list[str]:
@@ -308,11 +336,14 @@ def _scan_folder(root: str, classes: Sequence[str], *, role: str) -> list[tuple[
     at a fraction of the cost of a decode. What it misses (e.g. a truncated JPEG)
     raises :class:`ImageLoadError` when loaded.
     """
-    candidates = [
-        (path, idx)
-        for idx, cls in enumerate(classes)
-        for path in _list_images(os.path.join(root, cls))
-    ]
+    candidates, skipped = [], []
+    for idx, cls in enumerate(classes):
+        paths, passed = _walk_images(os.path.join(root, cls))
+        candidates += [(path, idx) for path in paths]
+        skipped += passed
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} linked folder(s) in {role} folder {root}: "
+                      f"{_preview(skipped, quote=False)}", stacklevel=3)
     samples, bad = [], []
     for path, idx in tqdm(candidates, desc=f"checking {role} images", unit="img",
                           leave=False, disable=None):

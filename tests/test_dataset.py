@@ -459,3 +459,40 @@ def test_demo_folder_is_valid_and_small():
     assert (DEMO_DIR / "README.md").is_file()
     total = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())
     assert total < DEMO_MAX_BYTES
+
+
+SCAN_SCRIPT = """
+import sys, warnings
+sys.path.insert(0, {root!r})
+import dataset
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train, _, classes = dataset.build_datasets({train!r}, None, image_size=32)
+counts = [sum(1 for _, y in train.samples if y == i) for i in range(len(classes))]
+print(repr((classes, counts, [str(w.message) for w in caught])))
+"""
+
+
+def test_linked_folders_are_read_once_and_never_outside_their_class(tmp_path):
+    train, _ = make_image_folder(tmp_path / "data", classes=("shirt", "tshirt"), n_train=3, n_test=1, size=8)
+    (train / "shirt" / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(train / "shirt" / "sub" / "extra.png")
+    (train / "shirt" / ".hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(train / "shirt" / ".hidden" / "ignored.png")
+    (train / "shirt" / "loop").symlink_to("..")            # a loop through the dataset root
+    (train / "shirt" / "self").symlink_to(".")             # the class folder again
+    (train / "shirt" / "again").symlink_to("sub")          # a folder already read
+    (train / "tshirt" / "other").symlink_to("../shirt")    # another class's images
+    # In a subprocess with a timeout: os.walk(followlinks=True) never returns on a loop.
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", SCAN_SCRIPT.format(root=str(REPO_ROOT), train=str(train))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    classes, counts, messages = eval(proc.stdout.strip())  # noqa: S307 - our own repr'd output
+    assert classes == ["shirt", "tshirt"]
+    assert counts == [4, 3]  # 3 + sub/extra.png; nothing hidden, nothing twice, nothing from the other class
+    linked = [m for m in messages if m.startswith("skipped 4 linked folder(s)")]
+    assert len(linked) == 1, messages
+    # loop and other point outside their class folder; self and one of again/sub repeat a folder.
+    assert "loop (links outside" in linked[0] and "(a folder already read)" in linked[0]
