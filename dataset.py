@@ -328,13 +328,32 @@ class ScannedImageFolder(ImageFolder):
         return self._scanned[1]
 
 
+# A JPEG ends with the end-of-image marker; encoders may pad a few bytes after it.
+JPEG_END_MARKER = b"\xff\xd9"
+JPEG_TAIL_BYTES = 64
+
+
+def _check_jpeg_end(f) -> None:
+    """OSError when a JPEG file lacks its end-of-image marker near the end: it is truncated.
+
+    ``Image.verify()`` reads only a JPEG's header, so a file cut short (an interrupted
+    download or copy) passes it and fails only when decoded, in the middle of training.
+    """
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(max(0, size - JPEG_TAIL_BYTES))
+    if JPEG_END_MARKER not in f.read():
+        raise OSError("truncated JPEG: no end-of-image marker")
+
+
 def _scan_folder(root: str, classes: Sequence[str], *, role: str) -> list[tuple[str, int]]:
     """List the samples of ``root`` and drop the files Pillow cannot verify.
 
     ``Image.verify()`` reads the header and, for PNG, checks every chunk's CRC,
     without decoding pixels; this finds non-images, empty and most broken files
-    at a fraction of the cost of a decode. What it misses (e.g. a truncated JPEG)
-    raises :class:`ImageLoadError` when loaded.
+    at a fraction of the cost of a decode; a JPEG must also end with its end-of-image
+    marker (a truncated JPEG passes ``verify``).  What it still misses raises
+    :class:`ImageLoadError` when loaded.
     """
     candidates, skipped = [], []
     for idx, cls in enumerate(classes):
@@ -349,7 +368,11 @@ def _scan_folder(root: str, classes: Sequence[str], *, role: str) -> list[tuple[
                           leave=False, disable=None):
         try:
             with open(path, "rb") as f:
-                Image.open(f).verify()
+                image = Image.open(f)
+                fmt = image.format
+                image.verify()
+                if fmt == "JPEG":
+                    _check_jpeg_end(f)
         except Exception as exc:  # Pillow raises many exception types for bad files
             bad.append(f"{path} ({_one_line(exc)})")
         else:
