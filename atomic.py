@@ -1,17 +1,56 @@
 """Atomic file writes: a temporary file in the target folder, fsynced, renamed over the target.
 
 An interrupted run (Ctrl-C, a full disk, a crash) leaves either the old file or the
-complete new one, never half of one.  Model files, ONNX exports and JSON reports all
+complete new one, never half of one.  A process killed outright (``kill -9``) cannot
+remove its temporary file; the next write of the same target does, and says so.  Model files, ONNX exports and JSON reports all
 go through :func:`atomic_open`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from typing import IO
+
+# Temporary files are named ".<target>.<pid>.<random>.tmp": the pid tells a file of a
+# process that died (kill -9, power loss) from one still being written.
+_TMP_PID = re.compile(r"\.(\d+)\.[^.]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that interrupted writes of ``path`` left behind, with a warning.
+
+    Only files named as :func:`atomic_open` names them, whose writing process no longer
+    exists, are removed (a model file's temporary can be hundreds of MB).
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")):
+        match = _TMP_PID.search(os.path.basename(tmp)[len(name) + 1:])  # ".<pid>.<random>.tmp"
+        if match and not _alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+                removed.append(tmp)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporary file(s) that an interrupted write of {path} left behind: "
+                      f"{', '.join(os.path.basename(t) for t in removed[:3])}", stacklevel=3)
+    return removed
 
 
 @contextlib.contextmanager
@@ -26,7 +65,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
     try:
         umask = os.umask(0)
         os.umask(umask)
