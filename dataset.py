@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import warnings
 from collections.abc import Sequence
 from typing import Callable, Optional, Union
@@ -453,6 +454,15 @@ def build_datasets(
     return datasets.get("train"), datasets.get("test"), classes
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which shuts them down.
+
+    Ctrl-C reaches the whole process group; a worker that handled it would print its own
+    KeyboardInterrupt traceback next to the main process's one-line message.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loaders(
     train_ds: Optional[Dataset],
     test_ds: Optional[Dataset],
@@ -504,6 +514,7 @@ def build_loaders(
         # Page-locked host memory only helps copies to a GPU.
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        worker_init_fn=_ignore_interrupts if workers > 0 else None,
     )
 
     train_loader = train_sampler = None

@@ -814,13 +814,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=file or sys.stderr)
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (a scheduler or ``kill`` stopping the run)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Parse ``argv``, run, and turn expected errors into one line and exit status 2."""
+    """Parse ``argv``, run, and turn expected errors into one line and exit status 2.
+
+    Ctrl-C ends with ``error: interrupted`` (status 130), SIGTERM with ``error: terminated``
+    (143); a file being written when either arrives is finished first (atomic.py), so the
+    last good files stay intact.
+    """
+    import signal
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     parser = get_args_parser()
     args = parser.parse_args(argv)
     args.explicit = _explicit_options(parser, argv)
     previous, warnings.showwarning = warnings.showwarning, _show_warning
+    previous_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         return main(args)
     except UserError as exc:
@@ -829,8 +845,12 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 143
     finally:
         warnings.showwarning = previous
+        signal.signal(signal.SIGTERM, previous_term)
 
 if __name__ == "__main__":
     sys.exit(run())

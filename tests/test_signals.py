@@ -1,0 +1,86 @@
+"""Ctrl-C and SIGTERM end a run with one line and leave the last good files whole."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import models
+from conftest import REPO_ROOT, make_image_folder
+
+SIZE = models.MIN_IMAGE_SIZE["alexnet"]
+
+
+def _start_training(tmp_path, workers: int) -> tuple[subprocess.Popen, object]:
+    train, test = make_image_folder(tmp_path / "data", n_train=24, n_test=4, size=SIZE)
+    model = tmp_path / "model"
+    model.write_bytes(b"the last good model")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "main.py"), "--train", "--train_path", str(train), "--test_path", str(test),
+         "--arch", "alexnet", "--image_size", str(SIZE), "--weights", "none", "--model", str(model),
+         "--epochs", "200", "--batch_size", "4", "--workers", str(workers), "--quiet"],
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return proc, model
+
+
+def _wait_for_training(proc: subprocess.Popen) -> list[str]:
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if line.startswith("epoch 1/"):  # the first epoch is done: training is under way
+            return lines
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError("training did not start: " + "".join(lines)[-2000:])
+
+
+@pytest.mark.parametrize("sig,code,message,workers", [
+    (signal.SIGINT, 130, "error: interrupted", 2),
+    (signal.SIGTERM, 143, "error: terminated", 0),
+])
+def test_interrupted_training_ends_with_one_line(tmp_path, sig, code, message, workers):
+    proc, model = _start_training(tmp_path, workers)
+    try:
+        _wait_for_training(proc)
+        # Ctrl-C in a terminal reaches the whole process group, loader workers included.
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == message, err[-2000:]
+    assert model.read_bytes() == b"the last good model"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_ctrl_c_during_a_write_finishes_the_write_first(tmp_path):
+    script = f"""
+import os, signal, sys, threading, time
+sys.path.insert(0, {str(REPO_ROOT)!r})
+import torch
+from atomic import atomic_open
+payload = {{"w": torch.randn(8_000_000)}}
+timer = threading.Timer(0.01, lambda: os.kill(os.getpid(), signal.SIGINT))
+try:
+    with atomic_open({str(tmp_path / 'model')!r}, "wb") as fh:
+        timer.start()
+        time.sleep(0.2)                      # the signal arrives in the middle of the write
+        torch.save(payload, fh)
+except KeyboardInterrupt:
+    print("interrupted after the write", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "interrupted after the write"
+    import torch
+    assert torch.load(tmp_path / "model", weights_only=True)["w"].numel() == 8_000_000
+    assert sorted(os.listdir(tmp_path)) == ["model"]
