@@ -16,6 +16,16 @@ from conftest import REPO_ROOT, make_image_folder
 SIZE = models.MIN_IMAGE_SIZE["alexnet"]
 
 
+def _default_sigint() -> None:
+    # The child gets what a user's interactive run has: Ctrl-C and SIGTERM at their defaults
+    # and not blocked.  A test runner may hand down either ignored (a shell starts background
+    # jobs with Ctrl-C ignored, and Python keeps an ignored SIGINT ignored) or blocked (a
+    # library thread's signal mask), and the run would then never see the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _start_training(tmp_path, workers: int) -> tuple[subprocess.Popen, object]:
     train, test = make_image_folder(tmp_path / "data", n_train=24, n_test=4, size=SIZE)
     model = tmp_path / "model"
@@ -24,7 +34,7 @@ def _start_training(tmp_path, workers: int) -> tuple[subprocess.Popen, object]:
         [sys.executable, str(REPO_ROOT / "main.py"), "--train", "--train_path", str(train), "--test_path", str(test),
          "--arch", "alexnet", "--image_size", str(SIZE), "--weights", "none", "--model", str(model),
          "--epochs", "200", "--batch_size", "4", "--workers", str(workers), "--quiet"],
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_default_sigint,
         env=dict(os.environ, OMP_NUM_THREADS="1"))
     return proc, model
 
@@ -78,7 +88,8 @@ try:
 except KeyboardInterrupt:
     print("interrupted after the write", flush=True)
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          preexec_fn=_default_sigint)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "interrupted after the write"
     import torch
