@@ -254,6 +254,11 @@ def check_activation_memory(batch: int, image_size: int, flag: str) -> None:
                         f"activations, more than half of this machine's {memory / 2**30:.0f} GiB; at most {fits} fits")
 
 
+def _classes_differ(whose: str, found: list[str], expected: list[str]) -> UserError:
+    """The one-line error for data whose classes are not the model's (long lists quoted capped)."""
+    return UserError(f"{whose} classes ({short_list(found, 8)}) differ from the model's ({short_list(expected, 8)})")
+
+
 def _check_output_path(flag: str, path: str, *, creates_folder: bool = False) -> None:
     """An output file must go to an existing folder (model files create theirs) and replace, if
     anything, a regular file.
@@ -282,6 +287,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
         outputs.append(("--json", args.json))
     if args.export:
         outputs.append(("--export", args.export[1]))
+    outputs += [(f"--{name}", getattr(args, name)) for name in ("save_plan", "report") if getattr(args, name)]
     for flag, path in outputs:
         _check_output_path(flag, path, creates_folder=flag in ("--model", "--decomposed_model"))
     seen: dict[str, str] = {}
@@ -297,7 +303,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _check_decompose_args(args: argparse.Namespace) -> None:
-    """The rank options: values in range, one rank rule at a time, output folders that exist."""
+    """The rank options: values in range, one rank rule at a time, a plan file that reads."""
     import math
 
     if not (math.isfinite(args.vbmf_weaken) and args.vbmf_weaken >= 0):
@@ -331,19 +337,6 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
         import ranks
 
         ranks.read_plan(args.plan)  # a malformed file stops here, before any step runs
-    outputs = {"--model": args.model, "--decomposed_model": args.decomposed_model}
-    for name in ("save_plan", "report"):
-        path = getattr(args, name)
-        if path:
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                raise UserError(f"folder {folder} for --{name} does not exist")
-            if os.path.isdir(path):
-                raise UserError(f"--{name} {path} is a directory")
-            same = [flag for flag, other in outputs.items() if os.path.abspath(other) == os.path.abspath(path)]
-            if same:
-                raise UserError(f"--{name} {path} is the same file as {same[0]}")
-            outputs[f"--{name}"] = path
 
 
 def _data(args: argparse.Namespace, *, image_size: int, train: bool, test: bool, dist=None):
@@ -369,8 +362,7 @@ def _fit(args, model, *, lr: float, image_size: int, device, dist, classes_expec
     train_loader, test_loader, sampler, classes = _data(args, image_size=image_size, train=True, test=True,
                                                         dist=dist)
     if classes_expected is not None and classes != classes_expected:
-        raise UserError(f"the data's classes ({short_list(classes, 8)}) differ from the model's "
-                        f"({short_list(classes_expected, 8)})")
+        raise _classes_differ("the data's", classes, classes_expected)
     model.to(device)
     wrapped = model
     if dist.enabled:
@@ -433,8 +425,7 @@ def step_decompose(args, device) -> dict:
     if args.test_path:
         _, test_loader, _, classes = _data(args, image_size=image_size, train=False, test=True)
         if classes != info["classes"]:
-            raise UserError(f"the test folder's classes ({short_list(classes, 8)}) differ from the model's "
-                            f"({short_list(info['classes'], 8)})")
+            raise _classes_differ("the test folder's", classes, info["classes"])
     input_size = (3, image_size, image_size)
     params_before, macs_before = report.count_params(model), report.count_macs(model, input_size)
     method = "cp" if args.cp else "tucker"
@@ -582,8 +573,7 @@ def _move_fc_onto_diagonal(args, model, device, image_size: int, classes: list[s
     # The test folder was already scanned (and its classes checked) by step_decompose.
     train_loader, _, _, data_classes = _data(args, image_size=image_size, train=True, test=False)
     if data_classes != classes:
-        raise UserError(f"the data's classes ({short_list(data_classes, 8)}) differ from the model's "
-                        f"({short_list(classes, 8)})")
+        raise _classes_differ("the data's", data_classes, classes)
     lr = args.lr or DEFAULT_LR["tucker"]
     result = finetune.anneal_to_masks(model, train_loader, layers=layers, bandwidth=bandwidth,
                                       epochs=args.fc_anneal_epochs, lr=lr, device=device, test_loader=test_loader,
@@ -621,8 +611,7 @@ def evaluate_file(path: str, args, device) -> dict:
     image_size = info["image_size"]
     _, test_loader, _, classes = _data(args, image_size=image_size, train=False, test=True)
     if classes != info["classes"]:
-        raise UserError(f"the test folder's classes ({short_list(classes, 8)}) differ from the model's "
-                            f"({short_list(info['classes'], 8)})")
+        raise _classes_differ("the test folder's", classes, info["classes"])
     metrics = finetune.evaluate(model, test_loader, device=device, show_progress=not args.quiet)
     latency = _latency(model, args, device, image_size)
     return {
