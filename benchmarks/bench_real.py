@@ -196,11 +196,15 @@ def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "
     linears = _hidden_linears(model)
     result: dict[str, Any] = {"vbmf_conv": None, "vbmf_fc": None, "vbmf_conv_mac_ratio": None}
 
+    spectra: dict = {}  # one SVD per matrix, shared by the Tucker, CP and SVD plans
+
     def plans(conv_rule: dict, fc_rule: dict) -> dict[str, dict]:
         with torch_threads(1):
-            out = {m: ranks.plan_decomposition(model, ranks.Policy(conv=m, skip=kept, **conv_rule), input_size)
+            out = {m: ranks.plan_decomposition(model, ranks.Policy(conv=m, skip=kept, **conv_rule), input_size,
+                                               spectra=spectra)
                    for m in ("tucker", "cp")}
-            out["svd"] = ranks.plan_decomposition(model, ranks.Policy(conv="none", fc="svd", **fc_rule), input_size)
+            out["svd"] = ranks.plan_decomposition(model, ranks.Policy(conv="none", fc="svd", **fc_rule), input_size,
+                                                  spectra=spectra)
         return out
 
     # ---- convs
