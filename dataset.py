@@ -32,7 +32,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -463,6 +463,31 @@ def _ignore_interrupts(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class ShardSampler(Sampler[int]):
+    """Every ``num_replicas``-th index from ``rank`` on, in order: a rank's share of a test set.
+
+    Unlike ``DistributedSampler`` nothing is repeated to even out the shares (it pads
+    with duplicates, which a sum over the ranks would count twice); the shares differ by
+    at most one sample, which evaluation (no collective per batch) does not mind.
+    """
+
+    def __init__(self, length: int, *, num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+        if num_replicas is None or rank is None:
+            import torch.distributed as dist
+
+            num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
+            rank = dist.get_rank() if rank is None else rank
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.indices = range(rank, length, num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def build_loaders(
     train_ds: Optional[Dataset],
     test_ds: Optional[Dataset],
@@ -486,14 +511,14 @@ def build_loaders(
         Loader worker processes; 0 loads in the main process. With workers,
         they persist across epochs (no re-fork per epoch).
     distributed : bool
-        Use a ``DistributedSampler`` for both loaders: train shuffled, test in
-        order. It pads the test set to a multiple of the world size, so a few
-        test images can be counted twice; that is accepted here.
+        Train with a shuffled ``DistributedSampler``; give each rank every
+        ``world_size``-th test image (:class:`ShardSampler`, no padding), so that
+        the ranks' summed test figures equal a single process's exactly.
     seed : int
         Seeds the train shuffling and the worker RNGs (random augmentation).
     num_replicas, rank : int, optional
-        Passed to ``DistributedSampler``; by default it asks
-        ``torch.distributed``. Only with ``distributed=True``.
+        This process's place; by default ``torch.distributed`` is asked. Only with
+        ``distributed=True``.
 
     Returns
     -------
@@ -532,9 +557,6 @@ def build_loaders(
 
     test_loader = None
     if test_ds is not None:
-        test_sampler = (
-            DistributedSampler(test_ds, num_replicas=num_replicas, rank=rank, shuffle=False)
-            if distributed else None
-        )
+        test_sampler = ShardSampler(len(test_ds), num_replicas=num_replicas, rank=rank) if distributed else None
         test_loader = DataLoader(test_ds, sampler=test_sampler, shuffle=False, **common)
     return train_loader, test_loader, train_sampler

@@ -22,7 +22,8 @@ ranks) so that a saved model can be rebuilt from its architecture and a plan
 The factorizations are written in plain torch rather than with tensorly's
 ``partial_tucker``/``parafac``: the same algorithms (HOSVD + HOOI, CP-ALS), but
 computed through small Gram matrices and Khatri-Rao products that never form large
-unfoldings, which makes them 10-70x faster on a CPU (see benchmarks/bench_library.py).
+unfoldings, which makes them much faster on a CPU (benchmarks/bench_library.py; figures in
+benchmarks/RESULTS.md).
 tensorly is used in the tests as the reference.
 
 References
@@ -54,6 +55,7 @@ import torch
 from torch import nn
 
 import report
+from diagonal import DiagonalLinear, diagonal_decompose_linear
 from threads import lapack_threads
 
 logger = logging.getLogger(__name__)
@@ -97,9 +99,6 @@ CP_DEGENERACY_RATIO = 1e3
 # How many fresh random starts CP gets after a degenerate or non-finite result,
 # before the layer falls back to Tucker-2.
 CP_RETRIES = 2
-# Default bandwidth of the wrapped banded-diagonal Linear layer (entries per diagonal
-# position); see DiagonalLinear.
-DIAGONAL_BANDWIDTH = 1
 #: restore_filter_norms scales a filter up at most this much: the most for which the corrected
 #: filter is never further from the original than the zero filter (see its docstring).
 MAX_FILTER_SCALE = 2.0
@@ -200,90 +199,6 @@ class SVDLinear(nn.Sequential):
         return {"method": self.method, "rank": self.rank}
 
 
-class DiagonalLinear(nn.Module):
-    r"""A Linear layer restricted to a wrapped banded diagonal.
-
-    For an ``M -> N`` layer let ``L = max(M, N)``.  The stored weight has shape
-    ``(L, b)`` for a bandwidth ``b``; diagonal position ``p`` in ``[0, L)`` and band
-    offset ``k`` in ``[0, b)`` hold the dense entry
-
-    .. math:: W_{\text{dense}}[p \bmod N,\ (p + k) \bmod M] \mathrel{+}= w[p, k].
-
-    With ``b = 1`` this is the diagonal wrapped around the longer side, so every
-    input and every output is touched at least once: ``L`` parameters, i.e.
-    ``O(max(M, N))`` (the shortest structure that still reads every input), plus the
-    bias.  The forward pass costs ``L * b`` multiply-adds per sample: a gather of
-    the inputs, a multiply, and a scatter-add into the outputs, never a dense matrix.
-
-    :meth:`dense_mask` gives the dense ``(N, M)`` 0/1 pattern of the structure, used
-    by the mask schedule that moves a trained dense layer onto it (see
-    :func:`diagonal_decompose_linear` and ``finetune.anneal_to_masks``).
-    """
-
-    method = "diagonal"
-
-    def __init__(self, in_features: int, out_features: int, *, bandwidth: int = DIAGONAL_BANDWIDTH,
-                 bias: bool = True, device=None, dtype=None) -> None:
-        super().__init__()
-        if bandwidth < 1 or bandwidth > in_features:
-            raise ValueError(f"bandwidth must be in [1, in_features={in_features}], got {bandwidth}")
-        self.in_features, self.out_features, self.bandwidth = in_features, out_features, int(bandwidth)
-        length = max(in_features, out_features)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(length, self.bandwidth, **factory))
-        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
-        self.reset_index_buffers()
-        bound = 1.0 / math.sqrt(self.bandwidth * max(1, length // out_features))
-        nn.init.uniform_(self.weight, -bound, bound)
-
-    def reset_index_buffers(self) -> None:
-        """(Re)compute the index buffers, on the weight's device.
-
-        They follow from the shape alone, so they are not saved in state_dicts
-        (``persistent=False``); a model loaded onto the meta device calls this.
-        """
-        device = None if self.weight.is_meta else self.weight.device
-        positions = torch.arange(self.weight.shape[0], device=device)
-        # rows[p] is the output of diagonal position p; cols[p, k] the input it reads.
-        self.register_buffer("rows", positions % self.out_features, persistent=False)
-        self.register_buffer(
-            "cols", (positions[:, None] + torch.arange(self.bandwidth, device=device)) % self.in_features,
-            persistent=False,
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
-        # (B, L, b) gathered inputs times (L, b) weights, summed over the band.
-        products = (x[:, self.cols] * self.weight).sum(-1)
-        out = x.new_zeros(x.shape[0], self.out_features)
-        out.index_add_(1, self.rows, products)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*lead, self.out_features)
-
-    def dense_mask(self) -> torch.Tensor:
-        """The ``(out_features, in_features)`` 0/1 pattern of the structure."""
-        mask = torch.zeros(self.out_features, self.in_features, device=self.weight.device)
-        mask[self.rows[:, None].expand_as(self.cols), self.cols] = 1.0
-        return mask
-
-    def to_dense(self) -> torch.Tensor:
-        """The equivalent dense ``(out_features, in_features)`` weight."""
-        dense = torch.zeros(self.out_features, self.in_features, device=self.weight.device,
-                            dtype=self.weight.dtype)
-        dense.index_put_((self.rows[:, None].expand_as(self.cols), self.cols), self.weight.detach(),
-                         accumulate=True)
-        return dense
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bandwidth={self.bandwidth}, bias={self.bias is not None}")
-
-    def plan_entry(self) -> dict:
-        return {"method": self.method, "bandwidth": self.bandwidth}
-
-
 DECOMPOSED_TYPES = (TuckerConv2d, CPConv2d, SVDLinear, DiagonalLinear)
 
 
@@ -332,8 +247,8 @@ def _leading_subspace(matrix: torch.Tensor, rank: int) -> torch.Tensor:
 
     For a rank far below ``rows`` the randomized range finder with power
     iterations (Halko, Martinsson & Tropp 2011) costs ``O(rows * cols * rank)``
-    instead of the Gram's ``O(rows^2 * cols)``: VGG16's fc6 (4096 x 25088) at
-    rank 64 takes well under a second instead of ~7 s.  Near full rank the exact
+    instead of the Gram's ``O(rows^2 * cols)``, which matters for wide FC layers at low
+    rank (VGG16's fc6, 4096 x 25088).  Near full rank the exact
     Gram eigh is both cheaper and exact, so it is used there.
     """
     rows = matrix.shape[0]
@@ -434,8 +349,8 @@ def _solve_gram(mttkrp: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """Least-squares factor update ``mttkrp @ pinv(gram)`` in float64 (gram is R x R).
 
     The Gram matrix (a Hadamard product of factor Grams) is symmetric positive
-    semi-definite: a Cholesky solve is ~15x cheaper than the SVD-based ``gelsd``
-    (0.6 ms against 9 ms at R = 170, four solves per ALS iteration) and is used while
+    semi-definite: a Cholesky solve is an order of magnitude cheaper than the SVD-based
+    ``gelsd`` (four solves per ALS iteration) and is used while
     it is well conditioned; a singular or ill-conditioned Gram, as in degenerate CP,
     takes the minimum-norm ``gelsd`` solution.
     """
@@ -627,38 +542,6 @@ def svd_decompose_linear(linear: nn.Linear, rank: int) -> SVDLinear:
     return module
 
 
-def diagonal_decompose_linear(linear: nn.Linear, *, bandwidth: int = DIAGONAL_BANDWIDTH) -> DiagonalLinear:
-    """Project a Linear layer onto the wrapped banded diagonal of :class:`DiagonalLinear`.
-
-    The structured layer keeps the dense weight's entries on the structure (where
-    several diagonal positions hit the same dense entry, the first keeps it and
-    the others start at zero, so the dense equivalents agree) and drops the rest.
-    This is exact for a layer whose weight already lives on the structure, which
-    is what the mask schedule ``finetune.anneal_to_masks`` produces from a trained
-    dense layer; used directly on a dense layer it loses most of the weight's mass
-    and needs fine-tuning.
-    """
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
-    w = linear.weight
-    module = DiagonalLinear(linear.in_features, linear.out_features, bandwidth=bandwidth,
-                            bias=linear.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        flat = module.rows[:, None] * linear.in_features + module.cols  # (L, b) dense indices
-        values = w.detach().reshape(-1)[flat.reshape(-1)].reshape(flat.shape)
-        # Zero all but the first occurrence of a dense entry hit twice.
-        order = torch.argsort(flat.reshape(-1), stable=True)
-        sorted_idx = flat.reshape(-1)[order]
-        repeat = torch.zeros_like(sorted_idx, dtype=torch.bool)
-        repeat[1:] = sorted_idx[1:] == sorted_idx[:-1]
-        keep = torch.ones_like(repeat)
-        keep[order] = ~repeat
-        module.weight.copy_(values * keep.reshape(flat.shape))
-        if linear.bias is not None:
-            module.bias.copy_(linear.bias)
-    return module
-
-
 # ---------------------------------------------------------------------- whole models
 @dataclass
 class LayerReport:
@@ -712,9 +595,8 @@ def restore_filter_norms(module: nn.Module, weight: torch.Tensor, *,
 
     A truncated Tucker-2, CP or SVD factorization is the best approximation in the
     Frobenius norm, and that approximation loses the energy it drops -- for a truncated
-    SVD every row shrinks, and Tucker-2 and CP filters mostly do too, unevenly: measured
-    on a trained VGG16 at VBMF ranks, the deeper layers keep 60-80% of each filter's
-    norm, the first ones nearly all.  Through a
+    SVD every row shrinks, and Tucker-2 and CP filters mostly do too, unevenly (on a
+    trained VGG16 at VBMF ranks the deeper layers lose the most; benchmarks/RESULTS.md).  Through a
     plain network without BatchNorm those per-channel losses compound and shift the
     balance between channels, and the trained classifier reads the result as one class
     (chance accuracy straight after decomposition).  Restoring each filter's norm, the

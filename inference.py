@@ -4,7 +4,7 @@ A decomposed layer is a chain of small convolutions (:class:`decompositions.Tuck
 :class:`decompositions.CPConv2d`) or Linear layers.  In plain eager PyTorch on a CPU
 each small convolution pays a fixed overhead (a layout reorder between PyTorch's NCHW
 tensors and oneDNN's blocked format, operator dispatch, a fresh output allocation), so
-a model with 5x fewer MACs runs only ~1.5x faster.  The backends here remove that
+a model with far fewer MACs runs only a little faster (benchmarks/RESULTS.md).  The backends here remove that
 overhead while computing the same function:
 
 ``"eager"``
@@ -21,36 +21,20 @@ overhead while computing the same function:
     Export to ONNX (:func:`export_onnx`'s exporter) and run with onnxruntime, using as
     many threads as torch does.  Needs the optional ``onnxruntime`` package.
 
-``torch.compile`` is not offered: on the 2-core CPU this was written on, compiling
-even a 3-layer toy model took ~40 s (inductor generates and builds C++), a VGG16
-minutes, and every new batch size can trigger a recompile.  That is neither a
-reasonable start-up cost for a command-line tool nor for the test-suite.
+``torch.compile`` is not offered: compiling (inductor generates and builds C++) takes
+longer than a command-line run or the test-suite can afford on a small CPU machine, and
+every new batch size can trigger a recompile.
 
 :func:`prepare` builds a :class:`Predictor` for one backend (``"auto"`` picks the
-fastest reliable one for the device, see :data:`AUTO_ORDER`); :func:`benchmark` times
-several models under several backends with interleaved rounds; :func:`export_onnx`
-writes a verified ONNX file.
-
-Measured here (2 shared CPU cores, Xeon with AVX-512, torch 2.14.1, onnxruntime 1.32;
-VGG16 224 px batch 8, Tucker-2 at ranks /3 on convs 2-13, 5.07x fewer MACs; command
-``python benchmarks/bench_inference.py``), original -> decomposed, median ms of 10
-interleaved rounds:
-
-==============  ========  ==========  =======
-backend         original  decomposed  speedup
-==============  ========  ==========  =======
-eager           1197      734         1.63x
-channels_last   896       399         2.25x
-torchscript     824       346         2.38x
-onnx            702       229         3.07x
-onnx, unpadded  722       317         2.27x
-==============  ========  ==========  =======
+fastest reliable one for the device, see :data:`AUTO_ORDER`); :func:`time_interleaved`
+is the one timer (the command line, the benchmarks and ``--eval`` use it: interleaved
+rounds, devices synchronized around each call); :func:`export_onnx` writes a verified
+ONNX file.  Measured speeds of each backend are in ``benchmarks/RESULTS.md``
+(``python benchmarks/bench_inference.py``).
 
 The ONNX backend zero-pads the Tucker/CP ranks to whole channel blocks
-(:func:`pad_ranks`, "onnx, unpadded" is without): same outputs, and it is what
-brings the speedup to 61% of the MAC ratio.  On a loaded machine the ratios are
-lower for every backend (the decomposed model's many small, memory-bound layers
-suffer more from a busy memory system and descheduled threads).
+(:func:`pad_ranks`): same outputs, and the blocked kernels it keeps are what brings
+the measured speedup close to the MAC ratio (benchmarks/RESULTS.md).
 
 The TorchScript and ONNX backends replace an ``nn.AdaptiveAvgPool2d`` whose output
 size does not divide its input (VGG's 7x7 pool at any size but 224 px) by two
@@ -81,12 +65,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import importlib
 import io
 import logging
 import os
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -96,13 +78,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import runtime
 from atomic import atomic_open
 from decompositions import CPConv2d, DiagonalLinear, TuckerConv2d
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "AUTO_ORDER", "ONNX_RANK_MULTIPLE", "Predictor", "available_backends", "prepare",
-           "export_onnx", "benchmark", "time_interleaved", "pad_ranks", "OutputMismatchError"]
+           "export_onnx", "time_interleaved", "pad_ranks", "OutputMismatchError"]
 
 #: Backends that :func:`prepare` accepts (plus ``"auto"``).
 BACKENDS = ("eager", "channels_last", "torchscript", "onnx")
@@ -148,17 +131,6 @@ class OutputMismatchError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- helpers
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DataParallel / DistributedDataParallel / torch.compile."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile wrapper
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _model_device(model: nn.Module, example: torch.Tensor) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
@@ -167,17 +139,9 @@ def _model_device(model: nn.Module, example: torch.Tensor) -> torch.device:
 
 def _frozen_copy(model: nn.Module, device: torch.device) -> nn.Module:
     """An eval-mode, grad-free deep copy: the caller's model is never modified."""
-    model = copy.deepcopy(_unwrap(model)).to(device).eval()
+    model = copy.deepcopy(runtime.unwrap(model)).to(device).eval()
     model.requires_grad_(False)
     return model
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued kernels so host timings cover the work (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 @contextlib.contextmanager
@@ -395,8 +359,8 @@ def pad_ranks(model: nn.Module, multiple: int) -> nn.Module:
     weights computes exactly the same function (the extra channels are 0 and meet
     zero weights) while every conv of the chain stays blocked.  The MACs of the
     padded chain are higher, but the blocked kernels pad the output channels to
-    whole blocks internally anyway.  With VGG16 (ranks /3, 224 px, batch 8) this
-    took the onnxruntime speedup from ~2.2x to ~3.1x (see ``benchmarks/bench_inference.py``).
+    whole blocks internally anyway (the measured effect is in benchmarks/RESULTS.md,
+    "onnx, unpadded").
 
     Parameters
     ----------
@@ -701,7 +665,7 @@ def prepare(model: nn.Module, example: torch.Tensor, *, backend: str = "auto", c
 
 
 def _eager_output(model: nn.Module, example: torch.Tensor, device: torch.device) -> torch.Tensor:
-    net = _unwrap(model)
+    net = runtime.unwrap(model)
     was_training = net.training
     net.eval()
     try:
@@ -754,7 +718,7 @@ def time_interleaved(calls: Mapping[Hashable, Callable[[], object]], *, warmup: 
 
     def sync() -> None:
         for device in devices:
-            _synchronize(device)
+            runtime.synchronize(device)
 
     for round_index in tqdm(range(warmup + repeats), desc=desc, disable=not progress):
         for name, call in calls.items():
@@ -765,79 +729,3 @@ def time_interleaved(calls: Mapping[Hashable, Callable[[], object]], *, warmup: 
             if round_index >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
     return times
-
-
-def benchmark(models: Mapping[str, nn.Module], example: torch.Tensor, *,
-              backends: Sequence[str] | None = None, warmup: int = 3, repeats: int = 10,
-              progress: bool = True) -> list[dict]:
-    """Time every model under every backend in this process, in interleaved rounds.
-
-    All predictors are built first; then each round calls every (backend, model) pair
-    once (:func:`time_interleaved`), so slow drifts of the machine hit all of them
-    alike.  Medians over the timed rounds are reported.  Nothing is judged: no
-    thresholds, no assertions.
-
-    Parameters
-    ----------
-    models : mapping of str to nn.Module
-        Named models; the first is the baseline of the ``speedup`` column.
-    example : torch.Tensor
-        The input batch every model is timed on (moved to each model's device).
-    backends : sequence of str, optional
-        Members of :data:`BACKENDS`; default :func:`available_backends`.
-    warmup : int, default 3
-        Untimed rounds first.
-    repeats : int, default 10
-        Timed rounds, >= 1.
-    progress : bool, default True
-        Show a tqdm bar over the rounds.
-
-    Returns
-    -------
-    list of dict
-        One row per (backend, model), grouped by backend in the given order, models in
-        mapping order: ``model``, ``backend``, ``median_ms``, ``min_ms``,
-        ``times_ms``, ``speedup`` (the first model's median on the same backend
-        divided by this one's: > 1 means faster than the first model) and
-        ``max_rel_diff`` (against the model's eager output).
-
-    Notes
-    -----
-    Every predictor holds its own copy of its model's weights, so memory grows with
-    ``len(models) * len(backends)``.
-    """
-    if not models:
-        raise ValueError("models must name at least one model")
-    backends = available_backends() if backends is None else tuple(backends)
-    for name in backends:
-        _check_backend(name, allow_auto=False)
-    _check_counts(warmup, repeats)
-    pairs = [(backend, name) for backend in backends for name in models]
-    predictors, inputs, diffs = {}, {}, {}
-    for name, model in models.items():
-        device = _model_device(model, example)
-        inputs[name] = example.to(device)
-        reference = _eager_output(model, inputs[name], device)
-        for backend in backends:
-            logger.info("preparing %s on %s", name, backend)
-            predictor = _build(model, inputs[name], backend, device)
-            diffs[backend, name] = _relative_diff(predictor(inputs[name]), reference)[1]
-            predictors[backend, name] = predictor
-    calls = {pair: functools.partial(predictors[pair], inputs[pair[1]]) for pair in pairs}
-    devices = sorted({p.device for p in predictors.values()}, key=str)
-    times = time_interleaved(calls, warmup=warmup, repeats=repeats, devices=devices, progress=progress,
-                             desc="benchmark rounds")
-    rows = []
-    baseline = next(iter(models))
-    for backend, name in pairs:
-        median = statistics.median(times[backend, name])
-        rows.append({
-            "model": name,
-            "backend": backend,
-            "median_ms": median,
-            "min_ms": min(times[backend, name]),
-            "times_ms": times[backend, name],
-            "speedup": statistics.median(times[backend, baseline]) / median,
-            "max_rel_diff": diffs[backend, name],
-        })
-    return rows

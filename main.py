@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+import runtime
 from errors import UserError
 from report import short_list
 
@@ -122,6 +123,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                           help="train only the classifier")
     training.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--resume", action="store_true",
+                          help="continue an interrupted --train (or, without --train, --fine_tune) from its last "
+                               "completed epoch, kept in MODEL_FILE.checkpoint; the other options must be the "
+                               "interrupted run's")
 
     dec = parser.add_argument_group("decomposition")
     dec.add_argument("--cp", action="store_true", help="CP instead of Tucker-2 for conv layers")
@@ -225,6 +230,13 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError("--train needs --train_path")
     if args.fine_tune and not args.train_path:
         raise UserError("--fine_tune needs --train_path")
+    if args.resume:
+        if not (args.train or args.fine_tune):
+            raise UserError("--resume continues --train or --fine_tune; give the step that was interrupted")
+        resumed = checkpoint_path(args.model if args.train else args.decomposed_model)
+        if not os.path.isfile(resumed):
+            raise UserError(f"nothing to resume: no checkpoint {resumed} (a step that finished leaves none; run the "
+                            f"steps that remain)")
     if args.eval and not args.test_path:
         raise UserError("--eval needs --test_path")
     if (args.decompose or args.fine_tune) and os.path.abspath(args.model) == os.path.abspath(args.decomposed_model):
@@ -280,16 +292,18 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Every file this run will write, checked before any work starts."""
     outputs = []
     if args.train:
-        outputs.append(("--model", args.model))
+        outputs += [("--model", args.model), ("--model's checkpoint", checkpoint_path(args.model))]
     if args.decompose:
         outputs.append(("--decomposed_model", args.decomposed_model))
+    if args.fine_tune:
+        outputs.append(("--decomposed_model's checkpoint", checkpoint_path(args.decomposed_model)))
     if args.json and (args.eval or args.demo):
         outputs.append(("--json", args.json))
     if args.export:
         outputs.append(("--export", args.export[1]))
     outputs += [(f"--{name}", getattr(args, name)) for name in ("save_plan", "report") if getattr(args, name)]
     for flag, path in outputs:
-        _check_output_path(flag, path, creates_folder=flag in ("--model", "--decomposed_model"))
+        _check_output_path(flag, path, creates_folder=flag.startswith(("--model", "--decomposed_model")))
     seen: dict[str, str] = {}
     for flag, path in outputs:
         key = os.path.abspath(path)
@@ -300,6 +314,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if not args.train and seen.get(os.path.abspath(args.model), "--model") not in ("--model", "--decomposed_model"):
         raise UserError(f"{seen[os.path.abspath(args.model)]} {args.model} is the input model (--model): it is "
                         f"never overwritten")
+
+
+def checkpoint_path(model_path: str) -> str:
+    """Where a training step writing ``model_path`` keeps its per-epoch checkpoint."""
+    return f"{model_path}.checkpoint"
 
 
 def _check_decompose_args(args: argparse.Namespace) -> None:
@@ -355,22 +374,58 @@ def _data(args: argparse.Namespace, *, image_size: int, train: bool, test: bool,
     return train_loader, test_loader, sampler, classes
 
 
-def _fit(args, model, *, lr: float, image_size: int, device, dist, classes_expected=None,
+def _fit(args, model, *, lr: float, image_size: int, device, dist, output: str, classes_expected=None,
          lr_scale: dict[str, float] | None = None) -> tuple[list[dict], list]:
+    """Train ``model`` on --train_path (all ranks together under torchrun), checkpointing every
+    epoch beside ``output``; with --resume, the first training step of the run continues from there."""
     import finetune
+    import models
 
     train_loader, test_loader, sampler, classes = _data(args, image_size=image_size, train=True, test=True,
                                                         dist=dist)
     if classes_expected is not None and classes != classes_expected:
         raise _classes_differ("the data's", classes, classes_expected)
+    step = "train" if output == args.model and args.train else "fine_tune"
+    config = {"step": step, "arch": args.arch if step == "train" else None,
+              "weights": args.weights if step == "train" else None, "lr": lr, "epochs": args.epochs,
+              "batch_size": args.batch_size, "seed": args.seed, "image_size": image_size,
+              "train_path": os.path.abspath(args.train_path), "workers": args.workers,
+              "world_size": dist.world_size, "freeze_features": args.freeze_features,
+              "pretrained_lr_scale": args.pretrained_lr_scale if step == "train" else None}
+    checkpoint = checkpoint_path(output)
+    resume = None
+    if args.resume and (step == "train" or not args.train):
+        resume = models.load_checkpoint(checkpoint, config=config)
+    elif os.path.exists(checkpoint) and dist.is_main:
+        warnings.warn(f"{checkpoint} (an interrupted run's) is replaced by this run's checkpoints; --resume would "
+                      f"have continued it")
+
+    def write_checkpoint(state: dict) -> None:
+        if dist.is_main:  # the ranks hold the same weights; one writes
+            models.save_checkpoint(checkpoint, state, config=config)
+
     model.to(device)
     wrapped = model
     if dist.enabled:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     history = finetune.fit(wrapped, train_loader, test_loader, epochs=args.epochs, lr=lr, device=device,
-                           train_sampler=sampler, show_progress=not args.quiet, log=logger, lr_scale=lr_scale)
+                           train_sampler=sampler, show_progress=not args.quiet and dist.is_main, log=logger,
+                           lr_scale=lr_scale, group=dist.group, checkpoint=write_checkpoint, resume=resume)
     return history, classes
+
+
+def _save_trained(path: str, model, *, dist, **fields) -> None:
+    """Rank 0 saves the trained model (the other ranks wait for it), then drops the epoch checkpoint."""
+    import models
+
+    def save() -> None:
+        models.save_model(path, model, **fields)
+        checkpoint = checkpoint_path(path)
+        if os.path.exists(checkpoint):
+            os.remove(checkpoint)
+
+    runtime.on_main(dist, save)
 
 
 def step_train(args, device, dist) -> dict:
@@ -397,12 +452,11 @@ def step_train(args, device, dist) -> dict:
         logger.info("learning rate %.3g for the %d fresh tensors (%s), %.3g for the %d pretrained ones", lr,
                     len(trained_fresh), short_list(trained_fresh), lr * args.pretrained_lr_scale, len(pretrained))
     history, classes = _fit(args, model, lr=lr, image_size=image_size, device=device, dist=dist,
-                            lr_scale=lr_scale)
-    if dist.is_main:
-        models.save_model(args.model, model, arch=args.arch, classes=classes, image_size=image_size,
-                          meta={"step": "train", "weights": args.weights, "history": history, "lr": lr,
-                                "pretrained_lr_scale": args.pretrained_lr_scale if pretrained else None,
-                                "epochs": args.epochs, "freeze_features": args.freeze_features})
+                            output=args.model, lr_scale=lr_scale)
+    _save_trained(args.model, model, dist=dist, arch=args.arch, classes=classes, image_size=image_size,
+                  meta={"step": "train", "weights": args.weights, "history": history, "lr": lr,
+                        "pretrained_lr_scale": args.pretrained_lr_scale if pretrained else None,
+                        "epochs": args.epochs, "freeze_features": args.freeze_features})
     # Layers that started fresh (every one from scratch; the head, and FC layers a foreign file lacks).
     fresh_layers = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in fresh))
     return {"history": history, "fresh_layers": fresh_layers}
@@ -416,6 +470,7 @@ def _evaluate_loader(model, loader, device, args) -> float:
 
 def step_decompose(args, device) -> dict:
     import decompositions
+    import diagonal as diagonal_structure
     import models
     import report
 
@@ -434,7 +489,7 @@ def step_decompose(args, device) -> dict:
     # evaluation or training.  (The diagonal FC annealing below changes weights, not layers.)
     plan = _plan(args, model, method, input_size)
     acc_before = _evaluate_loader(model, test_loader, device, args) if test_loader else None
-    diagonal, bandwidth = _diagonal_layers(model, plan)
+    diagonal, bandwidth = diagonal_structure.plan_layers(model, plan)
     if diagonal:
         summary_anneal = _move_fc_onto_diagonal(args, model, device, image_size, info["classes"], test_loader,
                                                 layers=diagonal, bandwidth=bandwidth)
@@ -540,42 +595,30 @@ def _applied_plan(plan: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
     return applied
 
 
-def _diagonal_layers(model: torch.nn.Module, plan: dict[str, dict]) -> tuple[list[str], int]:
-    """The plan's diagonal layers and their one bandwidth (a layer with fewer inputs uses them all)."""
-    entries = {name: e["bandwidth"] for name, e in plan.items() if e["method"] == "diagonal"}
-    if not entries:
-        return [], 0
-    bandwidth = max(entries.values())
-    odd = [n for n, b in entries.items() if b != min(bandwidth, model.get_submodule(n).in_features)]
-    if odd:
-        raise UserError(f"the plan's diagonal layers must share one bandwidth ({short_list(odd)} differ from "
-                        f"{bandwidth}): the mask schedule moves them together")
-    return list(entries), bandwidth
-
-
 def _move_fc_onto_diagonal(args, model, device, image_size: int, classes: list[str], test_loader, *,
                            layers: list[str], bandwidth: int) -> dict:
     """Get the weight mass of the plan's diagonal FC layers onto the structure before conversion.
 
-    With training data: ``finetune.anneal_to_masks`` fine-tunes while the off-structure
-    weights fade to 0.  Without: ``finetune.project_to_masks`` zeroes them at once,
+    With training data: ``diagonal.anneal_to_masks`` fine-tunes while the off-structure
+    weights fade to 0.  Without: ``diagonal.project_to_masks`` zeroes them at once,
     rescaling each row to keep its norm (a plain projection keeps <1% of the mass of a
     trained layer and leaves the network at chance; see benchmarks/FC_RESULTS.md).
-    Either way the conversion that follows is exact.
+    Either way the conversion that follows is exact.  Rank 0 does this alone under torchrun
+    (inside --decompose), so nothing here reduces across ranks.
     """
-    import finetune
+    import diagonal as diagonal_structure
 
     if not args.train_path:
         logger.warning("diagonal FC layers without --train_path: projecting the FC weights onto the structure at "
                        "once; give --train_path to anneal them there (much less accuracy lost)")
-        result = finetune.project_to_masks(model, layers=layers, bandwidth=bandwidth)
+        result = diagonal_structure.project_to_masks(model, layers=layers, bandwidth=bandwidth)
         return {"layers": layers, "procedure": "projection", "gain": result["gain"]}
     # The test folder was already scanned (and its classes checked) by step_decompose.
     train_loader, _, _, data_classes = _data(args, image_size=image_size, train=True, test=False)
     if data_classes != classes:
         raise _classes_differ("the data's", data_classes, classes)
     lr = args.lr or DEFAULT_LR["tucker"]
-    result = finetune.anneal_to_masks(model, train_loader, layers=layers, bandwidth=bandwidth,
+    result = diagonal_structure.anneal_to_masks(model, train_loader, layers=layers, bandwidth=bandwidth,
                                       epochs=args.fc_anneal_epochs, lr=lr, device=device, test_loader=test_loader,
                                       show_progress=not args.quiet, log=logger)
     return {"layers": layers, "procedure": "anneal", "epochs": args.fc_anneal_epochs, "lr": lr,
@@ -592,12 +635,11 @@ def step_fine_tune(args, device, dist) -> dict:
         lr = DEMO_LR["fine_tune"]
     model.train()
     history, _ = _fit(args, model, lr=lr, image_size=info["image_size"], device=device, dist=dist,
-                      classes_expected=info["classes"])
-    if dist.is_main:
-        meta = dict(info["meta"])
-        meta.update({"fine_tune": {"history": history, "lr": lr, "epochs": args.epochs}})
-        models.save_model(args.decomposed_model, model, arch=info["arch"], classes=info["classes"],
-                          image_size=info["image_size"], meta=meta)
+                      output=args.decomposed_model, classes_expected=info["classes"])
+    meta = dict(info["meta"])
+    meta.update({"fine_tune": {"history": history, "lr": lr, "epochs": args.epochs}})
+    _save_trained(args.decomposed_model, model, dist=dist, arch=info["arch"], classes=info["classes"],
+                  image_size=info["image_size"], meta=meta)
     return {"history": history}
 
 
@@ -728,43 +770,54 @@ def _apply_demo(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import finetune
+    """Run the requested steps in pipeline order.
 
+    Under torchrun every rank runs this: --train and --fine_tune train on all ranks
+    (DistributedDataParallel); --decompose, --eval and --export run on rank 0 alone while
+    the others wait for the outcome (:func:`runtime.on_main`), and nothing rank 0 calls
+    there reduces across ranks.
+    """
     if args.demo:
         _apply_demo(args)
     _check_args(args)
-    finetune.seed_everything(args.seed)
-    device = finetune.resolve_device(args.device)
-    dist, device = finetune.init_distributed(device)
+    runtime.seed_everything(args.seed)
+    device = runtime.resolve_device(args.device)
+    dist, device = runtime.init_distributed(device)
+    if not dist.is_main:  # one copy of each message: rank 0 speaks for the run (warnings and errors still show)
+        logging.getLogger().setLevel(logging.WARNING)
     results: dict[str, Any] = {}
     try:
         if args.train:
             results["train"] = step_train(args, device, dist)
         if args.decompose:
-            if dist.is_main:
-                results["decompose"] = step_decompose(args, device)
-            if dist.enabled:
-                torch.distributed.barrier()
+            results["decompose"] = runtime.on_main(dist, lambda: step_decompose(args, device))
         if args.fine_tune:
             results["fine_tune"] = step_fine_tune(args, device, dist)
-        if args.eval and dist.is_main:
-            target = args.decomposed_model if (args.decompose or args.fine_tune) else args.model
-            evals = [evaluate_file(target, args, device)]
-            if args.demo:
-                evals.insert(0, evaluate_file(args.model, args, device))
-            for result in evals:
-                _print_eval(result)
-            if args.json:
-                import report
-
-                report.write_json(args.json, evals[0] if len(evals) == 1 else {"results": evals})
-            if args.demo:
-                _print_demo_summary(*evals, results, args)
-        if args.export and dist.is_main:
-            step_export(args.decomposed_model if (args.decompose or args.fine_tune) else args.model, args, device)
+        if args.eval:
+            runtime.on_main(dist, lambda: step_eval(args, device, results))
+        if args.export:
+            runtime.on_main(dist, lambda: step_export(
+                args.decomposed_model if (args.decompose or args.fine_tune) else args.model, args, device))
     finally:
-        finetune.cleanup_distributed()
+        runtime.cleanup_distributed()
     return 0
+
+
+def step_eval(args: argparse.Namespace, device: torch.device, results: dict) -> list[dict]:
+    """--eval: print (and with --json write) the evaluated model's figures; the demo's summary."""
+    target = args.decomposed_model if (args.decompose or args.fine_tune) else args.model
+    evals = [evaluate_file(target, args, device)]
+    if args.demo:
+        evals.insert(0, evaluate_file(args.model, args, device))
+    for result in evals:
+        _print_eval(result)
+    if args.json:
+        import report
+
+        report.write_json(args.json, evals[0] if len(evals) == 1 else {"results": evals})
+    if args.demo:
+        _print_demo_summary(*evals, results, args)
+    return evals
 
 
 def _print_demo_summary(before: dict, after: dict, results: dict, args: argparse.Namespace) -> None:

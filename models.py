@@ -37,6 +37,7 @@ from torch import nn
 
 import decompositions
 import importers
+import runtime
 from atomic import atomic_open
 from errors import UserError
 from report import short_list
@@ -44,7 +45,8 @@ from report import short_list
 logger = logging.getLogger(__name__)
 
 __all__ = ["ARCHS", "MIN_IMAGE_SIZE", "MAX_IMAGE_SIZE", "FILE_FORMAT", "FILE_VERSION", "build_model", "build_pretrained", "check_image_size",
-           "save_model", "load_model", "unwrap", "feature_parameters", "check_input_file"]
+           "save_model", "load_model", "feature_parameters", "check_input_file", "save_checkpoint",
+           "load_checkpoint"]
 
 ARCHS = ("vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "alexnet")
 # Smallest square input for which every pooling stage still has an output pixel.
@@ -191,23 +193,8 @@ def _load_torchvision_weights(model: nn.Module, weights: str, arch: str) -> None
 
 def feature_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters outside the classifier (frozen by ``--freeze_features``)."""
-    head = {id(p) for p in unwrap(model).classifier.parameters()}
-    return [p for p in unwrap(model).parameters() if id(p) not in head]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DistributedDataParallel / DataParallel and ``torch.compile`` wrappers.
-
-    Only those wrappers are unwrapped: a model of any other class that happens to have a
-    child named ``module`` is returned as it is.
-    """
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
+    head = {id(p) for p in runtime.unwrap(model).classifier.parameters()}
+    return [p for p in runtime.unwrap(model).parameters() if id(p) not in head]
 
 
 def save_model(path: str, model: nn.Module, *, arch: str, classes: list[str], image_size: int,
@@ -217,7 +204,7 @@ def save_model(path: str, model: nn.Module, *, arch: str, classes: list[str], im
     Refuses (ValueError) a model with non-finite weights: no saved model ever holds
     NaN or Inf.
     """
-    model = unwrap(model)
+    model = runtime.unwrap(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -237,6 +224,36 @@ def save_model(path: str, model: nn.Module, *, arch: str, classes: list[str], im
     with atomic_open(path, "wb") as fh:
         torch.save(payload, fh)
     logger.info("saved %s (%s, %d parameters)", path, arch, sum(v.numel() for v in state.values()))
+
+
+def save_checkpoint(path: str, state: dict[str, Any], *, config: dict[str, Any]) -> None:
+    """Write a training checkpoint (``finetune.training_checkpoint``) atomically, with the run's options.
+
+    Plain data only, like model files: :func:`load_checkpoint` reads it weights-only.
+    """
+    with atomic_open(path, "wb") as fh:
+        torch.save({**state, "config": config}, fh)
+
+
+def load_checkpoint(path: str, *, config: dict[str, Any]) -> dict[str, Any]:
+    """Read a checkpoint of :func:`save_checkpoint`, refusing one written by a run with other options.
+
+    Raises
+    ------
+    errors.UserError
+        For a missing, non-regular or unreadable file, one that is not a checkpoint, or
+        ``config`` entries that differ from the checkpoint's (each difference named).
+    """
+    state = _torch_load(path, what="checkpoint")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "epoch" not in state:
+        raise UserError(f"{path} is not a training checkpoint of this tool")
+    saved = state["config"]
+    differ = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in config.items()
+              if saved.get(key) != value]
+    if differ:
+        raise UserError(f"checkpoint {path} is from a run with other options ({'; '.join(differ)[:300]}); resume "
+                        f"with the interrupted run's options, or drop --resume to start over")
+    return state
 
 
 def check_input_file(path: str, *, what: str) -> None:

@@ -57,6 +57,7 @@ from torch import nn
 import decompositions as D
 import report
 import vbmf
+from diagonal import DIAGONAL_BANDWIDTH
 from errors import UserError
 from report import short_list
 from threads import lapack_threads
@@ -185,7 +186,7 @@ class Policy:
     vbmf_weaken: float = 1.0
     fc_rank: int | None = None
     fc_rank_ratio: float | None = None
-    fc_bandwidth: int = D.DIAGONAL_BANDWIDTH
+    fc_bandwidth: int = DIAGONAL_BANDWIDTH
     target_macs: float | None = None
     target_params: float | None = None
     skip: Mapping[str, str] = field(default_factory=dict)
@@ -554,12 +555,10 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
       layer takes its cheapest ranks whose error bound is at most ``e``; the total cost
       only falls as ``e`` grows, so a bisection on ``e`` finds the smallest ``e``.
 
-    The default is the one measured better at moderate budgets.  On the trained VGG16
-    (benchmarks/RESULTS.md, "Budgets", twelve seeds, Tucker-2 + FC SVD) ``sum`` kept more
-    accuracy straight after decomposition than ``minimax`` at 3x and 5x fewer MACs (+2.7
-    and +3.0 points, 11 and 9 of 12 seeds) and beat uniform ranks at 5x (+2.5 points, 10
-    of 12); after fine-tuning the two rules are within noise there.  At 8x ``minimax``
-    was better (+2.8 points straight after, +0.6 after fine-tuning): pass
+    The default is the one measured better at moderate budgets (benchmarks/RESULTS.md,
+    "Budgets": on the trained VGG16 ``sum`` kept more accuracy straight after
+    decomposition than ``minimax`` and than uniform ranks at 3x and 5x fewer MACs, the
+    rules being level after fine-tuning); at 8x ``minimax`` was better: pass
     ``budget_rule="minimax"`` for aggressive budgets.
     """
     metric, target = policy.budget
@@ -787,8 +786,9 @@ def read_plan(path: str) -> dict[str, dict]:
     Raises :class:`errors.UserError` (one line) for a missing, oversized, non-JSON or
     malformed file; whether the plan fits a model is :func:`check_plan`'s job.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"plan file {path} does not exist or is not a regular file")
+    from models import check_input_file  # the one check that a path names a file to read
+
+    check_input_file(path, what="plan file")
     size = os.path.getsize(path)
     if size > MAX_PLAN_BYTES:
         raise UserError(f"plan file {path} is {size} bytes; a plan is far smaller (limit {MAX_PLAN_BYTES})")

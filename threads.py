@@ -1,13 +1,11 @@
 """Thread count for LAPACK calls (eigh, svdvals, qr, lstsq) on the CPU.
 
-Measured on the 2-core machine this project is developed on, with other processes
-busy: ``torch.linalg.eigh`` of a 512 x 512 Gram matrix took 0.025 s on one thread and
-1-2.4 s on two; ``svdvals`` of a 512 x 4608 matrix 0.41 s against 10 s; a 4096 x 4096
-eigh 8.8 s against 39 s.  LAPACK's threaded reductions synchronize after every panel,
-and with the cores shared each synchronization waits for a descheduled thread.  On
-an idle machine two threads gain little on these sizes, so the decompositions run
-their factorizations on one thread; the large matrix products around them keep all
-threads.
+LAPACK's threaded reductions synchronize after every panel; on a machine whose cores are
+shared with other processes each synchronization waits for a descheduled thread, and the
+small factorizations of the decompositions (eigh of Gram matrices, svdvals) become many
+times slower on two threads than on one (measured in benchmarks/RESULTS.md, "Threads").
+On an idle machine two threads gain little on these sizes, so the decompositions run their
+factorizations on one thread; the large matrix products around them keep all threads.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ import bench_real  # noqa: E402
 import dataset  # noqa: E402
 import decompositions  # noqa: E402
 import finetune  # noqa: E402
+import runtime  # noqa: E402
 import main as main_cli  # noqa: E402 - the tool's default learning rates
 import models  # noqa: E402
 import ranks  # noqa: E402
@@ -129,7 +130,7 @@ def plan_for(rule: str, target: float, model: nn.Module, base: dict, input_size,
 def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[str, Any]:
     progress = not args.quiet
     input_size = (3, SIZE, SIZE)
-    finetune.seed_everything(seed)
+    runtime.seed_everything(seed)
     train_ds, test_ds, classes = dataset.build_datasets(os.path.join(args.data, "train"),
                                                          os.path.join(args.data, "test"), image_size=SIZE)
     train_ds = bench_real._subset(train_ds, args.train_per_class, seed=seed)
@@ -294,7 +295,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if not args.summarize:
-        device = finetune.resolve_device(args.device)
+        device = runtime.resolve_device(args.device)
         os.makedirs(args.out_dir, exist_ok=True)
         for seed in args.seeds:
             result = run_seed(args, seed, device)

@@ -7,10 +7,10 @@ compressed three ways, each to the same number of weights per layer:
     whose ``rank * (M + N)`` weights equal the diagonal layer's ``max(M, N) * b``;
 (b) ``diagonal, projection``: :func:`decompositions.diagonal_decompose_linear` of the
     trained dense layers (keeps the entries on the structure, drops the rest);
-(b') ``diagonal, projection + rescale``: :func:`finetune.project_to_masks`, the same
+(b') ``diagonal, projection + rescale``: :func:`diagonal.project_to_masks`, the same
     projection with each output row's on-structure entries scaled up to keep the
     row's norm, then the conversion;
-(c) ``diagonal, annealed``: :func:`finetune.anneal_to_masks` for ``--anneal-epochs``
+(c) ``diagonal, annealed``: :func:`diagonal.anneal_to_masks` for ``--anneal-epochs``
     (off-structure weights fade out, with the same row-norm rescale, while the whole
     network trains), then the same conversion, which is exact by then.
 
@@ -77,7 +77,9 @@ for path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
 
 import dataset  # noqa: E402
 import decompositions  # noqa: E402
+import diagonal  # noqa: E402
 import finetune  # noqa: E402
+import runtime  # noqa: E402
 import ranks  # noqa: E402
 import make_fashion_mnist  # noqa: E402
 import models  # noqa: E402
@@ -170,7 +172,7 @@ class Runner:
         return loader
 
     def fit(self, model: nn.Module, *, epochs: int, lr: float) -> list[dict]:
-        finetune.seed_everything(self.args.seed)
+        runtime.seed_everything(self.args.seed)
         return finetune.fit(model, self.train_loader(), None, epochs=epochs, lr=lr, device=self.device,
                             show_progress=self.args.progress, log=logger)
 
@@ -193,7 +195,7 @@ class Runner:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = finetune.resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     started = time.perf_counter()
     runner = Runner(args, device)
     input_size = (3, args.image_size, args.image_size)
@@ -202,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ft_epochs = QUICK_EPOCHS if args.quick else args.finetune_epochs
 
     # 1. The dense model, trained from scratch.
-    finetune.seed_everything(args.seed)
+    runtime.seed_everything(args.seed)
     dense = models.build_model(args.arch, len(runner.classes), weights="none").to(device)
     names = compressed_fc_names(dense)
     logger.info("training dense %s for %d epochs; compressing %s", args.arch, epochs, ", ".join(names))
@@ -259,7 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.rescale:
             t_start = time.perf_counter()
             model = copy.deepcopy(dense)
-            finetune.project_to_masks(model, layers=names, bandwidth=bandwidth, rescale=True)
+            diagonal.project_to_masks(model, layers=names, bandwidth=bandwidth, rescale=True)
             layer_rows = compress(model, diag_plan)
             rows.append(finish("diagonal, projection + rescale", model, layer_rows, extra=0, ft=ft_epochs,
                                t_start=t_start))
@@ -268,8 +270,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # (c) anneal onto the structure, convert (exactly), then the same fine-tuning.
         t_start = time.perf_counter()
         model = copy.deepcopy(dense)
-        finetune.seed_everything(args.seed)
-        annealed = finetune.anneal_to_masks(
+        runtime.seed_everything(args.seed)
+        annealed = diagonal.anneal_to_masks(
             model, runner.train_loader(), layers=names, bandwidth=bandwidth, epochs=anneal_epochs,
             lr=args.finetune_lr, device=device, rescale=args.rescale, show_progress=args.progress,
             log=logger)
@@ -395,7 +397,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="which methods are also run with anneal + finetune epochs of fine-tuning "
                              "(equal budget): svd, svd and the plain projection, or none")
     parser.add_argument("--no-rescale", dest="rescale", action="store_false",
-                        help="anneal without keeping the rows' norms (finetune.anneal_to_masks "
+                        help="anneal without keeping the rows' norms (diagonal.anneal_to_masks "
                              "rescale=False) and skip the rescaled projection")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--workers", type=int, default=0, help="data loader processes")

@@ -27,7 +27,6 @@ relative output difference of each predictor from the eager model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import platform
@@ -50,6 +49,7 @@ import decompositions  # noqa: E402
 import inference  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
+from threads import lapack_threads  # noqa: E402
 
 logger = logging.getLogger("bench_inference")
 
@@ -67,23 +67,6 @@ SEED = 0
 UNPADDED = "onnx-unpadded"
 SPEEDUP_GOAL = 3.0
 MAC_FRACTION_GOAL = 0.6
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run the block with ``n`` torch threads, then restore the previous count.
-
-    The decompositions call many small LAPACK routines (``eigh`` of Gram matrices);
-    on a 2-core machine shared with other processes, OpenMP's barriers in each of them
-    wait for a descheduled thread: one 512x512 float64 ``eigh`` was measured at 5.8 s
-    with 2 threads against 0.025 s with 1.  A single thread avoids that.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def build_pair(*, image_size: int, seed: int = SEED,
@@ -108,7 +91,7 @@ def build_pair(*, image_size: int, seed: int = SEED,
     plan = {convs[0][0]: {"method": "none", "reason": "first conv kept"}}
     plan.update({name: {"method": "tucker", "ranks": [m.out_channels // rank_divisor, m.in_channels // rank_divisor]}
                  for name, m in convs[1:]})
-    with torch_threads(1):
+    with lapack_threads():  # the decompositions' small LAPACK calls (threads.py says why)
         rows = decompositions.decompose_model(decomposed, plan, input_size=input_size)
     return original, decomposed.eval(), [r.as_dict() for r in rows]
 

@@ -77,6 +77,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import decompositions  # noqa: E402
+import inference  # noqa: E402
 import vbmf  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -148,40 +149,24 @@ def cp_dense(factors: Sequence[torch.Tensor], weights: torch.Tensor | None = Non
 
 
 # ------------------------------------------------------------------------- timing
-def _synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Wall-clock seconds of one call (no warm-up), device work included, and its result."""
+    times, results = time_interleaved({"call": fn}, repeats=1, device=device, warmup=0)
+    return times["call"][0], results["call"]
 
 
-def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any]:
-    """Wall-clock seconds of one call, device work included, and its result."""
-    sync()
-    start = time.perf_counter()
-    result = fn()
-    sync()
-    return time.perf_counter() - start, result
-
-
-def time_interleaved(candidates: dict[str, Callable[[], Any]], *, repeats: int, sync: Callable[[], None],
+def time_interleaved(candidates: dict[str, Callable[[], Any]], *, repeats: int, device: torch.device,
                      warmup: int = WARMUP_CALLS) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Warm up, then time every candidate ``repeats`` times, interleaved.
-
-    The order alternates between repeats so that neither side always runs
-    first (caches, turbo, other jobs on the machine).  Returns all times per
-    candidate and each candidate's last result.
-    """
-    for _ in range(warmup):
-        for fn in candidates.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
+    """The project's one timer (:func:`inference.time_interleaved`: interleaved rounds, the device
+    synchronized around each call), in seconds, keeping each candidate's last result."""
     results: dict[str, Any] = {}
-    names = list(candidates)
-    for repeat in range(repeats):
-        for name in (names if repeat % 2 == 0 else names[::-1]):
-            seconds, results[name] = timed(candidates[name], sync)
-            times[name].append(seconds)
-    return times, results
+
+    def keeping(name: str, fn: Callable[[], Any]) -> Callable[[], None]:
+        return lambda: results.__setitem__(name, fn())
+
+    ms = inference.time_interleaved({name: keeping(name, fn) for name, fn in candidates.items()}, warmup=warmup,
+                                    repeats=repeats, devices=[device])
+    return {name: [t / 1e3 for t in values] for name, values in ms.items()}, results
 
 
 def median(values: Sequence[float]) -> float:
@@ -268,7 +253,7 @@ def tensorly_parafac(weight: torch.Tensor, rank: int) -> tuple[list[torch.Tensor
 
 
 # ------------------------------------------------------------------------ figures
-def bench_vbmf(convs, *, repeats: int, sync, reference: bool) -> dict[str, Any]:
+def bench_vbmf(convs, *, repeats: int, device: torch.device, reference: bool) -> dict[str, Any]:
     matrices = [unfold(w, mode) for mode in (0, 1) for _, w in convs]
 
     def ours():
@@ -283,7 +268,7 @@ def bench_vbmf(convs, *, repeats: int, sync, reference: bool) -> dict[str, Any]:
         return [torch.linalg.svdvals(m if m.shape[0] >= m.shape[1] else m.mT) for m in matrices]
 
     times, results = time_interleaved({"ours": ours, "limit": limit, "limit_tall": limit_tall},
-                                      repeats=repeats, sync=sync)
+                                      repeats=repeats, device=device)
     ours_s, limit_s = median(times["ours"]), median(times["limit"])
     out = {
         "matrices": len(matrices),
@@ -301,14 +286,14 @@ def bench_vbmf(convs, *, repeats: int, sync, reference: bool) -> dict[str, Any]:
     if reference:
         arrays = [m.cpu().numpy() for m in matrices]
         logger.info("reference EVBMF (numpy full SVD) on %d matrices ...", len(arrays))
-        out["reference_s"], ref = timed(lambda: [reference_evbmf(a)["rank"] for a in arrays], lambda: None)
+        out["reference_s"], ref = timed(lambda: [reference_evbmf(a)["rank"] for a in arrays], device)
         out["ranks_reference"] = ref
         out["ranks_agree"] = sum(int(a == b) for a, b in zip(ref, results["ours"]))
     out["pass"] = out["ratio"] <= VBMF_GOAL_RATIO
     return out
 
 
-def bench_tucker(convs, *, repeats: int, sync, reference: bool) -> dict[str, Any]:
+def bench_tucker(convs, *, repeats: int, device: torch.device, reference: bool) -> dict[str, Any]:
     ranks = [tucker_ranks(w) for _, w in convs]
 
     def ours():
@@ -317,7 +302,7 @@ def bench_tucker(convs, *, repeats: int, sync, reference: bool) -> dict[str, Any
     def limit():
         return [torch.linalg.svd(unfold(w, mode), full_matrices=False) for _, w in convs for mode in (0, 1)]
 
-    times, results = time_interleaved({"ours": ours, "limit": limit}, repeats=repeats, sync=sync)
+    times, results = time_interleaved({"ours": ours, "limit": limit}, repeats=repeats, device=device)
     ours_s, limit_s = median(times["ours"]), median(times["limit"])
     layers = [{"name": name, "shape": list(w.shape), "ranks": list(r),
                "error_ours": relative_error(w, tucker_dense(*res)), "error_reference": None}
@@ -327,7 +312,7 @@ def bench_tucker(convs, *, repeats: int, sync, reference: bool) -> dict[str, Any
            "worst_error_ratio": None, "error_pass": None}
     if reference:
         logger.info("reference tensorly partial_tucker (HOOI) on %d layers ...", len(convs))
-        out["reference_s"], ref = timed(lambda: [tensorly_hooi(w, r) for (_, w), r in zip(convs, ranks)], sync)
+        out["reference_s"], ref = timed(lambda: [tensorly_hooi(w, r) for (_, w), r in zip(convs, ranks)], device)
         for row, (_, w), res in zip(layers, convs, ref):
             row["error_reference"] = relative_error(w, tucker_dense(*res))
         out["worst_error_ratio"] = max(r["error_ours"] / r["error_reference"] for r in layers)
@@ -342,7 +327,7 @@ def _cp_runs(weight: torch.Tensor, rank: int, tol: float | None) -> tuple[list[t
     return decompositions.cp_als(weight, rank, max_iter=CP_ITERATIONS, tol=tol)
 
 
-def bench_cp(convs, *, layer_name: str, repeats: int, sync, reference: bool,
+def bench_cp(convs, *, layer_name: str, repeats: int, device: torch.device, reference: bool,
              reference_all: bool) -> dict[str, Any]:
     weights = dict(convs)
     layer_w = weights[layer_name]
@@ -352,7 +337,7 @@ def bench_cp(convs, *, layer_name: str, repeats: int, sync, reference: bool,
     # tol=0 runs exactly CP_ITERATIONS iterations, as the reference does.
     for key, tol in (("full", 0.0), ("default_tol", None)):
         times, results = time_interleaved({"ours": lambda t=tol: _cp_runs(layer_w, layer_rank, t)},
-                                          repeats=repeats, sync=sync)
+                                          repeats=repeats, device=device)
         factors, err = results["ours"]
         layer[key] = {"ours_s": median(times["ours"]), "times": times["ours"], "error_ours": float(err),
                       "error_check": relative_error(layer_w, cp_dense(factors))}
@@ -360,7 +345,7 @@ def bench_cp(convs, *, layer_name: str, repeats: int, sync, reference: bool,
     if reference:
         logger.info("reference tensorly parafac on %s at rank %d (slow) ...", layer_name, layer_rank)
         layer["reference_s"], (factors, cp_weights, iters) = timed(
-            lambda: tensorly_parafac(layer_w, layer_rank), sync)
+            lambda: tensorly_parafac(layer_w, layer_rank), device)
         layer["error_reference"] = relative_error(layer_w, cp_dense(factors, cp_weights))
         layer["reference_iterations"] = iters
     for key in ("full", "default_tol"):
@@ -375,17 +360,17 @@ def bench_cp(convs, *, layer_name: str, repeats: int, sync, reference: bool,
         def run_all(t=tol):
             rows = []
             for name, w in convs:
-                seconds, (factors, err) = timed(lambda: _cp_runs(w, ranks[name], t), sync)
+                seconds, (factors, err) = timed(lambda: _cp_runs(w, ranks[name], t), device)
                 rows.append({"name": name, "rank": ranks[name], "seconds": seconds, "error_ours": float(err)})
             return rows
 
-        times, results = time_interleaved({"ours": run_all}, repeats=repeats, sync=sync)
+        times, results = time_interleaved({"ours": run_all}, repeats=repeats, device=device)
         model[key] = {"ours_s": median(times["ours"]), "times": times["ours"], "per_layer": results["ours"],
                       "time_pass": median(times["ours"]) < CP_MODEL_GOAL_S}
     model["reference_s"] = None
     if reference and reference_all:
         logger.info("reference tensorly parafac on all %d layers (very slow) ...", len(convs))
-        model["reference_s"], refs = timed(lambda: [tensorly_parafac(w, ranks[n]) for n, w in convs], sync)
+        model["reference_s"], refs = timed(lambda: [tensorly_parafac(w, ranks[n]) for n, w in convs], device)
         for key in ("full", "default_tol"):
             for row, (name, w), (factors, cp_weights, iters) in zip(model[key]["per_layer"], convs, refs):
                 row["error_reference"] = relative_error(w, cp_dense(factors, cp_weights))
@@ -504,7 +489,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sync = _synchronizer(device)
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     reference = not args.skip_reference
     convs = vgg16_convs(device=device, quick=args.quick)
@@ -526,12 +510,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           + (" [--quick: not the goals' workload]" if args.quick else ""))
     start = time.perf_counter()
     figures: dict[str, Any] = {"meta": meta}
-    figures["vbmf"] = bench_vbmf(convs, repeats=repeats, sync=sync, reference=reference)
+    figures["vbmf"] = bench_vbmf(convs, repeats=repeats, device=device, reference=reference)
     print_vbmf(figures["vbmf"], len(convs))
-    figures["tucker"] = bench_tucker(convs, repeats=repeats, sync=sync, reference=reference)
+    figures["tucker"] = bench_tucker(convs, repeats=repeats, device=device, reference=reference)
     print_tucker(figures["tucker"])
     figures["cp"] = bench_cp(convs, layer_name=QUICK_CP_LAYER if args.quick else CP_LAYER, repeats=repeats,
-                             sync=sync, reference=reference, reference_all=args.cp_reference_all)
+                             device=device, reference=reference, reference_all=args.cp_reference_all)
     print_cp(figures["cp"])
     meta["total_s"] = time.perf_counter() - start
     figures["goals"] = {"vbmf": figures["vbmf"]["pass"], "tucker": figures["tucker"]["pass"],

@@ -91,11 +91,13 @@ import dataset  # noqa: E402
 import decompositions  # noqa: E402
 import ranks  # noqa: E402
 import finetune  # noqa: E402
+import runtime  # noqa: E402
 import inference  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
 import main as main_cli  # noqa: E402 - the tool's default learning rates
-from bench_inference import machine_info, torch_threads  # noqa: E402
+from bench_inference import machine_info  # noqa: E402
+from threads import lapack_threads  # noqa: E402
 
 logger = logging.getLogger("bench_real")
 
@@ -199,7 +201,7 @@ def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "
     spectra: dict = {}  # one SVD per matrix, shared by the Tucker, CP and SVD plans
 
     def plans(conv_rule: dict, fc_rule: dict) -> dict[str, dict]:
-        with torch_threads(1):
+        with lapack_threads():
             out = {m: ranks.plan_decomposition(model, ranks.Policy(conv=m, skip=kept, **conv_rule), input_size,
                                                spectra=spectra)
                    for m in ("tucker", "cp")}
@@ -211,7 +213,7 @@ def choose_ranks(model: nn.Module, *, input_size: Sequence[int], policy: str = "
     conv_source, conv_reason = "ratio", "--ranks ratio"
     if policy != "ratio":
         vbmf_plans = plans({}, {})
-        with torch_threads(1):
+        with lapack_threads():
             estimates = {n: tuple(int(r) for r in ranks.estimate_tucker_ranks(m)) for n, m in convs}
         result["vbmf_conv"] = {n: list(r) for n, r in estimates.items()}
         zero = [n for n, r in estimates.items() if min(r) == 0]
@@ -280,9 +282,9 @@ def decompose(model: nn.Module, method: str, ranks_: dict[str, Any], *, input_si
         plan.update(ranks_["plans"]["svd"])
     plan.update({name: {"method": "none", "reason": "first conv kept"} for name in skip})
     start = time.perf_counter()
-    # One thread by default: many small LAPACK calls, see bench_inference.torch_threads.  On a
-    # large idle machine more threads speed up the FC SVD's big matrix products.
-    with torch_threads(threads):
+    # One thread by default: many small LAPACK calls, see threads.py.  On a large idle
+    # machine more threads speed up the FC SVD's big matrix products.
+    with lapack_threads(threads):
         rows = decompositions.decompose_model(net, plan, input_size=input_size, cp_max_iter=cp_max_iter,
                                               seed=seed, rescale=rescale)
     seconds = time.perf_counter() - start
@@ -533,7 +535,7 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, *, seed:
     size = args.image_size or (TRAINED_IMAGE_SIZE if args.weights else DEFAULT_IMAGE_SIZE[arch])
     models.check_image_size(arch, size)
     input_size = (3, size, size)
-    finetune.seed_everything(seed)
+    runtime.seed_everything(seed)
     train_ds, test_ds, classes = dataset.build_datasets(os.path.join(args.data, "train"),
                                                          os.path.join(args.data, "test"), image_size=size)
     train_ds = _subset(train_ds, args.train_per_class, seed=seed)
@@ -802,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(format_markdown(payload))
         print(f"\nre-measured latency; wrote {', '.join(paths.values())}")
         return payload
-    device = finetune.resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     start = time.perf_counter()
     payload: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items()}, "machine": machine_info(),
                                "device": str(device), "archs": {}}

@@ -35,6 +35,7 @@ import bench_real  # noqa: E402
 import dataset  # noqa: E402
 import decompositions  # noqa: E402
 import finetune  # noqa: E402
+import runtime  # noqa: E402
 import main as main_cli  # noqa: E402
 import models  # noqa: E402
 
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    device = finetune.resolve_device(args.device)
-    finetune.seed_everything(args.seed)
+    device = runtime.resolve_device(args.device)
+    runtime.seed_everything(args.seed)
     train_ds, test_ds, classes = dataset.build_datasets(os.path.join(args.data, "train"),
                                                          os.path.join(args.data, "test"), image_size=SIZE)
     train_ds = bench_real._subset(train_ds, args.per_class, seed=args.seed)

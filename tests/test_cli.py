@@ -574,21 +574,3 @@ def test_subprocess_error_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: model file {tmp_path / 'nope'} does not exist "
                                                 f"(run --train first, or pass --model)"]
     assert proc.stdout == ""
-
-
-def test_torchrun_two_cpu_processes(tmp_path):
-    train, test = make_image_folder(tmp_path / "data", n_train=4, n_test=2, size=ALEXNET_SIZE)
-    model = tmp_path / "model"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO_ROOT / "main.py"), "--train", "--train_path", str(train), "--test_path", str(test),
-         "--arch", "alexnet", "--image_size", str(ALEXNET_SIZE), "--model", str(model), "--device", "cpu", *FAST],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # Only rank 0 writes: one model file, no temporary leftovers.
-    assert sorted(os.listdir(tmp_path)) == ["data", "model"]
-    _, info = models.load_model(str(model))
-    assert len(info["meta"]["history"]) == 1
-    # Both processes trained (torchrun reports each), but only rank 0 logs the epoch.
-    assert (proc.stdout + proc.stderr).count("epoch 1/1") == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import math
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageLoadError,
+    ShardSampler,
     build_datasets,
     build_loaders,
     build_transforms,
@@ -271,8 +271,7 @@ def test_build_loaders_distributed(image_folder):
         )
         assert isinstance(sampler, DistributedSampler) and train_loader.sampler is sampler
         assert sampler.shuffle and sampler.seed == 1
-        assert isinstance(test_loader.sampler, DistributedSampler)
-        assert not test_loader.sampler.shuffle
+        assert isinstance(test_loader.sampler, ShardSampler)
         assert len(sampler) == len(train_ds) // 2
         seen_train += list(sampler)
         seen_test += list(test_loader.sampler)
@@ -280,12 +279,16 @@ def test_build_loaders_distributed(image_folder):
     assert sorted(seen_test) == list(range(len(test_ds)))
 
 
-def test_build_loaders_distributed_pads_odd_test_set(tmp_path):
+def test_build_loaders_distributed_test_shards_are_not_padded(tmp_path):
     train, test = make_image_folder(tmp_path, n_train=2, n_test=3)  # 6 test images
     _, test_ds, _ = build_datasets(None, test, image_size=IMAGE_SIZE)
-    _, loader, _ = build_loaders(None, test_ds, batch_size=2, workers=0, distributed=True,
-                                 num_replicas=4, rank=3)
-    assert len(loader.sampler) == math.ceil(6 / 4)
+    shards = [list(build_loaders(None, test_ds, batch_size=2, workers=0, distributed=True, num_replicas=4,
+                                 rank=rank)[1].sampler) for rank in range(4)]
+    # DistributedSampler would give each of the 4 ranks 2 images (8: two counted twice).
+    assert [len(s) for s in shards] == [2, 2, 1, 1]
+    assert sorted(sum(shards, [])) == list(range(6))
+    with pytest.raises(ValueError, match="rank must be in"):
+        ShardSampler(6, num_replicas=2, rank=2)
 
 
 @pytest.mark.parametrize(

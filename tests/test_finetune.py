@@ -9,32 +9,24 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import finetune
 from conftest import spawn_and_wait
+from dataset import ShardSampler
 from errors import UserError
-from finetune import (
-    DistInfo,
-    NonFiniteLossError,
-    cleanup_distributed,
-    evaluate,
-    fit,
-    init_distributed,
-    measure_latency,
-    resolve_device,
-    seed_everything,
-    train_one_epoch,
-    warmup_cosine_factor,
-)
+from finetune import NonFiniteLossError, evaluate, fit, train_one_epoch, warmup_cosine_factor
+import runtime
+from runtime import cleanup_distributed, init_distributed, seed_everything
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 3
 FEATURES = 8
 DIST_WORLD_SIZE = 2
 DIST_TRAIN_SIZE = 96
-DIST_TEST_SIZE = 25  # odd on purpose: DistributedSampler pads it to 26
+DIST_TEST_SIZE = 25  # odd on purpose: the ranks' shares differ (DistributedSampler would pad to 26)
 DIST_TIMEOUT_S = 120
 
 
@@ -56,55 +48,6 @@ def tiny_convnet() -> nn.Sequential:
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(4, NUM_CLASSES),
     )
-
-
-# ------------------------------------------------------------------------- devices
-
-
-def test_resolve_device_cpu_and_auto():
-    assert resolve_device("cpu") == CPU
-    assert resolve_device(" CPU ") == CPU
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert resolve_device("auto") == torch.device(expected)
-
-
-def test_resolve_device_unknown_name_lists_allowed():
-    with pytest.raises(UserError, match=r"'tpu'.*auto, cpu, cuda, cuda:N, mps"):
-        resolve_device("tpu")
-
-
-def test_resolve_device_unavailable_accelerators(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    for name in ("cuda", "cuda:0", "mps"):
-        with pytest.raises(UserError, match=f"'{name}'.*not available"):
-            resolve_device(name)
-    assert resolve_device("auto") == CPU
-
-
-def test_resolve_device_cuda_index(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert resolve_device("cuda:0") == torch.device("cuda", 0)
-    with pytest.raises(UserError, match=r"'cuda:3'.*only 1 CUDA"):
-        resolve_device("cuda:3")
-
-
-def test_init_distributed_without_torchrun_is_disabled(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    info, device = init_distributed(CPU)
-    assert info == DistInfo(enabled=False, rank=0, world_size=1, local_rank=0)
-    assert info.is_main and device == CPU
-    # A single-process torchrun is not distributed either.
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    assert init_distributed(CPU)[0].enabled is False
-    monkeypatch.setenv("WORLD_SIZE", "two")
-    with pytest.raises(UserError, match="WORLD_SIZE='two'"):
-        init_distributed(CPU)
-    cleanup_distributed()  # no process group: must be a no-op
 
 
 # -------------------------------------------------------------------- fit / train
@@ -214,7 +157,7 @@ def test_non_finite_loss_raises_and_skips_the_update():
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
 def test_train_one_epoch_mixed_precision_path(amp_dtype):
     # The CUDA code path (autocast, GradScaler for float16) exercised on CPU.
-    assert finetune.autocast_dtype_for(CPU) is None
+    assert runtime.autocast_dtype_for(CPU) is None
     seed_everything(0)
     model, loader = mlp(), DataLoader(blobs(32), batch_size=8)
     before = model[0].weight.detach().clone()
@@ -288,21 +231,6 @@ def test_evaluate_uses_eval_mode_and_no_grad():
     assert seen == {"training": False, "grad": False}
 
 
-# ------------------------------------------------------------------------- latency
-
-
-def test_measure_latency_returns_positive_finite_times():
-    model = tiny_convnet().train()
-    result = measure_latency(model, torch.randn(2, 3, 16, 16), warmup=1, repeats=5)
-    assert len(result["times_ms"]) == 5
-    for key in ("median_ms", "min_ms", "mean_ms"):
-        assert math.isfinite(result[key]) and result[key] > 0, key
-    assert result["min_ms"] <= result["median_ms"] <= max(result["times_ms"])
-    assert model.training
-    with pytest.raises(ValueError, match="repeats.*0"):
-        measure_latency(model, torch.randn(1, 3, 8, 8), repeats=0)
-
-
 # --------------------------------------------------------------------- distributed
 
 
@@ -320,13 +248,17 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         train_set, test_set = blobs(DIST_TRAIN_SIZE), blobs(DIST_TEST_SIZE, seed=1)
         train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank,
                                            shuffle=True, seed=0)
-        test_sampler = DistributedSampler(test_set, num_replicas=world_size, rank=rank,
-                                          shuffle=False)
+        test_sampler = ShardSampler(len(test_set), num_replicas=world_size, rank=rank)
         train_loader = DataLoader(train_set, batch_size=8, sampler=train_sampler)
         test_loader = DataLoader(test_set, batch_size=8, sampler=test_sampler)
         history = fit(model, train_loader, test_loader, epochs=3, lr=0.1, device=device,
-                      train_sampler=train_sampler, show_progress=False)
-        result = evaluate(model, test_loader, device=device, show_progress=False)
+                      train_sampler=train_sampler, show_progress=False, group=info.group)
+        result = evaluate(model, test_loader, device=device, show_progress=False, group=info.group)
+        # Rank 0 alone, on the whole test set, with a process group present: group=None
+        # must not reduce (the other rank is not there to take part; it would hang).
+        whole = (evaluate(model, DataLoader(test_set, batch_size=8), device=device, show_progress=False)
+                 if rank == 0 else None)
+        dist.barrier()
         # Only rank 1 sees a NaN loss; both ranks must stop together instead of rank 0
         # waiting forever in DDP's gradient all-reduce.
         inputs = torch.full((4, FEATURES), float("nan") if rank == 1 else 0.0)
@@ -335,14 +267,14 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         try:
             train_one_epoch(model, bad_loader, optimizer, device=device, epoch=9,
-                            show_progress=False)
+                            show_progress=False, group=info.group)
             raised = False
         except NonFiniteLossError:
             raised = True
         torch.save({"raised": raised,
                     "info": (info.enabled, info.rank, info.world_size, info.is_main),
                     "state": model.module.state_dict(), "history": history,
-                    "eval": result, "shard": len(test_sampler)},
+                    "eval": result, "whole": whole, "shard": len(test_sampler)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         cleanup_distributed()
@@ -360,10 +292,13 @@ def test_distributed_two_processes_agree(tmp_path):
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
         assert results[0]["history"][-1][key] == results[1]["history"][-1][key], key
     assert results[0]["history"][-1]["train_acc"] >= 0.9
-    padded = math.ceil(DIST_TEST_SIZE / DIST_WORLD_SIZE) * DIST_WORLD_SIZE
-    assert results[0]["shard"] * DIST_WORLD_SIZE == padded == 26
-    assert results[0]["eval"]["n"] == results[1]["eval"]["n"] == padded
+    # The test set is split without padding (13 + 12 of 25): the reduced figures are
+    # exactly those of one process evaluating all of it.
+    assert [r["shard"] for r in results] == [13, 12]
     assert results[0]["eval"] == results[1]["eval"]
+    assert results[0]["eval"]["n"] == DIST_TEST_SIZE == results[0]["whole"]["n"]
+    assert results[0]["eval"]["acc"] == results[0]["whole"]["acc"]
+    assert results[0]["eval"]["loss"] == pytest.approx(results[0]["whole"]["loss"], rel=1e-6)
     assert results[0]["raised"] and results[1]["raised"]
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 import main
 import models
+import runtime
 from conftest import REPO_ROOT, make_image_folder
 
 SIZE = models.MIN_IMAGE_SIZE["alexnet"]
@@ -195,8 +196,8 @@ class HasModuleChild(nn.Module):
 
 def test_unwrap_takes_off_only_real_wrappers():
     plain = HasModuleChild()
-    assert models.unwrap(plain) is plain  # a child named "module" is not a wrapper
-    assert models.unwrap(nn.DataParallel(plain)) is plain
+    assert runtime.unwrap(plain) is plain  # a child named "module" is not a wrapper
+    assert runtime.unwrap(nn.DataParallel(plain)) is plain
     compiled = torch.compile(plain)
-    assert models.unwrap(compiled) is plain
-    assert all(not k.startswith("_orig_mod.") for k in models.unwrap(compiled).state_dict())
+    assert runtime.unwrap(compiled) is plain
+    assert all(not k.startswith("_orig_mod.") for k in runtime.unwrap(compiled).state_dict())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -130,8 +129,6 @@ def test_auto_skips_a_backend_that_fails_to_build(model, monkeypatch):
 def test_unknown_backend_is_named_with_the_allowed_ones(model):
     with pytest.raises(ValueError, match=r"'tensorrt'.*'eager'.*'channels_last'.*'torchscript'.*'onnx'.*'auto'"):
         inference.prepare(model, _example(), backend="tensorrt")
-    with pytest.raises(ValueError, match="'tensorrt'"):
-        inference.benchmark({"m": model}, _example(), backends=["eager", "tensorrt"])
 
 
 def test_export_onnx_round_trip_with_other_batch_size(model, tmp_path):
@@ -196,29 +193,6 @@ def test_export_rejects_old_opset(model, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_benchmark_rows(model):
-    torch.manual_seed(0)
-    dense = TinyNet().eval()
-    models = {"dense": dense, "decomposed": model}
-    rows = inference.benchmark(models, _example(), backends=["eager", "channels_last"], warmup=1, repeats=2,
-                               progress=False)
-    assert [(r["backend"], r["model"]) for r in rows] == [
-        ("eager", "dense"), ("eager", "decomposed"), ("channels_last", "dense"), ("channels_last", "decomposed")]
-    for row in rows:
-        assert len(row["times_ms"]) == 2 and row["median_ms"] > 0
-        assert row["min_ms"] <= row["median_ms"]
-        assert row["max_rel_diff"] < RTOL
-    by_key = {(r["backend"], r["model"]): r for r in rows}
-    for backend in ("eager", "channels_last"):
-        base, other = by_key[backend, "dense"], by_key[backend, "decomposed"]
-        assert base["speedup"] == 1.0
-        assert np.isclose(other["speedup"], base["median_ms"] / other["median_ms"])
-
-
-@pytest.mark.parametrize("kwargs", [{"repeats": 0}, {"warmup": -1}])
-def test_benchmark_rejects_bad_counts(model, kwargs):
-    with pytest.raises(ValueError, match=next(iter(kwargs))):
-        inference.benchmark({"m": model}, _example(), backends=["eager"], **kwargs)
 
 
 # ------------------------------------------------------------------ rank padding, pools

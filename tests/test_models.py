@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import decompositions as D
 import models
 import report
 from conftest import decompose

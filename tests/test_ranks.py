@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -318,10 +319,14 @@ def test_malformed_plan_files_give_one_line_errors(tmp_path, content, message):
 
 
 def test_plan_files_that_are_not_files(tmp_path):
-    with pytest.raises(UserError, match="does not exist or is not a regular file"):
+    with pytest.raises(UserError, match="plan file .*missing.json does not exist"):
         ranks.read_plan(str(tmp_path / "missing.json"))
-    with pytest.raises(UserError, match="does not exist or is not a regular file"):
+    with pytest.raises(UserError, match="is a directory, not a file"):
         ranks.read_plan(str(tmp_path))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="is not a regular file"):  # refused, not waited on
+        ranks.read_plan(str(fifo))
     binary = tmp_path / "plan.bin"
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(UserError, match="not text"):

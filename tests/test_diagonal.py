@@ -1,5 +1,5 @@
-"""Tests for finetune.anneal_to_masks: the mask schedule that moves dense Linear layers
-onto the wrapped banded-diagonal structure of decompositions.DiagonalLinear.
+"""Tests for diagonal.py's anneal_to_masks: the mask schedule (a finetune.fit hook) that moves
+dense Linear layers onto the wrapped banded-diagonal structure of diagonal.DiagonalLinear.
 
 A tiny MLP on 4x4 RGB images (48 inputs) from conftest's synthetic folder (class =
 which half of the image holds the bright band), CPU only; includes a two-process
@@ -23,7 +23,10 @@ from torchvision.datasets import ImageFolder
 import decompositions
 import finetune
 from conftest import decompose, make_image_folder, spawn_and_wait
-from finetune import anneal_lr_factor, anneal_to_masks, evaluate, fit, mask_factor, project_to_masks
+import diagonal
+import runtime
+from diagonal import anneal_lr_factor, anneal_to_masks, mask_factor, project_to_masks
+from finetune import evaluate, fit
 
 CPU = torch.device("cpu")
 IMAGE_SIZE = 4            # 3 x 4 x 4 = 48 inputs
@@ -94,7 +97,7 @@ def annealed(trained, data):
 
 
 def test_mask_factor_falls_from_one_to_zero_and_stays():
-    for schedule in finetune.ANNEAL_SCHEDULES:
+    for schedule in diagonal.ANNEAL_SCHEDULES:
         values = [mask_factor(t, decay_steps=10, schedule=schedule) for t in range(15)]
         assert values[0] == 1.0
         assert all(a > b for a, b in zip(values[:10], values[1:11])), schedule
@@ -264,7 +267,7 @@ def test_two_layers_and_a_wide_band(trained, data):
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
 def test_mixed_precision_path(trained, data, monkeypatch, amp_dtype):
     """The autocast (+ GradScaler for float16) path that CUDA takes, run on the CPU."""
-    monkeypatch.setattr(finetune, "autocast_dtype_for", lambda device: amp_dtype)
+    monkeypatch.setattr(runtime, "autocast_dtype_for", lambda device: amp_dtype)
     model = copy.deepcopy(trained)
     result = anneal_to_masks(model, loader(data), layers=[FIRST], bandwidth=2, epochs=1, lr=LR,
                              device=CPU, show_progress=False)
@@ -355,19 +358,19 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str, data: Tens
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)  # two processes on a small machine
-    _, device = finetune.init_distributed(CPU)
+    info, device = runtime.init_distributed(CPU)
     try:
         # Different seeds per rank: DDP broadcasts rank 0's weights at wrapping.
         model = nn.parallel.DistributedDataParallel(tiny_model(seed=10 + rank))
         sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
         train_loader = DataLoader(data, batch_size=8, sampler=sampler)
         result = anneal_to_masks(model, train_loader, layers=[FIRST], bandwidth=BANDWIDTH, epochs=3,
-                                 lr=LR, device=device, show_progress=False)
+                                 lr=LR, device=device, show_progress=False, group=info.group)
         torch.save({"state": model.module.state_dict(), "result": result,
                     "plain": type(model.module[1]) is nn.Linear},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        finetune.cleanup_distributed()
+        runtime.cleanup_distributed()
 
 
 def test_distributed_two_processes_agree(tmp_path, data):

@@ -1,0 +1,125 @@
+"""Every step under torchrun: two gloo processes on CPU, each launch with a timeout.
+
+Under torchrun --train and --fine_tune train on both ranks (DDP); --decompose (with its
+test-set evaluation and the diagonal FC annealing), --eval and --export run on rank 0
+alone while rank 1 waits for the outcome.  Before this was so, --train --decompose --eval
+deadlocked (rank 0 reducing in evaluate, rank 1 at a barrier) and --eval alone crashed.
+Where rank 0 works alone the result must equal a single process's; the single-process
+reference runs in this process with one thread, as each torchrun worker does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+import models
+from conftest import REPO_ROOT, make_image_folder
+
+SIZE = models.MIN_IMAGE_SIZE["alexnet"]
+TIMEOUT_S = 300
+COMMON = ["--arch", "alexnet", "--image_size", str(SIZE), "--weights", "none", "--epochs", "1", "--batch_size", "8",
+          "--workers", "0", "--quiet", "--latency_repeats", "1", "--latency_batch", "2", "--device", "cpu"]
+# Small FC layers (SVD rank 16) keep DDP's gradient reduction and the ONNX file small.
+DECOMPOSE = ["--fc", "svd", "--fc_rank", "16", "--target_macs", "3"]
+
+
+def torchrun(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             str(REPO_ROOT / "main.py"), *map(str, argv)],
+            capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"torchrun {' '.join(map(str, argv))} did not finish in {TIMEOUT_S} s (a rank is blocked)")
+
+
+def single(capsys, *argv: str) -> tuple[int, str]:
+    """The same command in this process, with one thread like each torchrun worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main.run([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return code, out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """One torchrun launch through every step: train, decompose (+ test set, budget, plan), fine-tune,
+    eval, export."""
+    root = tmp_path_factory.mktemp("torchrun")
+    train, test = make_image_folder(root / "data", n_train=8, n_test=4, size=SIZE)
+    proc = torchrun(root, "--train", "--decompose", "--fine_tune", "--eval", "--train_path", train, "--test_path",
+                    test, *COMMON, *DECOMPOSE, "--save_plan", "plan.json", "--json", "eval.json",
+                    "--export", "onnx", "m.onnx")
+    return root, train, test, proc
+
+
+def test_every_step_in_one_launch(pipeline):
+    root, _, _, proc = pipeline
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Only rank 0 writes, and the epoch checkpoints are gone once the models are saved.
+    assert sorted(os.listdir(root)) == ["data", "decomposed_model", "eval.json", "m.onnx", "model", "plan.json"]
+    log = proc.stdout + proc.stderr
+    # Both ranks trained, but one speaks: the train and the fine-tune epoch once each.
+    assert log.count("epoch 1/1") == 2 and log.count("saved model ") == 1
+    assert "test accuracy:" in log and "budget: 3x fewer MACs requested" in log
+    _, info = models.load_model(str(root / "decomposed_model"))
+    assert len(info["meta"]["fine_tune"]["history"]) == 1 and info["plan"]
+
+
+def test_rank_0_alone_gives_the_single_process_results(pipeline, capsys, tmp_path):
+    root, _, test, proc = pipeline
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # --eval: rank 0 evaluated the whole test set itself.
+    single(capsys, "--eval", "--model", root / "decomposed_model", "--test_path", test, *COMMON,
+           "--json", tmp_path / "eval.json")
+    ours, theirs = (json.loads(p.read_text()) for p in (tmp_path / "eval.json", root / "eval.json"))
+    assert (ours["test_images"], ours["accuracy"]) == (theirs["test_images"], theirs["accuracy"])
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+    # --decompose: rank 0 chose the same plan from the same model.
+    single(capsys, "--decompose", "--model", root / "model", "--decomposed_model", tmp_path / "d", *COMMON,
+           *DECOMPOSE, "--save_plan", tmp_path / "plan.json")
+    assert (json.loads((tmp_path / "plan.json").read_text())["layers"] ==
+            json.loads((root / "plan.json").read_text())["layers"])
+
+
+def test_diagonal_annealing_on_rank_0_equals_a_single_process(pipeline, capsys, tmp_path):
+    root, train, test, proc = pipeline
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = ["--decompose", "--model", root / "model", "--fc", "diagonal", "--fc_anneal_epochs", "1",
+            "--train_path", train, "--test_path", test, *COMMON]
+    run = torchrun(tmp_path, *argv, "--decomposed_model", "by_torchrun")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "anneal: mask factor 0.000" in run.stdout + run.stderr
+    single(capsys, *argv, "--decomposed_model", tmp_path / "by_one")
+    (a, info_a), (b, info_b) = (models.load_model(str(tmp_path / n)) for n in ("by_torchrun", "by_one"))
+    assert info_a["plan"] == info_b["plan"] and any(e["method"] == "diagonal" for e in info_a["plan"].values())
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_failure_on_rank_0_stops_both_ranks_with_one_line_each(pipeline, tmp_path):
+    root, _, _, proc = pipeline
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, other = make_image_folder(tmp_path / "other", n_train=1, n_test=2, size=SIZE, classes=("x", "y"))
+    run = torchrun(tmp_path, "--eval", "--model", root / "model", "--test_path", other, *COMMON)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert any("classes" in line for line in errors), run.stderr[-2000:]
+    assert any("rank 0 stopped" in line for line in errors), run.stderr[-2000:]
+    # Our ranks print no traceback; torchrun's own report of the failed ranks follows theirs.
+    ours = run.stderr.split("distributed/elastic")[0]
+    assert "error: rank 0 stopped" in ours and "Traceback" not in ours
