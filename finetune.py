@@ -437,19 +437,23 @@ def _resume_from(state: dict, model: nn.Module, optimizer, scheduler, scaler, tr
     """Restore a :func:`training_checkpoint`; the epoch to continue from and the run's counters."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise UserError("not a training checkpoint of this tool")
-    epoch = state["epoch"]
-    if not 0 < epoch < epochs:
-        raise UserError(f"the checkpoint is after epoch {epoch}, outside 1..{epochs - 1} of this {epochs}-epoch run")
-    runtime.unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    runtime.set_rng_state(state["rng"])
-    generator = getattr(train_loader, "generator", None)
-    if generator is not None and state["loader_generator"] is not None:
-        generator.set_state(state["loader_generator"])
-    return epoch, list(state["history"]), int(state["restarts_left"]), float(state["rate_factor"])
+    epoch = state.get("epoch")
+    if not isinstance(epoch, int) or not 0 < epoch < epochs:
+        raise UserError(f"the checkpoint is after epoch {epoch!r}, outside 1..{epochs - 1} of this {epochs}-epoch run")
+    try:
+        runtime.unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        runtime.set_rng_state(state["rng"])
+        generator = getattr(train_loader, "generator", None)
+        if generator is not None and state["loader_generator"] is not None:
+            generator.set_state(state["loader_generator"])
+        return epoch, list(state["history"]), int(state["restarts_left"]), float(state["rate_factor"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:  # a damaged or edited file
+        detail = str(exc).strip().split("\n")[0][:200] or type(exc).__name__
+        raise UserError(f"the checkpoint does not fit this run ({type(exc).__name__}: {detail})") from None
 
 
 def fit(
@@ -610,15 +614,16 @@ def fit(
         if epoch_hook is not None:
             epoch_hook(record)
         history.append(record)
-        if is_main:
-            log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%%s  (%.1f s)",
-                     epoch + 1, epochs, record["lr"], record["train_loss"],
-                     100 * record["train_acc"], _test_part(record), record["seconds"])
         epoch += 1
+        # Checkpoint first, then log: once "epoch k" is printed, --resume can continue after it.
         if checkpoint is not None and epoch < epochs:  # the last epoch's result is the model itself
             checkpoint(training_checkpoint(model, optimizer, scheduler, scaler, train_loader, epoch=epoch,
                                            history=history, restarts_left=restarts_left,
                                            rate_factor=rate_factor))
+        if is_main:
+            log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%%s  (%.1f s)",
+                     epoch, epochs, record["lr"], record["train_loss"],
+                     100 * record["train_acc"], _test_part(record), record["seconds"])
     return history
 
 

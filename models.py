@@ -244,8 +244,11 @@ def load_checkpoint(path: str, *, config: dict[str, Any]) -> dict[str, Any]:
         For a missing, non-regular or unreadable file, one that is not a checkpoint, or
         ``config`` entries that differ from the checkpoint's (each difference named).
     """
+    from finetune import CHECKPOINT_FORMAT
+
     state = _torch_load(path, what="checkpoint")
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "epoch" not in state:
+    if (not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT
+            or not isinstance(state.get("config"), dict)):
         raise UserError(f"{path} is not a training checkpoint of this tool")
     saved = state["config"]
     differ = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in config.items()
@@ -287,16 +290,35 @@ def _torch_load(path: str, *, what: str) -> Any:
         # (classes, functions, __reduce__ payloads) is refused without running it.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        detail = str(exc).split("\n")[0]
-        if "Weights only load failed" in detail or "Unsupported" in str(exc):
+        if "Unsupported global" in str(exc):  # a class or function to import: running it is refused
             raise UserError(f"refused to load {path}: it holds pickled objects other than tensors "
                             f"(code would run); only weights-only files are read") from None
-        raise UserError(f"{what} {path} is not a readable model file ({detail})") from None
+        raise UserError(f"{what} {path} is {_file_kind(path)}, not a PyTorch file written by torch.save") from None
     except Exception as exc:  # noqa: BLE001 - any parse failure of a foreign/garbled file
         # Truncated zips, text files, old-format garbage: torch raises RuntimeError,
         # EOFError, BadZipFile, KeyError, ... depending on where parsing stops.
+        kind = _file_kind(path)
+        if kind not in ("a zip archive", "a plain pickle"):  # not torch.save's output at all
+            raise UserError(f"{what} {path} is {kind}, not a PyTorch file written by torch.save") from None
         detail = str(exc).strip().split("\n")[0] or type(exc).__name__
         raise UserError(f"{what} {path} is truncated or not a model file ({type(exc).__name__}: {detail})") from None
+
+
+#: Leading bytes of the formats a wrong file usually is, and how to name them.
+_MAGIC = ((b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras weights go to --weights)"),
+          (b"PK\x03\x04", "a zip archive"), (b"\x80", "a plain pickle"))
+
+
+def _file_kind(path: str) -> str:
+    """What a file that torch.load could not read is, going by its first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if path.lower().endswith(".onnx"):
+        return "an ONNX file (ONNX models go to --weights)"
+    return "neither a zip archive nor a pickle"
 
 
 def _float32_weights(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:

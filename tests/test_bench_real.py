@@ -128,12 +128,13 @@ def test_default_archs_and_learning_rates(tmp_path):
 
 def test_bench_inference_quick(tmp_path, capsys):
     out = tmp_path / "inference.json"
-    bench_inference.main(["--quick", "--image_size", "32", "--batch_size", "1", "--backends", "eager,onnx",
+    # eager only: exporting VGG16 to ONNX costs the suite ~10 s; the ONNX path is test_inference's.
+    bench_inference.main(["--quick", "--image_size", "32", "--batch_size", "1", "--backends", "eager",
                          "--repeats", "1", "--warmup", "0", "--quiet", "--json", str(out)])
     printed = capsys.readouterr().out
-    assert "| eager |" in printed and "| onnx |" in printed and "speedup" in printed
+    assert "| eager |" in printed and "speedup" in printed
     data = json.loads(out.read_text())
-    assert [r["backend"] for r in data["rows"]] == ["eager", "onnx"]
+    assert [r["backend"] for r in data["rows"]] == ["eager"]
     assert data["macs"]["original"] > data["macs"]["decomposed_padded"] >= data["macs"]["decomposed"]
     for row in data["rows"]:
         assert row["original_ms"] > 0 and row["decomposed_ms"] > 0

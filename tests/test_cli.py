@@ -137,7 +137,8 @@ def test_train_from_an_onnx_conv_stack_splits_the_learning_rate(tmp_path, capsys
 
 
 # -------------------------------------------------------------------- whole pipeline
-@pytest.mark.parametrize("arch,size", [("vgg16", 32), ("vgg19", 32), ("alexnet", ALEXNET_SIZE)])
+# vgg19 differs from vgg16 by three convs: test_models and test_ranks build it.
+@pytest.mark.parametrize("arch,size", [("vgg16", 32), ("alexnet", ALEXNET_SIZE)])
 def test_full_pipeline_in_one_call(tmp_path, capsys, arch, size):
     train, test = make_image_folder(tmp_path / "data", n_train=6, n_test=3, size=size)
     model, decomposed = tmp_path / "model", tmp_path / "decomposed"
@@ -274,27 +275,26 @@ def test_export_onnx_matches_pytorch(tmp_path, capsys, trained):
     assert torch.allclose(torch.from_numpy(got), expected, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("weights", ["trained", "none"])
-def test_demo_plumbing_with_small_overrides(tmp_path, capsys, monkeypatch, weights):
+# The from-scratch demo's settings are checked without a run (test_demo_settings_yield_to_explicit_flags);
+# its pipeline is the one test_full_pipeline_in_one_call runs.
+def test_demo_plumbing_with_small_overrides(tmp_path, capsys, monkeypatch):
     # The real --demo trains for minutes; here its wiring runs with one epoch on a tiny folder.
     train, test = make_image_folder(tmp_path / "data", n_train=4, n_test=2, size=32)
     monkeypatch.chdir(tmp_path)
-    extra = ["--weights", "none"] if weights == "none" else []
     code, out, err = run_cli(capsys, "--demo", "--train_path", train, "--test_path", test, "--epochs", "1",
                              "--workers", "0", "--quiet", "--latency_repeats", "1", "--latency_batch", "1",
-                             "--backend", "eager", *extra)
+                             "--backend", "eager")
     assert code == 0, err
     assert "demo summary" in out and "x smaller" in out and "straight after decomposition" in out
     assert (tmp_path / "runs" / "demo" / "model").is_file()
     _, info = models.load_model(str(tmp_path / "runs" / "demo" / "decomposed_model"))
-    settings = main.DEMO_SCRATCH_SETTINGS if weights == "none" else main.DEMO_SETTINGS
+    settings = main.DEMO_SETTINGS
     assert info["arch"] == settings["arch"] and info["image_size"] == settings["image_size"]
-    if weights == "trained":
-        # The trained convs carry real structure: VBMF ranks, not the from-scratch fixed ratio.
-        assert "conv layers chosen by VBMF; FC layers fixed SVD ranks, 0.05 of min(in, out)" in out
-        convs = {n: e for n, e in info["plan"].items() if e["method"] == "tucker"}
-        assert len(convs) >= 10, info["plan"]
-        assert info["meta"]["original_meta"]["weights"] == main.demo_weights()
+    # The trained convs carry real structure: VBMF ranks, not the from-scratch fixed ratio.
+    assert "conv layers chosen by VBMF; FC layers fixed SVD ranks, 0.05 of min(in, out)" in out
+    convs = {n: e for n, e in info["plan"].items() if e["method"] == "tucker"}
+    assert len(convs) >= 10, info["plan"]
+    assert info["meta"]["original_meta"]["weights"] == main.demo_weights()
 
 
 # --------------------------------------------------------------------------- bad input

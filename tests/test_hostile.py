@@ -201,3 +201,24 @@ def test_unwrap_takes_off_only_real_wrappers():
     compiled = torch.compile(plain)
     assert runtime.unwrap(compiled) is plain
     assert all(not k.startswith("_orig_mod.") for k in runtime.unwrap(compiled).state_dict())
+
+
+# ------------------------------------------------------- files of another format
+FOREIGN = {
+    "keras.h5": (b"\x89HDF\r\n\x1a\n" + bytes(64), "is an HDF5 file (Keras weights go to --weights)"),
+    "model.onnx": (b"\x08\x07\x12\x07pytorch" + bytes(32), "is an ONNX file (ONNX models go to --weights)"),
+    "notes.txt": (b"these are not weights\n", "is neither a zip archive nor a pickle"),
+    "plain.pkl": (b"\x80\x04\x95\x0b\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01a\x94K\x01s.",
+                  "is a plain pickle, not a PyTorch file"),
+}
+
+
+@pytest.mark.parametrize("name", list(FOREIGN))
+def test_a_file_of_another_format_is_named_not_called_pickled_code(tmp_path, capsys, folder, name):
+    # Before: "it holds pickled objects other than tensors (code would run)" for all of them.
+    content, needle = FOREIGN[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    code, _, err = run_cli(capsys, "--eval", "--model", path, "--test_path", folder[1], *FAST)
+    line = one_line_error(code, err, needle)
+    assert "code would run" not in line

@@ -87,7 +87,6 @@ def test_resume_refuses_other_options_and_a_missing_checkpoint(tmp_path, capsys,
     base = ["--train", "--train_path", data[0], "--model", tmp_path / "model", *COMMON]
     code, err = run(capsys, *base, "--epochs", "2", "--resume")
     assert code == 2 and f"nothing to resume: no checkpoint {tmp_path / 'model'}.checkpoint" in err
-    (tmp_path / "model.checkpoint").write_bytes(b"")
     torch.save({"format": finetune.CHECKPOINT_FORMAT, "epoch": 1, "config": {"lr": 0.5, "epochs": 2}},
                tmp_path / "model.checkpoint")
     code, err = run(capsys, *base, "--epochs", "2", "--resume")
@@ -95,6 +94,16 @@ def test_resume_refuses_other_options_and_a_missing_checkpoint(tmp_path, capsys,
     assert "Traceback" not in err
     code, err = run(capsys, "--decompose", "--model", tmp_path / "model", "--resume", *COMMON)
     assert code == 2 and "--resume continues --train or --fine_tune" in err
+    # A checkpoint of the right options whose contents do not fit (edited, or from another model).
+    config = torch.load(tmp_path / "model.checkpoint", weights_only=True)["config"]
+    config = {**config, "lr": main.DEFAULT_LR["train"], "epochs": 2, "batch_size": 8, "seed": 0, "step": "train",
+              "arch": "alexnet", "weights": "none", "image_size": SIZE, "train_path": os.path.abspath(data[0]),
+              "workers": 0, "world_size": 1, "freeze_features": False,
+              "pretrained_lr_scale": main.DEFAULT_PRETRAINED_LR_SCALE}
+    torch.save({"format": finetune.CHECKPOINT_FORMAT, "epoch": 1, "config": config, "model": {"x": torch.ones(1)}},
+               tmp_path / "model.checkpoint")
+    code, err = run(capsys, *base, "--epochs", "2", "--resume")
+    assert code == 2 and "the checkpoint does not fit this run" in err and "Traceback" not in err
 
 
 def _decomposed(tmp_path: Path, trained: Path) -> Path:

@@ -27,7 +27,7 @@ def _default_sigint() -> None:
 
 
 def _start_training(tmp_path, workers: int) -> tuple[subprocess.Popen, object]:
-    train, test = make_image_folder(tmp_path / "data", n_train=24, n_test=4, size=SIZE)
+    train, test = make_image_folder(tmp_path / "data", n_train=8, n_test=2, size=SIZE)
     model = tmp_path / "model"
     model.write_bytes(b"the last good model")
     proc = subprocess.Popen(
@@ -70,6 +70,9 @@ def test_interrupted_training_ends_with_one_line(tmp_path, sig, code, message, w
     assert "Traceback" not in err and err.strip().splitlines()[-1] == message, err[-2000:]
     assert model.read_bytes() == b"the last good model"
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    # The epoch checkpoint, written after "epoch 1/..." was logged, is whole: --resume can use it.
+    import torch
+    assert torch.load(tmp_path / "model.checkpoint", weights_only=True)["epoch"] >= 1
 
 
 def test_ctrl_c_during_a_write_finishes_the_write_first(tmp_path):
