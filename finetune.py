@@ -1,10 +1,10 @@
-"""Training and evaluation engine: one epoch, evaluation, a full fine-tuning run, latency.
+"""Training and evaluation engine: one epoch, evaluation, a full fine-tuning run.
 
 Modelled on torchvision's ``references/classification/train.py`` (``train_one_epoch``,
 ``evaluate``, the ``utils.init_distributed_mode`` helper) with a few deliberate choices:
 
 * Everything is device-agnostic: callers pass one ``torch.device`` (see
-  :func:`resolve_device`) and nothing here calls ``.cuda()``.
+  :func:`runtime.resolve_device`) and nothing here calls ``.cuda()``.
 * Mixed precision is used on CUDA only: ``torch.autocast`` with bfloat16 when the GPU
   supports it, otherwise float16 together with a :class:`torch.amp.GradScaler`.
   On CPU and MPS training runs in float32.
@@ -13,13 +13,14 @@ Modelled on torchvision's ``references/classification/train.py`` (``train_one_ep
   would be too coarse).
 * A non-finite loss stops training with :class:`NonFiniteLossError` instead of silently
   producing a model full of NaNs.
-* Distributed data parallel (``torchrun``) is supported: :func:`init_distributed` reads
-  the torchrun environment, metrics are summed over all ranks, and only the main rank
-  shows progress bars and logs. Wrapping the model in ``DistributedDataParallel`` is the
-  caller's job; :func:`fit` works with a wrapped or a plain model.
-* :func:`anneal_to_masks` is :func:`fit` with a mask schedule: it moves trained dense
-  Linear layers onto the structure of :class:`decompositions.DiagonalLinear` while the
-  whole model trains, so that the conversion afterwards is exact.
+* Distributed data parallel (``torchrun``) is supported: :func:`runtime.init_distributed`
+  reads the torchrun environment; metrics are summed over the process group the caller
+  passes (``group=None``: this process alone, so a function running on rank 0 alone never
+  reduces), and only the main rank shows progress bars and logs. Wrapping the model in
+  ``DistributedDataParallel`` is the caller's job; :func:`fit` works with a wrapped or a
+  plain model.
+* :func:`fit` takes a per-step hook (``diagonal.anneal_to_masks`` moves its mask schedule
+  with it) and writes / resumes from per-epoch checkpoints (:func:`training_checkpoint`).
 
 Accuracies are fractions in ``[0, 1]``; losses are sample-weighted means.
 
@@ -38,7 +39,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -129,7 +129,7 @@ def train_one_epoch(
         Loss function of ``(logits, targets)``; default ``nn.CrossEntropyLoss()``.
     amp_dtype : torch.dtype, optional
         Run the forward pass under ``torch.autocast`` with this dtype; ``None`` (default)
-        means full precision. :func:`autocast_dtype_for` gives the usual choice.
+        means full precision. :func:`runtime.autocast_dtype_for` gives the usual choice.
     show_progress : bool, default True
         Show a tqdm bar with running loss/accuracy (always hidden on non-main ranks).
     group : process group, optional
@@ -414,15 +414,16 @@ def training_checkpoint(model: nn.Module, optimizer, scheduler, scaler, train_lo
     The weights, the optimizer's momentum buffers, the schedule's position, the loss
     scaler, every random generator (:func:`runtime.rng_state`) and the training loader's
     own generator (it draws each epoch's shuffle), the history so far and the
-    non-finite restart budget.
+    non-finite restart budget.  The tensors are the live ones, not copies (no second copy of
+    the weights and momentum buffers on the device): save the dict at once.
     """
     generator = getattr(train_loader, "generator", None)
     return {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
         "history": history,
-        "model": {k: v.detach().clone() for k, v in runtime.unwrap(model).state_dict().items()},
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "model": runtime.unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": runtime.rng_state(),
@@ -488,8 +489,9 @@ def fit(
     the caller, who then passes the ranks' ``group``: metrics are reduced over it and
     only rank 0 logs.
 
-    A run can continue after an interruption: ``checkpoint`` receives, after every
-    epoch, everything the next epochs depend on (:func:`training_checkpoint`), and
+    A run can continue after an interruption: ``checkpoint`` is called after every epoch
+    but the last with a function returning everything the next epochs depend on
+    (:func:`training_checkpoint`), and
     ``resume`` takes such a dict back; on CPU, with the same seed and a loader without
     worker processes, the final weights equal an uninterrupted run's.
 
@@ -518,7 +520,7 @@ def fit(
     label_smoothing : float, default 0.0
         Label smoothing of the training cross-entropy (the test loss is unsmoothed).
     amp : bool, default True
-        Use mixed precision where :func:`autocast_dtype_for` allows it (CUDA only).
+        Use mixed precision where :func:`runtime.autocast_dtype_for` allows it (CUDA only).
     show_progress : bool, default True
         Show tqdm bars (main rank only).
     log : logging.Logger, optional
@@ -533,6 +535,21 @@ def fit(
         :data:`NONFINITE_LR_FACTOR` (logged as a warning), at most this many times in
         the run; 0 stops at once.  The state is kept in memory (one copy of the
         weights and of the momentum buffers).
+    group : process group, optional
+        The ranks training together (with a DDP-wrapped model); ``None`` (default):
+        this process alone.
+    schedule : callable ``(step, total_steps) -> factor``, optional
+        The learning-rate multiplier at each optimiser step; default
+        :func:`warmup_cosine_factor` with a :data:`WARMUP_FRACTION` warm-up.
+    step_hook : callable, optional
+        Called after every optimiser step (see :func:`train_one_epoch`).
+    epoch_hook : callable ``(record) -> None``, optional
+        Called with each epoch's history record before it is logged; may add fields.
+    checkpoint : callable ``(make_state) -> None``, optional
+        Called after every epoch but the last; ``make_state()`` builds the state to resume
+        from (only the rank that writes it needs to call it).
+    resume : dict, optional
+        A state ``make_state`` built: training continues after its epoch.
 
     Returns
     -------
@@ -617,9 +634,8 @@ def fit(
         epoch += 1
         # Checkpoint first, then log: once "epoch k" is printed, --resume can continue after it.
         if checkpoint is not None and epoch < epochs:  # the last epoch's result is the model itself
-            checkpoint(training_checkpoint(model, optimizer, scheduler, scaler, train_loader, epoch=epoch,
-                                           history=history, restarts_left=restarts_left,
-                                           rate_factor=rate_factor))
+            checkpoint(partial(training_checkpoint, model, optimizer, scheduler, scaler, train_loader, epoch=epoch,
+                               history=history, restarts_left=restarts_left, rate_factor=rate_factor))
         if is_main:
             log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%%s  (%.1f s)",
                      epoch, epochs, record["lr"], record["train_loss"],
@@ -669,65 +685,3 @@ def _scale_learning_rates(optimizer, scheduler, factor: float) -> None:
         group["lr"] *= factor
         if "initial_lr" in group:
             group["initial_lr"] *= factor
-
-
-# -------------------------------------------------------------------------- latency
-
-
-def measure_latency(model: nn.Module, example: torch.Tensor, *, warmup: int = 3,
-                    repeats: int = 10) -> dict:
-    """Wall-clock time of ``model(example)`` in milliseconds.
-
-    The model is put in eval mode (restored afterwards) and called under
-    ``torch.inference_mode()``; ``example`` must already be on the model's device.
-    On CUDA/MPS the device is synchronised around each call so the time covers the
-    kernels, not just their launch. This only measures; it judges nothing.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model to time.
-    example : torch.Tensor
-        One input batch, e.g. of shape (B, 3, 224, 224).
-    warmup : int, default 3
-        Untimed calls first (allocator, cuDNN autotuning, lazy initialisation).
-    repeats : int, default 10
-        Timed calls, >= 1.
-
-    Returns
-    -------
-    dict
-        ``median_ms``, ``min_ms``, ``mean_ms`` and ``times_ms`` (the ``repeats`` times).
-
-    Raises
-    ------
-    ValueError
-        If ``warmup < 0`` or ``repeats < 1``.
-    """
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup!r}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
-    device = example.device
-    net = runtime.unwrap(model)
-    was_training = net.training
-    net.eval()
-    times_ms = []
-    try:
-        with torch.inference_mode():
-            for _ in range(warmup):
-                net(example)
-            for _ in range(repeats):
-                runtime.synchronize(device)
-                start = time.perf_counter()
-                net(example)
-                runtime.synchronize(device)
-                times_ms.append((time.perf_counter() - start) * 1e3)
-    finally:
-        net.train(was_training)
-    return {
-        "median_ms": statistics.median(times_ms),
-        "min_ms": min(times_ms),
-        "mean_ms": statistics.fmean(times_ms),
-        "times_ms": times_ms,
-    }

@@ -233,6 +233,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.resume:
         if not (args.train or args.fine_tune):
             raise UserError("--resume continues --train or --fine_tune; give the step that was interrupted")
+        if args.decompose and not args.train:
+            raise UserError("--resume with --decompose --fine_tune would resume a fine-tuning of the model the "
+                            "decomposition replaces: resume --fine_tune alone")
         resumed = checkpoint_path(args.model if args.train else args.decomposed_model)
         if not os.path.isfile(resumed):
             raise UserError(f"nothing to resume: no checkpoint {resumed} (a step that finished leaves none; run the "
@@ -391,7 +394,10 @@ def _fit(args, model, *, lr: float, image_size: int, device, dist, output: str, 
               "batch_size": args.batch_size, "seed": args.seed, "image_size": image_size,
               "train_path": os.path.abspath(args.train_path), "workers": args.workers,
               "world_size": dist.world_size, "freeze_features": args.freeze_features,
-              "pretrained_lr_scale": args.pretrained_lr_scale if step == "train" else None}
+              "pretrained_lr_scale": args.pretrained_lr_scale if step == "train" else None,
+              # The test loader draws from the same RNG as the augmentation: it shapes the run too.
+              "test_path": os.path.abspath(args.test_path) if args.test_path else None, "device": str(device),
+              "source_sha256": _sha256(args.decomposed_model) if step == "fine_tune" else None}
     checkpoint = checkpoint_path(output)
     resume = None
     if args.resume and (step == "train" or not args.train):
@@ -400,9 +406,10 @@ def _fit(args, model, *, lr: float, image_size: int, device, dist, output: str, 
         warnings.warn(f"{checkpoint} (an interrupted run's) is replaced by this run's checkpoints; --resume would "
                       f"have continued it")
 
-    def write_checkpoint(state: dict) -> None:
-        if dist.is_main:  # the ranks hold the same weights; one writes
-            models.save_checkpoint(checkpoint, state, config=config)
+    def write_checkpoint(make_state) -> None:
+        # The ranks hold the same weights: rank 0 writes while the others wait, so a failed
+        # write stops every rank with one line instead of leaving them in the next all-reduce.
+        runtime.on_main(dist, lambda: models.save_checkpoint(checkpoint, make_state(), config=config))
 
     model.to(device)
     wrapped = model
@@ -413,6 +420,17 @@ def _fit(args, model, *, lr: float, image_size: int, device, dist, output: str, 
                            train_sampler=sampler, show_progress=not args.quiet and dist.is_main, log=logger,
                            lr_scale=lr_scale, group=dist.group, checkpoint=write_checkpoint, resume=resume)
     return history, classes
+
+
+def _sha256(path: str) -> str:
+    """Digest of the model a fine-tuning starts from: its checkpoint must not be resumed into another."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _save_trained(path: str, model, *, dist, **fields) -> None:
@@ -532,6 +550,10 @@ def step_decompose(args, device) -> dict:
             "rescale": not args.no_rescale, "layers": rows, "totals": summary, "original_meta": info["meta"]}
     models.save_model(args.decomposed_model, model, arch=info["arch"], classes=info["classes"],
                       image_size=image_size, meta=meta)
+    stale = checkpoint_path(args.decomposed_model)
+    if os.path.exists(stale):  # a fine-tuning of the model just replaced: it can never be resumed
+        os.remove(stale)
+        logger.info("removed %s (an interrupted fine-tuning of the previous %s)", stale, args.decomposed_model)
     if args.report:
         report.write_json(args.report, {"model": args.model, "method": method, "fc": args.fc, "layers": rows,
                                         "totals": summary})

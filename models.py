@@ -229,10 +229,15 @@ def save_model(path: str, model: nn.Module, *, arch: str, classes: list[str], im
 def save_checkpoint(path: str, state: dict[str, Any], *, config: dict[str, Any]) -> None:
     """Write a training checkpoint (``finetune.training_checkpoint``) atomically, with the run's options.
 
-    Plain data only, like model files: :func:`load_checkpoint` reads it weights-only.
+    Plain data only, like model files: :func:`load_checkpoint` reads it weights-only.  Like
+    :func:`save_model` it creates the folder (the first checkpoint comes before the model).
     """
-    with atomic_open(path, "wb") as fh:
-        torch.save({**state, "config": config}, fh)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_open(path, "wb") as fh:
+            torch.save({**state, "config": config}, fh)
+    except OSError as exc:
+        raise UserError(f"cannot write the checkpoint {path}: {exc.strerror or type(exc).__name__}") from None
 
 
 def load_checkpoint(path: str, *, config: dict[str, Any]) -> dict[str, Any]:

@@ -54,7 +54,8 @@ def trained(tmp_path_factory, data):
 
 def test_ctrl_c_in_training_then_resume_gives_the_uninterrupted_weights(tmp_path, capsys, caplog, monkeypatch,
                                                                         data, trained):
-    argv = ["--train", "--train_path", data[0], "--model", tmp_path / "model", "--epochs", "2", *COMMON]
+    out = tmp_path / "new"  # a folder the run creates: the first checkpoint comes before the model
+    argv = ["--train", "--train_path", data[0], "--model", out / "model", "--epochs", "2", *COMMON]
     calls = []
     real = finetune.train_one_epoch
 
@@ -68,8 +69,8 @@ def test_ctrl_c_in_training_then_resume_gives_the_uninterrupted_weights(tmp_path
     code, err = run(capsys, *argv)
     assert code == 130 and err.strip().splitlines()[-1] == "error: interrupted"
     # The last good file: the checkpoint after epoch 1; no model yet, no temporary file.
-    assert sorted(os.listdir(tmp_path)) == ["model.checkpoint"]
-    state = torch.load(tmp_path / "model.checkpoint", weights_only=True)
+    assert sorted(os.listdir(out)) == ["model.checkpoint"]
+    state = torch.load(out / "model.checkpoint", weights_only=True)
     assert state["epoch"] == 1 and len(state["history"]) == 1
     monkeypatch.setattr(finetune, "train_one_epoch", real)
 
@@ -77,9 +78,9 @@ def test_ctrl_c_in_training_then_resume_gives_the_uninterrupted_weights(tmp_path
         code, err = run(capsys, *argv, "--resume")
     assert code == 0, err
     assert "resuming after epoch 1/2" in caplog.text
-    assert sorted(os.listdir(tmp_path)) == ["model"]  # the checkpoint goes once the model is saved
-    assert_same_weights(tmp_path / "model", trained)
-    _, info = models.load_model(str(tmp_path / "model"))
+    assert sorted(os.listdir(out)) == ["model"]  # the checkpoint goes once the model is saved
+    assert_same_weights(out / "model", trained)
+    _, info = models.load_model(str(out / "model"))
     assert [r["epoch"] for r in info["meta"]["history"]] == [1, 2]
 
 
@@ -94,12 +95,16 @@ def test_resume_refuses_other_options_and_a_missing_checkpoint(tmp_path, capsys,
     assert "Traceback" not in err
     code, err = run(capsys, "--decompose", "--model", tmp_path / "model", "--resume", *COMMON)
     assert code == 2 and "--resume continues --train or --fine_tune" in err
+    code, err = run(capsys, "--decompose", "--fine_tune", "--train_path", data[0], "--model", tmp_path / "model",
+                    "--resume", *COMMON)
+    assert code == 2 and "resume --fine_tune alone" in err
     # A checkpoint of the right options whose contents do not fit (edited, or from another model).
     config = torch.load(tmp_path / "model.checkpoint", weights_only=True)["config"]
     config = {**config, "lr": main.DEFAULT_LR["train"], "epochs": 2, "batch_size": 8, "seed": 0, "step": "train",
               "arch": "alexnet", "weights": "none", "image_size": SIZE, "train_path": os.path.abspath(data[0]),
               "workers": 0, "world_size": 1, "freeze_features": False,
-              "pretrained_lr_scale": main.DEFAULT_PRETRAINED_LR_SCALE}
+              "pretrained_lr_scale": main.DEFAULT_PRETRAINED_LR_SCALE, "test_path": None, "device": "cpu",
+              "source_sha256": None}
     torch.save({"format": finetune.CHECKPOINT_FORMAT, "epoch": 1, "config": config, "model": {"x": torch.ones(1)}},
                tmp_path / "model.checkpoint")
     code, err = run(capsys, *base, "--epochs", "2", "--resume")
@@ -138,9 +143,19 @@ def test_sigkill_mid_fine_tune_then_resume_gives_the_uninterrupted_weights(tmp_p
     assert killed.read_bytes() == decomposed.read_bytes()  # the input is only replaced at the end
     epoch = torch.load(checkpoint, weights_only=True)["epoch"]
     assert 1 <= epoch < 4
+    kept = checkpoint.read_bytes()
 
     proc = _fine_tune(killed, data[0], "--resume")
     assert proc.wait(timeout=KILL_TIMEOUT_S) == 0, proc.stderr.read()[-2000:]
     assert f"resuming after epoch {epoch}/4" in proc.stderr.read()
     assert not checkpoint.exists()
     assert_same_weights(killed, reference)
+    # That checkpoint belongs to the model before fine-tuning: resuming it into another is refused.
+    checkpoint.write_bytes(kept)
+    code = main.run([str(a) for a in ("--fine_tune", "--decomposed_model", killed, "--train_path", data[0],
+                                      "--epochs", "4", "--resume", *COMMON)])
+    assert code == 2 and killed.read_bytes() != decomposed.read_bytes()
+    # --decompose replaces the model a fine-tuning checkpoint belongs to, and drops the checkpoint.
+    assert main.run([str(a) for a in ("--decompose", "--model", trained, "--decomposed_model", killed, "--fc",
+                                      "svd", "--fc_rank", "16", "--rank_ratio", "0.5", *COMMON)]) == 0
+    assert not checkpoint.exists()

@@ -61,8 +61,9 @@ def pipeline(tmp_path_factory):
     eval, export."""
     root = tmp_path_factory.mktemp("torchrun")
     train, test = make_image_folder(root / "data", n_train=8, n_test=4, size=SIZE)
+    # --epochs 2 comes after COMMON's 1: one epoch checkpoint, written by rank 0 under DDP.
     proc = torchrun(root, "--train", "--decompose", "--fine_tune", "--eval", "--train_path", train, "--test_path",
-                    test, *COMMON, *DECOMPOSE, "--save_plan", "plan.json", "--json", "eval.json",
+                    test, *COMMON, "--epochs", "2", *DECOMPOSE, "--save_plan", "plan.json", "--json", "eval.json",
                     "--export", "onnx", "m.onnx")
     return root, train, test, proc
 
@@ -73,11 +74,11 @@ def test_every_step_in_one_launch(pipeline):
     # Only rank 0 writes, and the epoch checkpoints are gone once the models are saved.
     assert sorted(os.listdir(root)) == ["data", "decomposed_model", "eval.json", "m.onnx", "model", "plan.json"]
     log = proc.stdout + proc.stderr
-    # Both ranks trained, but one speaks: the train and the fine-tune epoch once each.
-    assert log.count("epoch 1/1") == 2 and log.count("saved model ") == 1
+    # Both ranks trained, but one speaks: each epoch of the train and the fine-tune once.
+    assert log.count("epoch 1/2") == 2 and log.count("epoch 2/2") == 2 and log.count("saved model ") == 1
     assert "test accuracy:" in log and "budget: 3x fewer MACs requested" in log
     _, info = models.load_model(str(root / "decomposed_model"))
-    assert len(info["meta"]["fine_tune"]["history"]) == 1 and info["plan"]
+    assert len(info["meta"]["fine_tune"]["history"]) == 2 and info["plan"]
 
 
 def test_rank_0_alone_gives_the_single_process_results(pipeline, capsys, tmp_path):
