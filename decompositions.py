@@ -64,12 +64,16 @@ __all__ = [
     "TuckerConv2d",
     "CPConv2d",
     "SVDLinear",
+    "SVDConv2d",
     "DiagonalLinear",
     "LayerReport",
     "CPDiverged",
     "tucker_decompose_conv",
     "cp_decompose_conv",
     "svd_decompose_linear",
+    "svd_decompose_conv1x1",
+    "matrix_shape",
+    "replace_layer",
     "diagonal_decompose_linear",
     "decompose_model",
     "candidate_layers",
@@ -199,7 +203,37 @@ class SVDLinear(nn.Sequential):
         return {"method": self.method, "rank": self.rank}
 
 
-DECOMPOSED_TYPES = (TuckerConv2d, CPConv2d, SVDLinear, DiagonalLinear)
+class SVDConv2d(nn.Sequential):
+    """Truncated-SVD 1x1 convolution: Conv2d(S->r, 1x1, the layer's stride and padding, no bias)
+    then Conv2d(r->T, 1x1, bias).
+
+    A 1x1 convolution is a Linear layer applied at every pixel, so its factorization is the
+    Linear one (:func:`svd_decompose_linear`).  The first conv carries the stride and the
+    padding: it has no bias, so a padded pixel is 0 after it and the bias after the second,
+    as in the original.
+    """
+
+    method = "svd"
+
+    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
+        rank = int(rank)
+        if tuple(conv.kernel_size) != (1, 1) or conv.groups != 1:
+            raise ValueError(f"SVDConv2d needs a 1x1 convolution with groups=1, got kernel {tuple(conv.kernel_size)} "
+                             f"and groups={conv.groups}")
+        _check_rank("SVD rank", rank, min(conv.in_channels, conv.out_channels))
+        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        super().__init__(
+            nn.Conv2d(conv.in_channels, rank, 1, stride=conv.stride, padding=conv.padding,
+                      padding_mode=conv.padding_mode, bias=False, **factory),
+            nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None, **factory),
+        )
+        self.rank = rank
+
+    def plan_entry(self) -> dict:
+        return {"method": self.method, "rank": self.rank}
+
+
+DECOMPOSED_TYPES = (TuckerConv2d, CPConv2d, SVDLinear, SVDConv2d, DiagonalLinear)
 
 
 def _check_rank(what: str, rank: int, limit: int) -> None:
@@ -572,6 +606,28 @@ def _relative_error(original: torch.Tensor, approx: torch.Tensor) -> float:
     return float((original - approx).norm() / norm) if norm > 0 else 0.0
 
 
+def svd_decompose_conv1x1(conv: nn.Conv2d, rank: int) -> SVDConv2d:
+    """Truncated SVD of a 1x1 convolution (groups 1): the SVD of its ``(T, S)`` weight matrix,
+    computed as :func:`svd_decompose_linear`'s; exact at full rank.  Any stride and padding.
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
+    module = SVDConv2d(conv, rank)
+    with torch.no_grad():
+        out_c, in_c = conv.out_channels, conv.in_channels
+        linear = nn.Linear(in_c, out_c, bias=conv.bias is not None, device="meta")
+        # The 1x1 kernel as a Linear weight (T, S) -- a view, nothing copied.
+        linear.weight = nn.Parameter(conv.weight.detach().reshape(out_c, in_c), requires_grad=False)
+        if conv.bias is not None:
+            linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+        pair = svd_decompose_linear(linear, rank)
+        module[0].weight.copy_(pair[0].weight.reshape(rank, in_c, 1, 1))
+        module[1].weight.copy_(pair[1].weight.reshape(out_c, rank, 1, 1))
+        if conv.bias is not None:
+            module[1].bias.copy_(pair[1].bias)
+    return module
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The dense weight that a decomposed module stands for (original layer's shape)."""
     if isinstance(module, TuckerConv2d):
@@ -583,6 +639,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
                             last[:, :, 0, 0])
     if isinstance(module, SVDLinear):
         return module[1].weight.detach() @ module[0].weight.detach()
+    if isinstance(module, SVDConv2d):
+        return (module[1].weight.detach()[:, :, 0, 0] @ module[0].weight.detach()[:, :, 0, 0])[:, :, None, None]
     if isinstance(module, DiagonalLinear):
         return module.to_dense()
     raise TypeError(f"not a decomposed module: {type(module).__name__}")
@@ -646,10 +704,9 @@ def _inside_decomposed(name: str, decomposed_names: Iterable[str]) -> bool:
     return any(name.startswith(d + ".") for d in decomposed_names)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def replace_layer(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (a qualified name at any depth) is."""
+    model.set_submodule(name, new)
 
 
 def count_params(module: nn.Module) -> int:
@@ -679,6 +736,13 @@ def macs_at(module: nn.Module, input_shape: Sequence[int]) -> int:
         for h in handles:
             h.remove()
     return total
+
+
+def matrix_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of the matrix an SVD factorizes: a Linear's weight, a 1x1 conv's kernel."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.out_channels, layer.in_channels
+    return layer.out_features, layer.in_features
 
 
 def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -791,13 +855,14 @@ def decompose_model(
             elif method == "cp":
                 row, new = _decompose_cp(name, layer, entry["rank"], cp_max_iter, seed, macs, in_shape, rescale)
             elif method == "svd":
-                new = svd_decompose_linear(layer, entry["rank"])
+                new = (svd_decompose_conv1x1(layer, entry["rank"]) if kind == "conv" else
+                       svd_decompose_linear(layer, entry["rank"]))
                 row, new = _finish(name, kind, layer, new, "svd", (entry["rank"],), macs, in_shape, rescale=rescale)
             else:
                 new = diagonal_decompose_linear(layer, bandwidth=entry["bandwidth"])
                 row, new = _finish(name, kind, layer, new, "diagonal", (new.bandwidth,), macs, in_shape)
         if new is not None:
-            _replace(model, name, new)
+            replace_layer(model, name, new)
         row.why = entry.get("why", "")
         row.seconds = time.perf_counter() - start
         rows.append(row)
@@ -901,10 +966,13 @@ def _fit_problem(name: str, entry: dict, layer: nn.Module | None) -> str | None:
         return None
     if method in ("tucker", "cp") and not isinstance(layer, nn.Conv2d):
         return f"layer {name!r} is a {type(layer).__name__}; {method} applies to Conv2d layers"
-    if method in ("svd", "diagonal") and not isinstance(layer, nn.Linear):
+    if method == "diagonal" and not isinstance(layer, nn.Linear):
         return f"layer {name!r} is a {type(layer).__name__}; {method} applies to Linear layers"
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         return f"layer {name!r} is a grouped convolution (groups={layer.groups}); only 'none' fits"
+    if method == "svd" and isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) != (1, 1):
+        return f"layer {name!r} is a {layer.kernel_size[0]}x{layer.kernel_size[1]} convolution; svd applies to " \
+               f"Linear layers and 1x1 convolutions"
     if method == "tucker":
         limits = (layer.out_channels, layer.in_channels)
         if any(r > lim for r, lim in zip(entry["ranks"], limits)):
@@ -912,9 +980,8 @@ def _fit_problem(name: str, entry: dict, layer: nn.Module | None) -> str | None:
     elif method == "cp" and entry["rank"] > cp_rank_limit(layer):
         return f"layer {name!r}: cp rank {entry['rank']} exceeds {cp_rank_limit(layer)}, beyond which a CP " \
                f"layer is larger than the original"
-    elif method == "svd" and entry["rank"] > min(layer.in_features, layer.out_features):
-        return f"layer {name!r}: svd rank {entry['rank']} exceeds min(in, out) = " \
-               f"{min(layer.in_features, layer.out_features)}"
+    elif method == "svd" and entry["rank"] > min(matrix_shape(layer)):
+        return f"layer {name!r}: svd rank {entry['rank']} exceeds min(out, in) = {min(matrix_shape(layer))}"
     elif method == "diagonal" and entry["bandwidth"] > layer.in_features:
         return f"layer {name!r}: bandwidth {entry['bandwidth']} exceeds the layer's {layer.in_features} inputs"
     return None
@@ -966,11 +1033,11 @@ def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
         elif method == "cp":
             new = CPConv2d(layer, entry["rank"])
         elif method == "svd":
-            new = SVDLinear(layer, entry["rank"])
+            new = SVDConv2d(layer, entry["rank"]) if isinstance(layer, nn.Conv2d) else SVDLinear(layer, entry["rank"])
         elif method == "diagonal":
             new = DiagonalLinear(layer.in_features, layer.out_features, bandwidth=int(entry["bandwidth"]),
                                  bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
         else:
             continue
-        _replace(model, name, new)
+        replace_layer(model, name, new)
     return model

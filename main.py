@@ -104,7 +104,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     files.add_argument("--model", default="model", help="the fine-tuned model file")
     files.add_argument("--decomposed_model", "--decomposed-model", default="decomposed_model",
                        help="the decomposed model file")
-    files.add_argument("--arch", default="vgg16", help="vgg16, vgg16_bn, vgg19, vgg19_bn or alexnet")
+    files.add_argument("--arch", default="vgg16",
+                       help="any torchvision classification model: vgg16, vgg16_bn, vgg19, vgg19_bn, alexnet, resnet18, "
+                            "resnet50, densenet121, mobilenet_v2, efficientnet_b0, regnet_x_400mf, ... (its last Linear "
+                            "becomes the new head)")
     files.add_argument("--weights", default="DEFAULT",
                        help="DEFAULT (torchvision ImageNet weights, downloaded once), none, or a file: a "
                             "state_dict of --arch, or an ONNX (.onnx) / Keras (.h5, .weights.h5) model whose "

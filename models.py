@@ -23,6 +23,7 @@ renames it, so an interrupted run never leaves a half-written model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -45,6 +46,7 @@ from report import short_list
 logger = logging.getLogger(__name__)
 
 __all__ = ["ARCHS", "MIN_IMAGE_SIZE", "MAX_IMAGE_SIZE", "FILE_FORMAT", "FILE_VERSION", "build_model", "build_pretrained", "check_image_size",
+           "available_archs", "min_image_size", "head_name", "torchvision_model",
            "save_model", "load_model", "feature_parameters", "check_input_file", "save_checkpoint",
            "load_checkpoint"]
 
@@ -66,26 +68,112 @@ MAX_ZIP_EXPANSION = 1.5
 ZIP_SLACK_BYTES = 16 * 1024 * 1024
 
 
+@functools.lru_cache(maxsize=1)
+def available_archs() -> tuple[str, ...]:
+    """Every torchvision classification model name (``torchvision.models.list_models``)."""
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
 def check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch not in ARCHS and arch not in available_archs():
+        raise UserError(f"unknown architecture {str(arch)[:60]!r}; any torchvision classification model works "
+                        f"(e.g. {', '.join(ARCHS)}, resnet50, densenet121, mobilenet_v2, efficientnet_b0; the list: "
+                        f"torchvision.models.list_models(module=torchvision.models))")
+
+
+#: Archs whose torchvision builder adds auxiliary classifiers (train-mode tuple outputs): built without.
+AUX_ARCHS = ("googlenet", "inception_v3")
+#: The size range :func:`min_image_size` searches for archs outside MIN_IMAGE_SIZE.
+PROBE_MAX_SIZE = 512
+
+
+def torchvision_model(arch: str) -> nn.Module:
+    """``torchvision.models.get_model(arch, weights=None)`` with the ImageNet head (no auxiliary classifiers)."""
+    check_arch(arch)
+    extra = {"aux_logits": False, "init_weights": True} if arch in AUX_ARCHS else {}
+    return torchvision.models.get_model(arch, weights=None, **extra)
+
+
+@functools.lru_cache(maxsize=4)
+def _probe_model(arch: str) -> nn.Module:
+    """``arch`` in eval mode for shape probes: on the meta device (no weights), or on the CPU for
+    the few builders that compute with tensors while they build (regnet)."""
+    try:
+        with torch.device("meta"):
+            return torchvision_model(arch).eval()
+    except (RuntimeError, NotImplementedError):
+        return torchvision_model(arch).eval()
+
+
+def _forward_works(arch: str, size: int) -> bool:
+    """Whether ``arch`` takes a ``size`` x ``size`` batch of two images (a forward on the probe model)."""
+    model = _probe_model(arch)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(torch.empty(2, 3, size, size, device=device))
+    except Exception:  # noqa: BLE001 - any failure (too small, fixed-size archs) means "does not take it"
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def min_image_size(arch: str) -> int:
+    """The smallest square input ``arch`` takes: the table for the five original archs, else a search.
+
+    The search is a bisection over shape-only forward passes on the meta device (no
+    weights, no compute), assuming that an arch taking ``s`` px takes every size above
+    (pooling stages only need at least one output pixel).
+    """
+    if arch in MIN_IMAGE_SIZE:
+        return MIN_IMAGE_SIZE[arch]
+    return search_min_image_size(arch)
+
+
+def search_min_image_size(arch: str) -> int:
+    """:func:`min_image_size` by bisection, whatever the table says (the tests check they agree)."""
+    low, high = 1, PROBE_MAX_SIZE
+    if not _forward_works(arch, high):
+        high = 224  # archs with a fixed input size (vision transformers) take ImageNet's
+        if not _forward_works(arch, high):
+            raise UserError(f"{arch} takes no square image up to {PROBE_MAX_SIZE} px here")
+    while low < high:
+        mid = (low + high) // 2
+        if _forward_works(arch, mid):
+            high = mid
+        else:
+            low = mid + 1
+    return high
 
 
 def check_image_size(arch: str, image_size: int) -> None:
-    """UserError when ``image_size`` is too small for ``arch`` (see MIN_IMAGE_SIZE) or above MAX_IMAGE_SIZE."""
+    """UserError when ``image_size`` is too small for ``arch`` (:func:`min_image_size`), above
+    MAX_IMAGE_SIZE, or (for archs outside the table) a size the arch does not take."""
     check_arch(arch)
-    if image_size < MIN_IMAGE_SIZE[arch]:
-        raise UserError(f"image size {image_size} is too small for {arch}: it needs at least "
-                        f"{MIN_IMAGE_SIZE[arch]} px")
+    smallest = min_image_size(arch)
+    if image_size < smallest:
+        raise UserError(f"image size {image_size} is too small for {arch}: it needs at least {smallest} px")
     if image_size > MAX_IMAGE_SIZE:
         raise UserError(f"image size {image_size} is too large: at most {MAX_IMAGE_SIZE} px")
+    if arch not in MIN_IMAGE_SIZE and not _forward_works(arch, image_size):
+        raise UserError(f"{arch} does not take {image_size} px images (it has a fixed input size?); try "
+                        f"--image_size {smallest}")
+
+
+def head_name(model: nn.Module) -> str:
+    """The classifier: the model's last ``nn.Linear`` (``fc``, ``classifier.6``, ``heads.head``, ...)."""
+    linears = [name for name, m in runtime.unwrap(model).named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"{type(model).__name__} has no Linear classifier to replace (a conv classifier, as in "
+                        f"squeezenet, is not supported)")
+    return linears[-1]
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
-    # VGG and AlexNet both end in classifier[-1] = Linear(4096, 1000).
-    last = model.classifier[-1]
-    model.classifier[-1] = nn.Linear(last.in_features, num_classes, device=last.weight.device,
-                                     dtype=last.weight.dtype)
+    name = head_name(model)
+    last = model.get_submodule(name)
+    model.set_submodule(name, nn.Linear(last.in_features, num_classes, bias=last.bias is not None,
+                                        device=last.weight.device, dtype=last.weight.dtype))
 
 
 def build_model(arch: str, num_classes: int, *, weights: str = "none") -> nn.Module:
@@ -124,7 +212,7 @@ def build_pretrained(arch: str, num_classes: int, *, weights: str = "none") -> t
     check_arch(arch)
     if num_classes < 2:
         raise UserError(f"need at least 2 classes, got {num_classes}")
-    model = torchvision.models.get_model(arch, weights=None)
+    model = torchvision_model(arch)
     if weights.lower() == "none":
         _replace_head(model, num_classes)
         return model, []
@@ -142,7 +230,7 @@ def build_pretrained(arch: str, num_classes: int, *, weights: str = "none") -> t
     else:
         _load_torchvision_weights(model, weights, arch)
         loaded_modules = None
-    head = _head_name(model)
+    head = head_name(model)
     _replace_head(model, num_classes)
     if loaded_modules is None:
         pretrained = [n for n, _ in model.named_parameters() if not n.startswith(head + ".")]
@@ -155,10 +243,6 @@ def build_pretrained(arch: str, num_classes: int, *, weights: str = "none") -> t
 def _layer_summary(result: dict[str, list[str]]) -> str:
     return (f"loaded {len(result['loaded'])} layers ({short_list(result['loaded'], 8)}); fresh: "
             f"{short_list(result['fresh'], 8)}; ignored in the file: {short_list(result['ignored'], 8)}")
-
-
-def _head_name(model: nn.Module) -> str:
-    return f"classifier.{len(model.classifier) - 1}"
 
 
 def _load_state_dict_file(model: nn.Module, path: str, arch: str) -> None:
@@ -188,12 +272,16 @@ def _load_torchvision_weights(model: nn.Module, weights: str, arch: str) -> None
         raise UserError(f"could not download the {arch} ImageNet weights ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); offline, use "
                         f"--weights none or --weights FILE with a saved state_dict") from None
+    if arch in AUX_ARCHS:  # their weights carry the auxiliary classifiers this tool builds without
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own}
     model.load_state_dict(state)
 
 
 def feature_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters outside the classifier (frozen by ``--freeze_features``)."""
-    head = {id(p) for p in runtime.unwrap(model).classifier.parameters()}
+    """Parameters outside the classifier head, the last Linear (frozen by ``--freeze_features``)."""
+    net = runtime.unwrap(model)
+    head = {id(p) for p in net.get_submodule(head_name(net)).parameters()}
     return [p for p in runtime.unwrap(model).parameters() if id(p) not in head]
 
 
@@ -383,9 +471,14 @@ def load_model(path: str, *, device: torch.device | str = "cpu") -> tuple[nn.Mod
         raise UserError(f"model file {path} has a malformed state_dict (expected a mapping of names to tensors)")
     state = _float32_weights(state, path)
     try:
-        # Build on the meta device: no memory or time spent on weights about to be replaced.
-        with torch.device("meta"):
-            model = torchvision.models.get_model(arch, weights=None)
+        # Build on the meta device: no memory or time spent on weights about to be replaced
+        # (on the CPU for the builders that compute with tensors while they build: regnet).
+        try:
+            with torch.device("meta"):
+                model = torchvision_model(arch)
+        except (RuntimeError, NotImplementedError):
+            model = torchvision_model(arch)
+        with torch.device(next(model.parameters()).device):
             _replace_head(model, len(classes))
             decompositions.apply_plan(model, plan)
         model.load_state_dict(state, strict=True, assign=True)

@@ -263,6 +263,8 @@ def _sites(model: nn.Module, policy: Policy, input_size: Sequence[int]) -> list[
         method = policy.conv if kind == "conv" else policy.fc
         if method == "none":
             continue
+        if kind == "conv" and tuple(layer.kernel_size) == (1, 1):
+            method = "svd"  # a 1x1 conv is a per-pixel Linear: a pair of 1x1 convs, not a Tucker-2 of 1x1 kernels
         if kind == "linear" and policy.keep_last_linear and name == linears[-1]:
             method = "keep-last"
         in_shape, macs = shapes.get(name, (None, 0))
@@ -316,6 +318,14 @@ def _rule_entry(site: _Site, policy: Policy, vbmf_cache: dict) -> dict:
     layer, k = site.layer, policy.vbmf_weaken
     if site.method == "diagonal":
         return {"method": "diagonal", "bandwidth": min(policy.fc_bandwidth, layer.in_features)}
+    if site.kind == "conv" and site.method == "svd":  # a 1x1 conv: the conv rules, one rank
+        full = min(D.matrix_shape(layer))
+        if policy.rank_ratio is not None:
+            return _entry(site, (_ratio_rank(policy.rank_ratio, full),), f"ratio {policy.rank_ratio:g}")
+        if k == 0:
+            return _none("--vbmf_weaken 0 keeps every layer at full rank")
+        rank = _vbmf_ranks(site, vbmf_cache)[0]
+        return _entry(site, (weaken(rank, full, k),), "VBMF" if k == 1 else f"VBMF {rank} weakened by k={k:g}")
     if site.kind == "conv":
         out_c, in_c = layer.out_channels, layer.in_channels
         if policy.rank_ratio is not None:
@@ -349,7 +359,10 @@ def _spectra(site: _Site, cache: dict) -> list[vbmf.VBMFResult]:
     """
     if site.name not in cache:
         weight = site.layer.weight.detach()
-        matrices = [_unfold(weight, 0), _unfold(weight, 1)] if site.kind == "conv" else [weight]
+        if site.method == "svd":  # a Linear's weight, a 1x1 conv's (T, S) kernel
+            matrices = [weight.reshape(weight.shape[0], -1)]
+        else:
+            matrices = [_unfold(weight, 0), _unfold(weight, 1)]
         with lapack_threads():
             cache[site.name] = [vbmf.evbmf(m) for m in matrices]
     return cache[site.name]
@@ -410,6 +423,8 @@ def _cost_model(site: _Site) -> _CostModel:
             module = D.TuckerConv2d(probe, ranks)
         elif site.method == "cp":
             module = D.CPConv2d(probe, ranks[0])
+        elif site.kind == "conv":
+            module = D.SVDConv2d(probe, ranks[0])
         else:
             module = D.SVDLinear(probe, ranks[0])
         macs = D.macs_at(module, in_shape) if in_shape is not None else 0
@@ -472,8 +487,7 @@ class _BudgetSite:
             bound2 = t_out[ranks[0]] + t_in[ranks[1]]
         else:
             # CP ranks up to where the CP layer is as large as the original (beyond, it never pays).
-            full = D.cp_rank_limit(site.layer) if site.method == "cp" else \
-                min(site.layer.in_features, site.layer.out_features)
+            full = D.cp_rank_limit(site.layer) if site.method == "cp" else min(D.matrix_shape(site.layer))
             ranks = (np.arange(1, full + 1),)
             bound2 = self._cp_bound2(ranks[0]) if site.method == "cp" else self.tails[0][ranks[0]]
         params = self.costs.params(ranks)
@@ -579,8 +593,8 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
                 continue
             fixed += (macs if metric == "macs" else params) - site_cost(site, metric)
             continue
-        full = [site.layer.weight.shape[0], site.layer.weight.shape[1]] if site.kind == "conv" else \
-            [min(site.layer.weight.shape)]
+        full = [site.layer.weight.shape[0], site.layer.weight.shape[1]] if site.method in ("tucker", "cp") else \
+            [min(D.matrix_shape(site.layer))]
         tails = [_tails(r, f) for r, f in zip(_spectra(site, cache), full)]
         movable.append(_BudgetSite(site, _cost_model(site), tails, metric))
         fixed -= site_cost(site, metric)

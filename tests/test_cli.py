@@ -137,8 +137,9 @@ def test_train_from_an_onnx_conv_stack_splits_the_learning_rate(tmp_path, capsys
 
 
 # -------------------------------------------------------------------- whole pipeline
-# vgg19 differs from vgg16 by three convs: test_models and test_ranks build it.
-@pytest.mark.parametrize("arch,size", [("vgg16", 32), ("alexnet", ALEXNET_SIZE)])
+# vgg19 differs from vgg16 by three convs: test_models and test_ranks build it.  resnet18: any
+# torchvision CNN through the command line (its 1x1 downsample convs become SVD pairs).
+@pytest.mark.parametrize("arch,size", [("vgg16", 32), ("alexnet", ALEXNET_SIZE), ("resnet18", 32)])
 def test_full_pipeline_in_one_call(tmp_path, capsys, arch, size):
     train, test = make_image_folder(tmp_path / "data", n_train=6, n_test=3, size=size)
     model, decomposed = tmp_path / "model", tmp_path / "decomposed"
@@ -332,7 +333,7 @@ TRAIN_ERRORS = {
     "one class": (_one_class, [], "class"),
     "test classes differ": (_classes_differ, [], "cow"),
     "class all unreadable": (_all_corrupt_class, [], "unreadable"),
-    "unknown arch": (_good, ["--arch", "resnet50"], "resnet50"),
+    "unknown arch": (_good, ["--arch", "resnet5000"], "resnet5000"),
     "image too small": (_good, ["--arch", "alexnet", "--image_size", "32"], "too small"),
     "bad weights file": (_good, ["--weights", "/nonexistent.pth"], "nonexistent.pth"),
     "no train path": (lambda root: [], [], "--train_path"),

@@ -16,9 +16,9 @@ from errors import UserError
 SMALL = {"vgg16": 32, "vgg16_bn": 32, "vgg19": 32, "alexnet": 63}
 
 
-# Every arch once, each method with and without BatchNorm (the VGG builds are the slow part).
-@pytest.mark.parametrize("arch,method", [("vgg16", "tucker"), ("vgg16_bn", "cp"), ("vgg19", "cp"),
-                                         ("alexnet", "tucker"), ("alexnet", "cp")])
+# CP through whole models (Tucker-2 and SVD across the architectures: test_archs.py), with and
+# without BatchNorm; the VGG builds are the slow part.
+@pytest.mark.parametrize("arch,method", [("vgg16_bn", "cp"), ("alexnet", "cp")])
 def test_archs_decompose_train_and_shrink(arch, method):
     torch.manual_seed(0)
     model = models.build_model(arch, 3, weights="none")
@@ -50,8 +50,9 @@ def test_image_size_too_small_is_a_user_error():
 
 
 def test_unknown_arch():
-    with pytest.raises(UserError, match="unknown architecture 'resnet50'.*vgg16"):
-        models.build_model("resnet50", 2)
+    with pytest.raises(UserError, match="unknown architecture 'resnet5000'.*vgg16.*list_models"):
+        models.build_model("resnet5000", 2)
+    assert "resnet50" in models.available_archs() and "densenet121" in models.available_archs()
 
 
 def test_weights_file_and_offline_default(tmp_path, monkeypatch):
@@ -194,3 +195,32 @@ def test_load_refuses_mismatched_state(tmp_path, decomposed_alexnet):
     torch.save(payload, tmp_path / "no_state")
     with pytest.raises(UserError, match="lacks state_dict"):
         models.load_model(str(tmp_path / "no_state"))
+
+
+# ------------------------------------------------------------------ any torchvision CNN
+def test_the_size_search_finds_the_tabled_minimums():
+    # The table was worked out by hand from the pooling stages; the search must agree.
+    for arch, size in models.MIN_IMAGE_SIZE.items():
+        assert models.search_min_image_size(arch) == size, arch
+
+
+@pytest.mark.parametrize("arch,head", [("resnet18", "fc"), ("densenet121", "classifier"),
+                                       ("mobilenet_v2", "classifier.1"), ("efficientnet_b0", "classifier.1"),
+                                       ("regnet_x_400mf", "fc"), ("vit_b_16", "heads.head"),
+                                       ("vgg16", "classifier.6"), ("alexnet", "classifier.6")])
+def test_the_head_is_the_last_linear_wherever_it_sits(arch, head):
+    model = models.build_model(arch, 3)
+    assert models.head_name(model) == head
+    assert model.get_submodule(head).out_features == 3
+    frozen = {id(p) for p in models.feature_parameters(model)}
+    trainable = [n for n, p in model.named_parameters() if id(p) not in frozen]
+    assert trainable == [f"{head}.weight", f"{head}.bias"]  # --freeze_features trains the head alone
+
+
+def test_archs_without_a_linear_head_or_of_fixed_size_are_refused_with_one_line():
+    with pytest.raises(UserError, match="no Linear classifier"):
+        models.build_model("squeezenet1_0", 2)
+    assert models.min_image_size("vit_b_16") == 224
+    with pytest.raises(UserError, match="vit_b_16 does not take 256 px"):
+        models.check_image_size("vit_b_16", 256)
+    models.check_image_size("resnet18", 32)
