@@ -80,7 +80,7 @@ from tqdm import tqdm
 
 import runtime
 from atomic import atomic_open
-from decompositions import CPConv2d, DiagonalLinear, TuckerConv2d
+from decompositions import CPConv2d, DiagonalLinear, SVDConv2d, TuckerConv2d
 
 logger = logging.getLogger(__name__)
 
@@ -384,6 +384,11 @@ def pad_ranks(model: nn.Module, multiple: int) -> nn.Module:
             _grow_conv(first, out_channels=rank, in_channels=first.in_channels)
             _grow_conv(vertical, out_channels=rank, in_channels=rank)
             _grow_conv(horizontal, out_channels=rank, in_channels=rank)
+            _grow_conv(last, out_channels=last.out_channels, in_channels=rank)
+        elif isinstance(module, SVDConv2d):  # the 1x1 pair of a 1x1 conv: its rank is a channel count too
+            first, last = module
+            rank = _round_up(first.out_channels, multiple)
+            _grow_conv(first, out_channels=rank, in_channels=first.in_channels)
             _grow_conv(last, out_channels=last.out_channels, in_channels=rank)
     return model
 

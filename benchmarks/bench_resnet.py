@@ -7,7 +7,9 @@ interleaved rounds (:func:`inference.time_interleaved`).  Ranks come from the bu
 options (``ranks.Policy(target_macs=R)``, rule ``sum``; Tucker-2 on the k x k convs, SVD
 pairs on the 1x1 convs, the stem conv and the head kept), at 2x and 3x fewer MACs.  To
 see which layer kinds pay, the 3x plan is also applied in two halves: its k x k entries
-alone ("3x, kxk only") and its 1x1 entries alone ("3x, 1x1 only").
+alone ("3x, kxk only") and its 1x1 entries alone ("3x, 1x1 only"), and the 3x model is
+also run without the zero-padding of its ranks to whole channel blocks ("3x, ranks
+unpadded"; :func:`inference.pad_ranks`).
 
 The ranks depend on the weights' spectra; with random weights the budget spreads the cuts
 evenly (a flat spectrum everywhere), which is the pessimistic case for speed (no layer is
@@ -93,6 +95,10 @@ def bench_arch(arch: str, *, image_size: int, batch_size: int, repeats: int, war
     example = torch.randn(batch_size, *input_size)
     nets = {"original": (original, [])} | decomposed
     predictors = {name: inference.prepare(net, example, backend="onnx") for name, (net, _) in nets.items()}
+    # The 3x model again without the zero-padding of its ranks to whole channel blocks.
+    unpadded = f"{SPLIT_TARGET:g}x, ranks unpadded"
+    nets[unpadded] = decomposed[f"{SPLIT_TARGET:g}x"]
+    predictors[unpadded] = inference.prepare(nets[unpadded][0], example, backend="onnx", rank_multiple=None)
     times = inference.time_interleaved({name: (lambda p=p: p(example)) for name, p in predictors.items()},
                                        warmup=warmup, repeats=repeats, progress=not quiet, desc=arch)
     macs0 = report.count_macs(original, input_size)

@@ -263,3 +263,18 @@ def test_time_interleaved_runs_in_rounds():
     assert set(times) == {"a", ("b", 1)} and all(len(v) == 3 and min(v) >= 0 for v in times.values())
     with pytest.raises(ValueError, match="repeats"):
         inference.time_interleaved({"a": lambda: None}, repeats=0)
+
+
+def test_pad_ranks_pads_the_svd_pair_of_a_1x1_conv_exactly():
+    import decompositions
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 40, 1, stride=2, padding=1)
+    net = nn.Sequential(decompositions.svd_decompose_conv1x1(conv, 5), nn.ReLU())
+    x = torch.randn(2, 24, 9, 9)
+    with torch.no_grad():
+        expected = net(x)
+        inference.pad_ranks(net, 16)
+        got = net(x)
+    assert net[0][0].out_channels == 16 and net[0][1].in_channels == 16
+    assert _rel(got, expected) < 1e-6
