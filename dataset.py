@@ -551,9 +551,13 @@ def build_loaders(
             train_sampler = DistributedSampler(
                 train_ds, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
             )
-            train_loader = DataLoader(train_ds, sampler=train_sampler, generator=generator, **common)
+            train_loader = DataLoader(train_ds, sampler=train_sampler, generator=generator,
+                                      drop_last=len(train_sampler) % batch_size == 1, **common)
         else:
-            train_loader = DataLoader(train_ds, shuffle=True, generator=generator, **common)
+            # A last batch of one image is dropped: BatchNorm in training mode cannot normalize
+            # one value per channel (ResNets reach 1x1 feature maps at small image sizes).
+            train_loader = DataLoader(train_ds, shuffle=True, generator=generator,
+                                      drop_last=len(train_ds) % batch_size == 1, **common)
 
     test_loader = None
     if test_ds is not None:

@@ -90,7 +90,9 @@ PROBE_MAX_SIZE = 512
 def torchvision_model(arch: str) -> nn.Module:
     """``torchvision.models.get_model(arch, weights=None)`` with the ImageNet head (no auxiliary classifiers)."""
     check_arch(arch)
-    extra = {"aux_logits": False, "init_weights": True} if arch in AUX_ARCHS else {}
+    # transform_input: what their ImageNet weights expect (torchvision sets it with weights); it
+    # has no parameters, so model files stay the same either way.
+    extra = {"aux_logits": False, "init_weights": True, "transform_input": True} if arch in AUX_ARCHS else {}
     return torchvision.models.get_model(arch, weights=None, **extra)
 
 
@@ -102,7 +104,7 @@ def _probe_model(arch: str) -> nn.Module:
         with torch.device("meta"):
             return torchvision_model(arch).eval()
     except (RuntimeError, NotImplementedError):
-        return torchvision_model(arch).eval()
+        return torchvision_model(arch).eval().to("meta")  # built once on the CPU, probed without weights
 
 
 def _forward_works(arch: str, size: int) -> bool:
@@ -223,6 +225,9 @@ def build_pretrained(arch: str, num_classes: int, *, weights: str = "none") -> t
             _load_state_dict_file(model, weights, arch)
             loaded_modules = None  # everything
         else:
+            if arch not in ARCHS:
+                raise UserError(f"--weights {weights}: ONNX and Keras files are read for the VGG and AlexNet conv "
+                                f"stacks only ({', '.join(ARCHS)}), not {arch}; give a state_dict of {arch}")
             foreign = importers.read_layers(weights)
             result = importers.load_into(model, foreign, arch=arch)
             loaded_modules = result["loaded"]
@@ -275,13 +280,22 @@ def _load_torchvision_weights(model: nn.Module, weights: str, arch: str) -> None
     if arch in AUX_ARCHS:  # their weights carry the auxiliary classifiers this tool builds without
         own = model.state_dict()
         state = {k: v for k, v in state.items() if k in own}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # e.g. ViT weights for another image size (position embeddings)
+        detail = str(exc).strip().splitlines()
+        raise UserError(f"--weights {weights} do not fit torchvision's default {arch}: "
+                        f"{(detail[1] if len(detail) > 1 else detail[0]).strip()[:200]}") from None
 
 
 def feature_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters outside the classifier head, the last Linear (frozen by ``--freeze_features``)."""
+    """Parameters outside the classifier (frozen by ``--freeze_features``): outside the model's
+    ``classifier`` block where it has one holding the head (VGG's and AlexNet's three FC layers,
+    as before; MobileNet's, EfficientNet's, DenseNet's head), else outside the head itself."""
     net = runtime.unwrap(model)
-    head = {id(p) for p in net.get_submodule(head_name(net)).parameters()}
+    name = head_name(net)
+    block = "classifier" if name == "classifier" or name.startswith("classifier.") else name
+    head = {id(p) for p in net.get_submodule(block).parameters()}
     return [p for p in runtime.unwrap(model).parameters() if id(p) not in head]
 
 

@@ -116,3 +116,20 @@ def test_reduced_ranks_shrink_train_round_trip_and_export(arch, tmp_path):
     pytest.importorskip("onnxruntime")
     result = inference.export_onnx(loaded, tmp_path / "model.onnx", x)
     assert result["checked"] and result["max_rel_diff"] < 1e-3
+
+
+def test_a_budget_on_resnet50_reaches_its_ratio_with_1x1_svd_pairs():
+    # The budget's cost model and error bounds for the 1x1 SVD pairs: the plan's ratio is what
+    # the structure it describes counts (built on the meta device, no weights).
+    torch.manual_seed(0)
+    model = models.build_model("resnet50", 2)
+    input_size = (3, 32, 32)
+    plan = ranks.plan_decomposition(model, ranks.Policy(target_macs=3.0, skip={"conv1": "stem"}), input_size)
+    pointwise = [n for n, e in plan.items() if e["method"] == "svd"]
+    assert len(pointwise) >= 10 and all(tuple(model.get_submodule(n).kernel_size) == (1, 1) for n in pointwise)
+    with torch.device("meta"):
+        twin = models.build_model("resnet50", 2)
+    D.apply_plan(twin, plan)
+    reached = report.count_macs(model, input_size) / report.count_macs(twin, input_size)
+    assert 3.0 <= reached <= 3.0 * (1 + ranks.BUDGET_TOLERANCE), reached
+    assert ranks.plan_cost(model, plan, input_size)["macs_ratio"] == pytest.approx(reached)

@@ -256,6 +256,21 @@ def test_build_loaders_workers_persist(image_folder):
     assert test_loader.persistent_workers
 
 
+def test_no_training_batch_of_one_image():
+    # BatchNorm in training mode cannot normalize a batch of one image at a 1x1 feature map.
+    from torch.utils.data import TensorDataset
+
+    def batches(n: int, **kwargs) -> list[int]:
+        data = TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long))
+        loader = build_loaders(data, None, batch_size=4, workers=0, **kwargs)[0]
+        return [len(b[1]) for b in loader]
+
+    assert batches(9) == [4, 4]            # the last image would have been a batch alone
+    assert batches(10) == [4, 4, 2]
+    assert batches(9, distributed=True, num_replicas=2, rank=0) == [4]  # 5 per rank: 4 + 1 dropped
+    assert batches(6, distributed=True, num_replicas=2, rank=1) == [3]
+
+
 def test_build_loaders_none_datasets():
     assert build_loaders(None, None, batch_size=1, workers=0) == (None, None, None)
 

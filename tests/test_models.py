@@ -214,7 +214,18 @@ def test_the_head_is_the_last_linear_wherever_it_sits(arch, head):
     assert model.get_submodule(head).out_features == 3
     frozen = {id(p) for p in models.feature_parameters(model)}
     trainable = [n for n, p in model.named_parameters() if id(p) not in frozen]
-    assert trainable == [f"{head}.weight", f"{head}.bias"]  # --freeze_features trains the head alone
+    if arch in models.ARCHS:  # --freeze_features trains VGG's and AlexNet's three FC layers, as it always did
+        hidden = (1, 4, 6) if arch == "alexnet" else (0, 3, 6)  # AlexNet's classifier starts with a Dropout
+        assert trainable == [f"classifier.{i}.{k}" for i in hidden for k in ("weight", "bias")]
+    else:  # ... and another arch's classifier block or head
+        assert trainable == [f"{head}.weight", f"{head}.bias"]
+
+
+def test_onnx_or_keras_weights_for_an_arch_importers_do_not_know_are_refused(tmp_path):
+    path = tmp_path / "net.onnx"
+    path.write_bytes(b"\x08\x07 not read")
+    with pytest.raises(UserError, match="VGG and AlexNet conv stacks only.*not resnet18"):
+        models.build_pretrained("resnet18", 2, weights=str(path))
 
 
 def test_archs_without_a_linear_head_or_of_fixed_size_are_refused_with_one_line():
