@@ -319,13 +319,7 @@ def _rule_entry(site: _Site, policy: Policy, vbmf_cache: dict) -> dict:
     if site.method == "diagonal":
         return {"method": "diagonal", "bandwidth": min(policy.fc_bandwidth, layer.in_features)}
     if site.kind == "conv" and site.method == "svd":  # a 1x1 conv: the conv rules, one rank
-        full = min(D.matrix_shape(layer))
-        if policy.rank_ratio is not None:
-            return _entry(site, (_ratio_rank(policy.rank_ratio, full),), f"ratio {policy.rank_ratio:g}")
-        if k == 0:
-            return _none("--vbmf_weaken 0 keeps every layer at full rank")
-        rank = _vbmf_ranks(site, vbmf_cache)[0]
-        return _entry(site, (weaken(rank, full, k),), "VBMF" if k == 1 else f"VBMF {rank} weakened by k={k:g}")
+        return _svd_entry(site, policy, vbmf_cache, ratio=policy.rank_ratio)
     if site.kind == "conv":
         out_c, in_c = layer.out_channels, layer.in_channels
         if policy.rank_ratio is not None:
@@ -340,11 +334,17 @@ def _rule_entry(site: _Site, policy: Policy, vbmf_cache: dict) -> dict:
         if site.method == "tucker":
             return _entry(site, (weaken(r_out, out_c, k), weaken(r_in, in_c, k)), why)
         return _entry(site, (weaken(max(r_out, r_in), max(out_c, in_c), k),), why)
-    full = min(layer.in_features, layer.out_features)
-    if policy.fc_rank is not None:
-        return _entry(site, (min(policy.fc_rank, full),), f"fixed rank {policy.fc_rank}")
-    if policy.fc_rank_ratio is not None:
-        return _entry(site, (_ratio_rank(policy.fc_rank_ratio, full),), f"ratio {policy.fc_rank_ratio:g}")
+    return _svd_entry(site, policy, vbmf_cache, ratio=policy.fc_rank_ratio, fixed=policy.fc_rank)
+
+
+def _svd_entry(site: _Site, policy: Policy, vbmf_cache: dict, *, ratio: float | None,
+               fixed: int | None = None) -> dict:
+    """One SVD rank (a Linear layer's, a 1x1 conv's): fixed, a ratio of min(out, in), or (weakened) VBMF."""
+    full, k = min(D.matrix_shape(site.layer)), policy.vbmf_weaken
+    if fixed is not None:
+        return _entry(site, (min(fixed, full),), f"fixed rank {fixed}")
+    if ratio is not None:
+        return _entry(site, (_ratio_rank(ratio, full),), f"ratio {ratio:g}")
     if k == 0:
         return _none("--vbmf_weaken 0 keeps every layer at full rank")
     rank = _vbmf_ranks(site, vbmf_cache)[0]
