@@ -442,11 +442,7 @@ def _resume_from(state: dict, model: nn.Module, optimizer, scheduler, scaler, tr
     if not isinstance(epoch, int) or not 0 < epoch < epochs:
         raise UserError(f"the checkpoint is after epoch {epoch!r}, outside 1..{epochs - 1} of this {epochs}-epoch run")
     try:
-        runtime.unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
+        _restore_training_state(state, runtime.unwrap(model), optimizer, scheduler, scaler, reused=False)
         runtime.set_rng_state(state["rng"])
         generator = getattr(train_loader, "generator", None)
         if generator is not None and state["loader_generator"] is not None:
@@ -478,7 +474,7 @@ def fit(
     schedule: Callable[[int, int], float] | None = None,
     step_hook: Callable[[], None] | None = None,
     epoch_hook: Callable[[dict], None] | None = None,
-    checkpoint: Callable[[dict], None] | None = None,
+    checkpoint: Callable[[Callable[[], dict]], None] | None = None,
     resume: dict | None = None,
 ) -> list[dict]:
     """Fine-tune ``model``: SGD with momentum, warm-up + cosine LR, evaluation each epoch.
@@ -670,10 +666,18 @@ def _training_state(model: nn.Module, optimizer, scheduler, scaler) -> dict:
             "scaler": scaler.state_dict() if scaler is not None else None}
 
 
-def _restore_training_state(saved: dict, model: nn.Module, optimizer, scheduler, scaler) -> None:
+def _restore_training_state(saved: dict, model: nn.Module, optimizer, scheduler, scaler, *,
+                            reused: bool = True) -> None:
+    """Load a :func:`_training_state` (or a checkpoint) into the run's objects.
+
+    ``reused``: ``saved`` serves again (the in-memory restart state), so the optimizer and
+    schedule get copies -- ``Optimizer.load_state_dict`` keeps the given tensors, which the
+    next steps update in place.  A checkpoint read from a file is used once: no copies.
+    """
+    own = copy.deepcopy if reused else (lambda state: state)
     model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(copy.deepcopy(saved["optimizer"]))
-    scheduler.load_state_dict(copy.deepcopy(saved["scheduler"]))
+    optimizer.load_state_dict(own(saved["optimizer"]))
+    scheduler.load_state_dict(own(saved["scheduler"]))
     if scaler is not None:
         scaler.load_state_dict(saved["scaler"])
 

@@ -380,10 +380,11 @@ def _data(args: argparse.Namespace, *, image_size: int, train: bool, test: bool,
     return train_loader, test_loader, sampler, classes
 
 
-def _fit(args, model, *, lr: float, image_size: int, device, dist, output: str, classes_expected=None,
+def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, classes_expected=None,
          lr_scale: dict[str, float] | None = None) -> tuple[list[dict], list]:
-    """Train ``model`` on --train_path (all ranks together under torchrun), checkpointing every
-    epoch beside ``output``; with --resume, the first training step of the run continues from there."""
+    """Train ``model`` on --train_path (all ranks together under torchrun) for ``step`` ("train" or
+    "fine_tune"), checkpointing every epoch beside the step's output; with --resume, the first
+    training step of the run continues from there."""
     import finetune
     import models
 
@@ -391,7 +392,7 @@ def _fit(args, model, *, lr: float, image_size: int, device, dist, output: str, 
                                                         dist=dist)
     if classes_expected is not None and classes != classes_expected:
         raise _classes_differ("the data's", classes, classes_expected)
-    step = "train" if output == args.model and args.train else "fine_tune"
+    output = args.model if step == "train" else args.decomposed_model
     config = {"step": step, "arch": args.arch if step == "train" else None,
               "weights": args.weights if step == "train" else None, "lr": lr, "epochs": args.epochs,
               "batch_size": args.batch_size, "seed": args.seed, "image_size": image_size,
@@ -473,7 +474,7 @@ def step_train(args, device, dist) -> dict:
         logger.info("learning rate %.3g for the %d fresh tensors (%s), %.3g for the %d pretrained ones", lr,
                     len(trained_fresh), short_list(trained_fresh), lr * args.pretrained_lr_scale, len(pretrained))
     history, classes = _fit(args, model, lr=lr, image_size=image_size, device=device, dist=dist,
-                            output=args.model, lr_scale=lr_scale)
+                            step="train", lr_scale=lr_scale)
     _save_trained(args.model, model, dist=dist, arch=args.arch, classes=classes, image_size=image_size,
                   meta={"step": "train", "weights": args.weights, "history": history, "lr": lr,
                         "pretrained_lr_scale": args.pretrained_lr_scale if pretrained else None,
@@ -660,7 +661,7 @@ def step_fine_tune(args, device, dist) -> dict:
         lr = DEMO_LR["fine_tune"]
     model.train()
     history, _ = _fit(args, model, lr=lr, image_size=info["image_size"], device=device, dist=dist,
-                      output=args.decomposed_model, classes_expected=info["classes"])
+                      step="fine_tune", classes_expected=info["classes"])
     meta = dict(info["meta"])
     meta.update({"fine_tune": {"history": history, "lr": lr, "epochs": args.epochs}})
     _save_trained(args.decomposed_model, model, dist=dist, arch=info["arch"], classes=info["classes"],
