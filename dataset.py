@@ -564,3 +564,35 @@ def build_loaders(
         test_sampler = ShardSampler(len(test_ds), num_replicas=num_replicas, rank=rank) if distributed else None
         test_loader = DataLoader(test_ds, sampler=test_sampler, shuffle=False, **common)
     return train_loader, test_loader, train_sampler
+
+
+def build_calibration_loader(
+    path: PathLike,
+    *,
+    image_size: int,
+    images: int,
+    batch_size: int,
+    workers: int,
+    seed: int = 0,
+) -> tuple[DataLoader, list[str]]:
+    """A calibration set: ``images`` images drawn at random (seeded) from a class folder.
+
+    The deterministic test-time transforms (no augmentation: the statistics must be those
+    of the images the model will see) at the model's ``image_size``; batches in a fixed
+    order.  Unreadable files are skipped with one warning, as for training.  Returns the
+    loader and the folder's classes.
+    """
+    _check_positive_int("images", images)
+    _check_positive_int("batch_size", batch_size)
+    root = os.fspath(path)
+    classes = check_image_folder(root, role="train")
+    samples = _scan_folder(root, classes, role="train")
+    dataset = ScannedImageFolder(root, classes=classes, samples=samples,
+                                 transform=build_transforms(image_size, train=False))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(dataset), generator=generator)[:images].tolist()
+    subset = torch.utils.data.Subset(dataset, sorted(chosen))
+    loader = DataLoader(subset, batch_size=min(batch_size, len(subset)), shuffle=False, num_workers=workers,
+                        worker_init_fn=_ignore_interrupts if workers > 0 else None)
+    logger.info("calibration: %d of the %d images in %s", len(subset), len(dataset), root)
+    return loader, classes

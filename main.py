@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+import calibration
 import runtime
 from errors import UserError
 from report import short_list
@@ -66,6 +67,9 @@ DEMO_RANK_RATIO = 0.25
 INFERENCE_BACKENDS = ("eager", "channels_last", "torchscript", "onnx")
 # NumPy's and Python's generators take seeds below 2**32.
 MAX_SEED = 2**32 - 1
+# Calibration images for --decompose are held in memory together, hence a bound.
+DEFAULT_CALIBRATION_IMAGES = calibration.DEFAULT_IMAGES
+MAX_CALIBRATION_IMAGES = 100_000
 # Activation memory bound (check_activation_memory): VGG's and AlexNet's first conv width,
 # the tensors of that size a training step holds at once, and the share of RAM allowed.
 FIRST_LAYER_CHANNELS = 64
@@ -159,6 +163,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="keep each factorized layer as the plain best approximation; by default every output "
                           "filter is scaled back to its original norm, which keeps trained networks far more "
                           "accurate before fine-tuning")
+    dec.add_argument("--calibration", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+                     help="images drawn from --train_path (no augmentation) that steer the decomposition: every "
+                          "layer is fitted, in order, to the original layer's response on them; 0 uses no data "
+                          f"(default {DEFAULT_CALIBRATION_IMAGES}; without --train_path the decomposition is "
+                          "data-free)")
+    dec.add_argument("--data_free", "--data-free", action="store_true",
+                     help="factors from the weights alone, as before data-aware decomposition; calibration images "
+                          "(if any) then only correct the BatchNorm statistics")
+    dec.add_argument("--bn_correction", "--bn-correction", default="auto", choices=("auto", "on", "off"),
+                     help="correct every BatchNorm's statistics by the shift the decomposition causes on the "
+                          "calibration images (auto: on for data-free factors, off for data-aware ones, as measured)")
     dec.add_argument("--fc", default="none", choices=("none", "svd", "diagonal"),
                      help="compression of the fully connected layers (the classifier stays dense)")
     dec.add_argument("--fc_rank", "--fc-rank", type=int, default=None, help="SVD rank of every FC layer")
@@ -202,6 +217,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if not os.path.isdir(folder):
             raise UserError(f"folder {folder} for the exported file does not exist")
     _check_decompose_args(args)
+    if not 0 <= args.calibration <= MAX_CALIBRATION_IMAGES:
+        raise UserError(f"--calibration must be a number of images in [0, {MAX_CALIBRATION_IMAGES}], "
+                        f"got {args.calibration}")
     for name in ("batch_size", "epochs", "latency_repeats", "latency_batch", "fc_bandwidth", "fc_anneal_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -515,8 +533,19 @@ def step_decompose(args, device) -> dict:
     if diagonal:
         summary_anneal = _move_fc_onto_diagonal(args, model, device, image_size, info["classes"], test_loader,
                                                 layers=diagonal, bandwidth=bandwidth)
-    rows = decompositions.decompose_model(model, plan, input_size=input_size, seed=args.seed,
-                                          show_progress=not args.quiet, rescale=not args.no_rescale)
+    calibration, calibration_info = _calibration(args, image_size, info["classes"], device)
+    try:
+        rows = decompositions.decompose_model(
+            model, plan, input_size=input_size, seed=args.seed, show_progress=not args.quiet,
+            rescale=False if args.no_rescale else None, calibration=calibration, data_aware=not args.data_free,
+            recalibrate_bn=None if args.bn_correction == "auto" else args.bn_correction == "on")
+    except ValueError as exc:
+        if calibration is None or isinstance(exc, UserError):
+            raise
+        # The calibration images reach a layer the model cannot take them through (BatchNorm on
+        # one value per channel, non-finite activations): one line naming them.
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(f"calibration on {args.train_path} failed: {first}") from None
     seconds = time.perf_counter() - start
     rows = [r.as_dict() for r in rows]
     if not any(not r["skipped"] for r in rows):
@@ -551,7 +580,8 @@ def step_decompose(args, device) -> dict:
     meta = {"step": "decompose", "source": os.path.abspath(args.model), "method": method, "fc": args.fc,
             "rank_ratio": args.rank_ratio, "vbmf_weaken": args.vbmf_weaken, "target_macs": args.target_macs,
             "target_params": args.target_params, "plan_file": os.path.abspath(args.plan) if args.plan else None,
-            "rescale": not args.no_rescale, "layers": rows, "totals": summary, "original_meta": info["meta"]}
+            "rescale": not args.no_rescale, "calibration": calibration_info, "layers": rows, "totals": summary,
+            "original_meta": info["meta"]}
     models.save_model(args.decomposed_model, model, arch=info["arch"], classes=info["classes"],
                       image_size=image_size, meta=meta)
     stale = checkpoint_path(args.decomposed_model)
@@ -568,6 +598,28 @@ def step_decompose(args, device) -> dict:
                          extra={"source": os.path.abspath(args.model)})
         print(f"plan written to {args.save_plan} (edit it and replay it with --plan)")
     return summary
+
+
+def _calibration(args: argparse.Namespace, image_size: int, classes: list[str], device) -> tuple[list | None, dict]:
+    """The calibration batches for --decompose (None: data-free) and what the model file records of them."""
+    import dataset
+
+    if args.calibration == 0 or not args.train_path:
+        if not args.data_free:
+            why = "--calibration 0" if args.calibration == 0 else "no --train_path"
+            logger.warning("%s: data-free decomposition (factors from the weights alone; give --train_path for "
+                           "data-aware factors that keep far more accuracy)", why)
+        return None, {"images": 0, "data_aware": False}
+    loader, found = dataset.build_calibration_loader(args.train_path, image_size=image_size, images=args.calibration,
+                                                     batch_size=args.batch_size, workers=args.workers,
+                                                     seed=args.seed)
+    if found != classes:
+        raise _classes_differ("the calibration folder's", found, classes)
+    batches = calibration.collect(loader, device=device)
+    count = sum(len(b) for b in batches)
+    what = "BatchNorm correction only (--data_free)" if args.data_free else "data-aware factors"
+    print(f"calibration: {count} images from {args.train_path} ({what})")
+    return batches, {"images": count, "data_aware": not args.data_free, "bn_correction": args.bn_correction}
 
 
 def _budget(args: argparse.Namespace) -> tuple[str, float] | None:

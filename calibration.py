@@ -1,0 +1,334 @@
+"""What a data-aware decomposition needs from a few hundred images: numbers in, numbers out.
+
+A calibration set is any iterable of input batches: tensors ``(B, C, H, W)``, or
+``(inputs, labels)`` pairs as a DataLoader yields them (:func:`collect`).  From it:
+
+* :func:`layer_stats` streams, for one conv or Linear layer, the second moments that its
+  output error depends on: the layer's inputs ``x`` in the *original* network and ``x^``
+  in the network decomposed so far, unfolded into the patches the layer multiplies
+  (``F.unfold``: ``(S*kh*kw)``-vectors for a conv, the features for a Linear layer).
+  The output error of a replacement ``W~`` is then, for any ``W~``,
+  ``E||W x - W~ x^||^2 = tr(W Sxx W^T) - 2 tr(W C W~^T) + tr(W~ S^ W~^T)`` with
+  ``S^ = E[x^ x^^T]`` and ``C = E[x x^^T]``, so :mod:`decompositions` can minimise it
+  without seeing an activation again.  Each statistic is one ``D x D`` matrix (the
+  covariance of a 512x3x3 input is 4608^2 floats) accumulated batch by batch in
+  float64, and each layer costs one pass of the calibration set through the two
+  networks, stopped at that layer.
+* :func:`reestimate_batchnorm` recomputes every BatchNorm's running statistics on the
+  calibration set (Li et al. 2016, "Revisiting batch normalization for practical domain
+  adaptation"; what data-free compression papers call BN recalibration).
+
+References
+----------
+.. [1] Zhang, X. et al. "Accelerating Very Deep Convolutional Networks for Classification
+   and Detection", TPAMI 38(10), 2016 (asymmetric reconstruction of a layer's response).
+.. [2] Chen, Y., Wiesel, A., Eldar, Y. C., Hero, A. O. "Shrinkage Algorithms for MMSE
+   Covariance Estimation", IEEE Trans. Signal Processing 58(10), 2010 (OAS, the shrinkage of
+   :meth:`LayerStats.shrinkage`); Ledoit, O., Wolf, M., J. Multivariate Analysis 88, 2004.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["collect", "LayerStats", "layer_stats", "patches", "reestimate_batchnorm", "DEFAULT_IMAGES",
+           "MAX_STAT_DIM"]
+
+#: Calibration images taken from --train_path by default (benchmarks/RESULTS.md, "Data-aware").
+DEFAULT_IMAGES = 256
+#: The largest patch dimension whose D x D moments are accumulated (two float64 matrices of
+#: 8192^2 are 1 GiB).  A Linear layer with more inputs (VGG's fc6, 25088) is fitted in its
+#: output space instead, from T x T moments (see :func:`layer_stats`).
+MAX_STAT_DIM = 8192
+#: Shrinkage intensity is capped below 1 so that the shrunk moments stay a finite ridge.
+MAX_SHRINKAGE = 0.999
+
+
+class _Stop(Exception):
+    """Raised by a forward pre-hook once the layer's input is captured: the rest of the network
+    is not needed.  (An ``Exception`` and never a signal: caught right here.)"""
+
+
+def _inputs_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(f"a calibration batch must be a tensor or an (inputs, labels) pair, got {type(batch).__name__}")
+
+
+def collect(calibration: Iterable, *, limit: int | None = None, device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The calibration set as a list of input batches on ``device`` (at most ``limit`` images).
+
+    Held in memory so that every layer sees exactly the same images (256 images at 224 px are
+    150 MB in float32).  Raises ValueError when it holds no image or batches of different sizes.
+    """
+    batches: list[torch.Tensor] = []
+    count = 0
+    for batch in calibration:
+        inputs = _inputs_of(batch)
+        if inputs.dim() < 2 or inputs.shape[0] == 0:
+            continue
+        if limit is not None:
+            inputs = inputs[: max(0, limit - count)]
+        if batches and inputs.shape[1:] != batches[0].shape[1:]:
+            raise ValueError(f"calibration batches differ in shape: {tuple(batches[0].shape[1:])} and "
+                             f"{tuple(inputs.shape[1:])}")
+        if len(inputs):
+            batches.append(inputs.detach().to(device=device, dtype=dtype))
+            count += len(inputs)
+        if limit is not None and count >= limit:
+            break
+    if not batches:
+        raise ValueError("the calibration set holds no image")
+    return batches
+
+
+def patches(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The vectors ``layer`` multiplies by its weight matrix, one row per output position.
+
+    A conv: ``F.unfold`` of the input padded as the layer pads it, ``(B*L, S*kh*kw)`` with
+    column ``s*kh*kw + h*kw + w``, the column order of ``weight.reshape(T, -1)``.  A Linear
+    layer: its inputs with every leading dimension flattened, ``(N, M)``.
+    """
+    if isinstance(layer, nn.Linear):
+        return inputs.reshape(-1, inputs.shape[-1])
+    if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
+        raise TypeError(f"patches are defined for Linear layers and non-grouped Conv2d, got {layer}")
+    # The conv's own padding amounts (also for 'same' and non-zero padding modes), applied
+    # before unfolding so that every mode is padded exactly as the layer pads it.
+    pad = layer._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        inputs = F.pad(inputs, pad, mode=mode)
+    cols = F.unfold(inputs, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)  # (B, D, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+@dataclass
+class LayerStats:
+    """Streamed moments of one layer's inputs (see the module docstring).
+
+    ``xx_hat = E[x^ x^^T]`` and ``cross = E[x x^^T]`` are uncentered second moments over the
+    ``n`` samples (output positions), ``mean``/``mean_hat`` the means of ``x`` and ``x^``.
+  With ``space == "output"`` the
+    samples were the layer's outputs without bias, ``W x`` and ``W x^``, instead of its inputs
+    (Linear layers wider than :data:`MAX_STAT_DIM`).  ``images`` counts calibration images.
+    """
+
+    n: int
+    images: int
+    mean: torch.Tensor
+    mean_hat: torch.Tensor
+    xx_hat: torch.Tensor
+    cross: torch.Tensor
+    space: str = "input"
+
+    def moments(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S^, C)``: covariances when ``centered`` (a layer with a bias refits it), else
+        second moments (a layer without one must fit the means with its weights too)."""
+        if not centered:
+            return self.xx_hat, self.cross
+        return (self.xx_hat - torch.outer(self.mean_hat, self.mean_hat),
+                self.cross - torch.outer(self.mean, self.mean_hat))
+
+    def shrinkage(self, centered: bool, target: torch.Tensor | None = None) -> float:
+        """Ridge ``lam`` such that ``S^ + lam * target`` is the shrunk estimate of the moments.
+
+        Few samples in many dimensions (a Linear layer sees one sample per image) make the
+        sample moments singular, and a fit to them would reproduce the calibration images
+        and little else.  The Oracle Approximating Shrinkage intensity ``rho`` (Chen et al.
+        2010 [2]_, a refinement of Ledoit and Wolf's that stays sensible for a handful of
+        samples) mixes the sample moments with a multiple of ``target``: the identity, which
+        is the data-free factorization's implicit assumption of white inputs (``W W^T`` for
+        output-space moments).  ``rho -> 1`` gives the data-free result.  Patches of one image
+        are not independent, so for conv layers ``n`` overstates the information and this is a
+        lower bound on the shrinkage needed.
+        """
+        cov, _ = self.moments(centered)
+        if target is not None:
+            # In the metric of the target: OAS shrinks towards the identity there.
+            chol = torch.linalg.cholesky_ex(target + 1e-12 * torch.trace(target) / len(target)
+                                            * torch.eye(len(target), dtype=target.dtype, device=target.device))[0]
+            cov = torch.cholesky_solve(torch.cholesky_solve(cov, chol).T, chol)  # T^-1 S T^-1
+        dim = cov.shape[0]
+        tr, tr2 = float(torch.trace(cov)), float(cov.pow(2).sum())
+        if not tr > 0:
+            return 0.0
+        num = (1 - 2 / dim) * tr2 + tr * tr
+        den = (self.n + 1 - 2 / dim) * (tr2 - tr * tr / dim)
+        rho = MAX_SHRINKAGE if den <= 0 else min(MAX_SHRINKAGE, num / den)
+        return rho / (1 - rho) * tr / dim
+
+
+class _Accumulator:
+    """Batch-by-batch sums in float64: each batch's products are formed in the work dtype."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.images = 0
+        self.sums: dict[str, torch.Tensor] = {}
+
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, images: int) -> None:
+        x, x_hat = x.float(), x_hat.float()
+        terms = {"mean": x.sum(0), "mean_hat": x_hat.sum(0), "xx_hat": x_hat.T @ x_hat, "cross": x.T @ x_hat}
+        for key, value in terms.items():
+            value = value.double()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.n += x.shape[0]
+        self.images += images
+
+    def result(self, space: str) -> LayerStats:
+        n = max(self.n, 1)
+        return LayerStats(n=self.n, images=self.images, space=space,
+                          **{k: v / n for k, v in self.sums.items()})
+
+
+def _capture(model: nn.Module, name: str, inputs: torch.Tensor) -> torch.Tensor:
+    """The input of ``model.<name>`` for ``inputs``; the forward pass stops there."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args):
+        captured.append(args[0].detach())
+        raise _Stop
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        model(inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"layer {name!r} is not used in the forward pass")
+    return captured[0]
+
+
+def output_space(layer: nn.Module) -> bool:
+    """Whether :func:`layer_stats` works in ``layer``'s output space (a Linear layer wider than
+    :data:`MAX_STAT_DIM`), not its input space."""
+    return isinstance(layer, nn.Linear) and layer.in_features > MAX_STAT_DIM
+
+
+@torch.no_grad()
+def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Sequence[torch.Tensor], *,
+                show_progress: bool = False) -> LayerStats:
+    """Stream :class:`LayerStats` of layer ``name``: ``x`` from ``original``, ``x^`` from ``current``.
+
+    Both models are run in eval mode on the same batches, each stopped at the layer (its
+    modules before it may differ: ``current`` is decomposed up to there).  For a Linear layer
+    wider than :data:`MAX_STAT_DIM` the samples are the layer's outputs ``W x`` and ``W x^``
+    (without bias) and the moments are ``T x T``: the fit then stays in the row space of
+    ``W`` (Zhang et al. 2016 [1]_), which is also all that a few hundred samples can estimate.
+    """
+    layer = original.get_submodule(name)
+    out_space = output_space(layer)
+    weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).float() if out_space else None
+    acc = _Accumulator()
+    modes = [(m, m.training) for m in (original, current)]
+    original.eval()
+    current.eval()
+    try:
+        iterator = batches
+        if show_progress:
+            from tqdm.auto import tqdm
+            iterator = tqdm(batches, desc=f"calibrate {name}", unit="batch", leave=False)
+        for inputs in iterator:
+            x = patches(layer, _capture(original, name, inputs))
+            x_hat = patches(layer, _capture(current, name, inputs))
+            if out_space:
+                x, x_hat = x.float() @ weight.T, x_hat.float() @ weight.T
+            acc.add(x, x_hat, images=len(inputs))
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+    stats = acc.result("output" if out_space else "input")
+    if not all(math.isfinite(float(v.abs().max())) for v in (stats.xx_hat, stats.cross)):
+        raise ValueError(f"layer {name!r}: non-finite activations on the calibration set")
+    return stats
+
+
+def _batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+
+
+@torch.no_grad()
+def _calibration_stats(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Every BatchNorm's running mean and variance re-estimated on ``batches``, as (mean, var);
+    ``model`` is left exactly as it was."""
+    norms = _batchnorms(model)
+    modes = {m: m.training for m in model.modules()}
+    saved = {n: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for n, m in norms.items()}
+    try:
+        model.eval()
+        for m in norms.values():
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches
+            m.train()
+        for inputs in batches:
+            model(inputs)
+        return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in norms.items()}
+    finally:
+        for n, m in norms.items():
+            m.momentum = saved[n][0]
+            m.running_mean.copy_(saved[n][1])
+            m.running_var.copy_(saved[n][2])
+            m.num_batches_tracked.copy_(saved[n][3])
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor], *,
+                         reference: nn.Module | None = None) -> int:
+    """Re-estimate every BatchNorm's running statistics of ``model`` on ``batches``.
+
+    Without ``reference``: the statistics are replaced by those of the calibration set (each
+    BatchNorm reset, only the BatchNorm layers in training mode, a plain average over the
+    batches), as BN recalibration usually does.
+
+    With ``reference`` (the original network, whose BatchNorm layers have the same names):
+    the statistics are *corrected* by the shift that the decomposition causes on the same
+    images, ``mean + (mean^_cal - mean_cal)`` and ``var * var^_cal / var_cal``, the ratios
+    taken from the same re-estimation run through both networks.  The trained statistics came
+    from the whole (augmented) training set; replacing them by a few hundred plain images also
+    moves what the decomposition did not touch (on the trained CIFAR ResNet-56, replacing
+    them costs the undecomposed network 1.9 points: benchmarks/RESULTS.md, "Data-aware"),
+    while a network equal to the reference is left exactly as it is.
+
+    Weights, affine parameters and every module's mode are left as they were.  Returns the
+    number of BatchNorm layers changed (0: none).
+    """
+    norms = _batchnorms(model)
+    if not norms:
+        return 0
+    found = _calibration_stats(model, batches)
+    if reference is None:
+        for name, m in norms.items():
+            m.running_mean.copy_(found[name][0])
+            m.running_var.copy_(found[name][1])
+        return len(norms)
+    base = _calibration_stats(reference, batches)
+    changed = 0
+    for name, m in norms.items():
+        if name not in base:
+            continue
+        (mean_hat, var_hat), (mean, var) = found[name], base[name]
+        tiny = torch.finfo(var.dtype).tiny
+        m.running_mean.add_(mean_hat - mean)
+        m.running_var.mul_(var_hat.clamp_min(tiny) / var.clamp_min(tiny))
+        changed += 1
+    return changed

@@ -1,0 +1,386 @@
+"""Data-aware decomposition: calibration moments, data-aware factors, BatchNorm correction, the CLI."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import calibration as C
+import decompositions as D
+import main
+import ranks
+from conftest import make_image_folder
+
+torch.set_grad_enabled(True)
+
+
+def _inputs(channels: int, *, batches: int = 6, size: int = 10, subspace: int | None = None, seed: int = 0,
+            flat: bool = False) -> list[torch.Tensor]:
+    """Seeded input batches; with ``subspace`` every input vector lies in a random ``subspace``-dimensional
+    subspace of the channels."""
+    basis = torch.randn(channels, subspace, generator=torch.Generator().manual_seed(123)) if subspace else None
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batches):
+        shape = (8, subspace or channels) if flat else (4, subspace or channels, size, size)
+        x = torch.randn(*shape, generator=gen)
+        if basis is not None:
+            x = torch.einsum("sk,bk...->bs...", basis, x)
+        out.append(x + 0.5)  # a mean to refit
+    return out
+
+
+def _stats(layer: nn.Module, batches: list[torch.Tensor]) -> C.LayerStats:
+    net = nn.Sequential(layer)
+    return C.layer_stats(net, net, "0", batches)
+
+
+def _output_error(layer: nn.Module, new: nn.Module, batches: list[torch.Tensor]) -> float:
+    x = torch.cat(batches)
+    with torch.no_grad():
+        y = layer(x)
+        return float((new(x) - y).norm() / y.norm())
+
+
+CONV_CASES = [
+    dict(in_channels=6, out_channels=9, kernel_size=3, padding=1),
+    dict(in_channels=6, out_channels=9, kernel_size=3, padding=1, bias=False),
+    dict(in_channels=5, out_channels=7, kernel_size=(3, 5), stride=2, padding=(1, 2)),
+    dict(in_channels=6, out_channels=4, kernel_size=3, dilation=2, padding=2),
+    dict(in_channels=6, out_channels=8, kernel_size=3, padding="same"),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="circular", bias=False),
+    dict(in_channels=4, out_channels=6, kernel_size=2, stride=2),
+]
+
+
+@pytest.mark.parametrize("cfg", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_patches_reproduce_the_conv(cfg):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**cfg)
+    x = torch.randn(2, cfg["in_channels"], 9, 11)
+    with torch.no_grad():
+        y = conv(x)
+        cols = C.patches(conv, x)                                   # (B*L, D)
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        flat = cols @ conv.weight.reshape(conv.out_channels, -1).T + bias
+    assert torch.allclose(flat, y.permute(0, 2, 3, 1).reshape(-1, conv.out_channels), atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_data_aware_tucker_at_full_rank_reproduces_the_conv(cfg):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**cfg)
+    batches = _inputs(cfg["in_channels"])
+    new = D.tucker_decompose_conv(conv, (conv.out_channels, conv.in_channels), stats=_stats(conv, batches))
+    assert _output_error(conv, new, batches) < 1e-4
+    # and on inputs it never saw
+    assert _output_error(conv, new, _inputs(cfg["in_channels"], seed=1)) < 1e-4
+
+
+@pytest.mark.parametrize("cfg", [dict(stride=1), dict(stride=2, padding=1), dict(bias=False)])
+def test_data_aware_svd_conv1x1_at_full_rank_reproduces_the_conv(cfg):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 1, **cfg)
+    batches = _inputs(6)
+    new = D.svd_decompose_conv1x1(conv, 6, stats=_stats(conv, batches))
+    assert _output_error(conv, new, batches) < 1e-4
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["input-space", "output-space"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_data_aware_svd_linear_at_full_rank_reproduces_the_layer(monkeypatch, wide, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24, bias=bias)
+    if wide:  # as VGG's fc6 (25088 inputs): the moments are taken of the outputs
+        monkeypatch.setattr(C, "MAX_STAT_DIM", 32)
+    batches = _inputs(40, flat=True, batches=20)
+    stats = _stats(lin, batches)
+    assert stats.space == ("output" if wide else "input")
+    assert stats.xx_hat.shape == ((24, 24) if wide else (40, 40))
+    new = D.svd_decompose_linear(lin, 24, stats=stats)
+    assert _output_error(lin, new, batches) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["tucker", "cp", "svd-conv", "svd-linear"])
+def test_inputs_in_a_subspace_data_aware_error_far_below_data_free(method):
+    """Inputs that live in a 4-dimensional subspace: at the same rank, the factors fitted to them
+    reproduce the layer there far better than the weight's own best approximation."""
+    torch.manual_seed(0)
+    if method == "svd-linear":
+        layer, batches = nn.Linear(48, 40), _inputs(48, subspace=4, flat=True, batches=20)
+    elif method == "svd-conv":
+        layer, batches = nn.Conv2d(48, 40, 1), _inputs(48, subspace=4)
+    else:
+        layer, batches = nn.Conv2d(24, 24, 3, padding=1), _inputs(24, subspace=4)
+    stats = _stats(layer, batches)
+    if method == "tucker":
+        aware = D.tucker_decompose_conv(layer, (24, 4), stats=stats)
+        free = D.tucker_decompose_conv(layer, (24, 4))
+    elif method == "cp":
+        aware, free = D.cp_decompose_conv(layer, 40, stats=stats), D.cp_decompose_conv(layer, 40)
+    elif method == "svd-conv":
+        aware, free = D.svd_decompose_conv1x1(layer, 4, stats=stats), D.svd_decompose_conv1x1(layer, 4)
+    else:
+        aware, free = D.svd_decompose_linear(layer, 4, stats=stats), D.svd_decompose_linear(layer, 4)
+    # the same subspace, other draws
+    held_out = _inputs(layer.weight.shape[1], subspace=4, seed=7, flat=method == "svd-linear",
+                       batches=20 if method == "svd-linear" else 6)
+    e_aware, e_free = _output_error(layer, aware, batches), _output_error(layer, free, batches)
+    # CP refits its output factor only (the input and spatial factors stay ALS's): a smaller gain
+    factor = 0.3 if method == "cp" else 0.1
+    assert e_free > 0.3
+    assert e_aware < factor * e_free, (e_aware, e_free)
+    assert _output_error(layer, aware, held_out) < factor * _output_error(layer, free, held_out)
+
+
+def test_shrinkage_goes_to_data_free_with_few_samples():
+    """Two samples in 40 dimensions say little: the shrinkage is strong (at least half-way to the
+    identity) and the fit stays nearer the data-free SVD than a fit to many samples; many samples
+    of anisotropic inputs: almost no shrinkage."""
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 30)
+    scales = torch.logspace(0, -2, 40)  # anisotropic inputs: the identity is a poor guess for their moments
+    few = _stats(lin, [torch.randn(2, 40) * scales])
+    many = _stats(lin, [x * scales for x in _inputs(40, flat=True, batches=200)])
+    mean_eig = lambda s: float(torch.trace(s.moments(True)[0])) / 40
+    assert few.shrinkage(True) >= mean_eig(few)
+    assert many.shrinkage(True) < 0.2 * mean_eig(many)
+    free = D.dense_weight(D.svd_decompose_linear(lin, 5))
+    gap = lambda s: float((D.dense_weight(D.svd_decompose_linear(lin, 5, stats=s)) - free).norm())
+    assert gap(few) < gap(many)
+
+
+class _TwoConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.b = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.a(x)))
+        x = torch.relu(self.b(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _trained_like(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = _TwoConvs().eval()
+    with torch.no_grad():  # give the BatchNorm statistics of its own to correct
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_decompose_model_fits_layers_in_order_on_calibration_data():
+    """Sequential, asymmetric: with calibration the decomposed network's logits are far closer to the
+    original's than the data-free ones, on the calibration images and on others; every argument
+    form of a calibration set works (tensors, (inputs, labels) pairs, a DataLoader)."""
+    base = _trained_like()
+    images = [torch.rand(8, 3, 12, 12) for _ in range(4)]
+    plan = {"a": {"method": "tucker", "ranks": [4, 2]}, "b": {"method": "tucker", "ranks": [4, 4]}}
+    test = torch.rand(16, 3, 12, 12)
+
+    def logits_error(model, x):
+        with torch.no_grad():
+            return float((model(x) - base(x)).norm() / base(x).norm())
+
+    free = copy.deepcopy(base)
+    D.decompose_model(free, plan, input_size=(3, 12, 12))
+    errors = []
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(images), torch.zeros(32)),
+                                         batch_size=8)
+    for calib in (images, [(x, torch.zeros(len(x))) for x in images], loader):
+        aware = copy.deepcopy(base)
+        rows = D.decompose_model(aware, plan, input_size=(3, 12, 12), calibration=calib)
+        assert [r.method for r in rows] == ["tucker", "tucker"]
+        errors.append((logits_error(aware, torch.cat(images)), logits_error(aware, test)))
+    assert errors[0] == pytest.approx(errors[1], rel=1e-5) and errors[0] == pytest.approx(errors[2], rel=1e-5)
+    assert errors[0][1] < 0.5 * logits_error(free, test), (errors, logits_error(free, test))
+    # The original is untouched by the calibration passes (hooks removed, modes kept).
+    assert not base.training and not any(m._forward_pre_hooks for m in base.modules())
+
+
+def test_asymmetric_fit_corrects_what_earlier_layers_lost():
+    """The second layer fitted to inputs from the decomposed first layer (targets from the original)
+    reproduces the original's response better than the same layer fitted to the original's own inputs
+    (which, at full rank, is the layer itself)."""
+    base = _trained_like(1)
+    images = [torch.rand(8, 3, 12, 12) for _ in range(6)]
+    first = copy.deepcopy(base)
+    D.decompose_model(first, {"a": {"method": "tucker", "ranks": [3, 2]}}, input_size=(3, 12, 12),
+                      calibration=images)
+    x = torch.cat(images)
+
+    def response(model):
+        out = []
+        handle = model.b.register_forward_hook(lambda m, a, o: out.append(o))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        return out[0]
+
+    target = response(base)
+    errors = {}
+    for kind, stats in (("symmetric", C.layer_stats(base, base, "b", images)),
+                        ("asymmetric", C.layer_stats(base, first, "b", images))):
+        model = copy.deepcopy(first)
+        D.replace_layer(model, "b", D.tucker_decompose_conv(base.b, (16, 16), stats=stats))
+        errors[kind] = float((response(model) - target).norm() / target.norm())
+    assert errors["asymmetric"] < 0.9 * errors["symmetric"], errors
+
+
+def test_batchnorm_correction_changes_nothing_on_the_undecomposed_model():
+    base = _trained_like()
+    model = copy.deepcopy(base)
+    images = [torch.rand(8, 3, 12, 12) for _ in range(3)]
+    assert C.reestimate_batchnorm(model, images, reference=base) == 1
+    x = torch.rand(5, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(model(x), base(x), atol=1e-6)
+    for (name, a), b in zip(model.state_dict().items(), base.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    assert not model.training and model.bn.momentum == base.bn.momentum
+
+
+def test_batchnorm_replacement_uses_the_calibration_statistics_and_restores_modes():
+    model = _trained_like()
+    model.train()
+    model.head.eval()
+    images = [torch.rand(8, 3, 12, 12) for _ in range(3)]
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert C.reestimate_batchnorm(model, images) == 1
+    feats = torch.cat([model.a(x) for x in images]).detach()
+    assert torch.allclose(model.bn.running_mean, feats.mean((0, 2, 3)), atol=1e-5)
+    assert model.training and not model.head.training and model.bn.training
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert C.reestimate_batchnorm(nn.Sequential(nn.Linear(3, 2)), [torch.rand(2, 3)]) == 0
+
+
+def test_batchnorm_correction_after_data_free_factors_recovers_the_statistics():
+    """Data-free factors shift the BatchNorm's input; the correction (the default for data-free factors
+    with calibration data) brings the network's outputs back towards the original's."""
+    base = _trained_like(2)
+    images = [torch.rand(8, 3, 12, 12) for _ in range(4)]
+    plan = {"a": {"method": "tucker", "ranks": [3, 2]}}
+    plain, corrected = copy.deepcopy(base), copy.deepcopy(base)
+    D.decompose_model(plain, plan, input_size=(3, 12, 12))
+    D.decompose_model(corrected, plan, input_size=(3, 12, 12), calibration=images, data_aware=False)
+    assert isinstance(corrected.a, D.TuckerConv2d)
+    assert torch.allclose(D.dense_weight(corrected.a), D.dense_weight(plain.a))  # the same factors
+    assert not torch.equal(corrected.bn.running_mean, plain.bn.running_mean)
+    x = torch.cat(images)
+    bn_in = C._capture(base, "bn", x)
+    with torch.no_grad():
+        mean_shift = lambda m: float((C._capture(m, "bn", x).mean((0, 2, 3)) - m.bn.running_mean
+                                      - (bn_in.mean((0, 2, 3)) - base.bn.running_mean)).abs().max())
+    assert mean_shift(corrected) < 1e-4 < mean_shift(plain)
+
+
+def test_collect_checks_its_batches():
+    with pytest.raises(ValueError, match="no image"):
+        C.collect([])
+    with pytest.raises(ValueError, match="differ in shape"):
+        C.collect([torch.rand(2, 3, 8, 8), torch.rand(2, 3, 9, 9)])
+    with pytest.raises(TypeError, match="tensor or an"):
+        C.collect(["x"])
+    got = C.collect([torch.rand(4, 3, 8, 8)] * 3, limit=6)
+    assert [len(b) for b in got] == [4, 2]
+
+
+def test_cp_with_calibration_refits_the_output_factor_and_can_fall_back():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    batches = _inputs(8)
+    stats = _stats(conv, batches)
+    aware, free = D.cp_decompose_conv(conv, 10, stats=stats), D.cp_decompose_conv(conv, 10)
+    # the same input and spatial factors; only the output factor and the bias move
+    for i in (0, 1, 2):
+        assert torch.allclose(aware[i].weight, free[i].weight)
+    assert _output_error(conv, aware, batches) < _output_error(conv, free, batches)
+
+
+# ----------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    train, test = make_image_folder(root / "data", n_train=8, n_test=4, size=32)
+    path = root / "model"
+    code = main.run(["--train", "--arch", "resnet18", "--weights", "none", "--image_size", "32", "--epochs", "1",
+                     "--batch_size", "8", "--workers", "0", "--quiet", "--train_path", str(train), "--test_path",
+                     str(test), "--model", str(path)])
+    assert code == 0
+    return path, train, test
+
+
+def _decompose(capsys, model, out, *extra):
+    code = main.run(["--decompose", "--model", str(model), "--decomposed_model", str(out), "--target_macs", "2",
+                     "--workers", "0", "--quiet", "--batch_size", "8", *map(str, extra)])
+    return code, *capsys.readouterr()
+
+
+def test_cli_calibration_from_train_path_is_recorded(capsys, small_model, tmp_path):
+    import models
+
+    model, train, test = small_model
+    code, out, err = _decompose(capsys, model, tmp_path / "d", "--train_path", train, "--test_path", test,
+                                "--calibration", "6")
+    assert code == 0, err
+    assert "calibration: 6 images" in out
+    _, info = models.load_model(str(tmp_path / "d"))
+    assert info["meta"]["calibration"]["images"] == 6 and info["meta"]["calibration"]["data_aware"]
+
+
+def test_cli_without_train_path_says_it_falls_back_to_data_free(capsys, small_model, tmp_path, caplog):
+    model, _, test = small_model
+    with caplog.at_level("WARNING"):
+        code, out, err = _decompose(capsys, model, tmp_path / "d", "--test_path", test)
+    assert code == 0, err
+    assert "data-free decomposition" in caplog.text + err
+
+
+def test_cli_calibration_folder_with_unreadable_files_and_other_sizes(capsys, small_model, tmp_path):
+    """Calibration images of another size are resized to the model's; unreadable files are skipped with
+    a warning; a single image works."""
+    model, _, _ = small_model
+    train, _ = make_image_folder(tmp_path / "other", n_train=3, n_test=1, size=48)
+    (train / "cat" / "broken.png").write_bytes(b"not a png")
+    code, out, err = _decompose(capsys, model, tmp_path / "d", "--train_path", train, "--calibration", "1")
+    assert code == 0, err
+    assert "calibration: 1 images" in out and "broken.png" in err
+    code, out, err = _decompose(capsys, model, tmp_path / "d2", "--train_path", train, "--calibration", "100")
+    assert code == 0, err
+    assert "calibration: 6 images" in out
+
+
+@pytest.mark.parametrize("value", ["-1", "100001"])
+def test_cli_bad_calibration_count_is_one_line(capsys, small_model, tmp_path, value):
+    model, train, _ = small_model
+    code, _, err = _decompose(capsys, model, tmp_path / "d", "--train_path", train, "--calibration", value)
+    assert code == 2 and "--calibration must be" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_cli_calibration_classes_must_match(capsys, small_model, tmp_path):
+    model, _, _ = small_model
+    train, _ = make_image_folder(tmp_path / "other", classes=("a", "b", "c"), n_train=2, n_test=1, size=32)
+    code, _, err = _decompose(capsys, model, tmp_path / "d", "--train_path", train)
+    assert code == 2 and "classes" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_plan_replayed_with_calibration_gets_data_aware_factors():
+    base = _trained_like(3)
+    images = [torch.rand(8, 3, 12, 12) for _ in range(3)]
+    plan = ranks.plan_decomposition(base, ranks.Policy(conv="tucker", rank_ratio=0.5), (3, 12, 12))
+    free, aware = copy.deepcopy(base), copy.deepcopy(base)
+    D.decompose_model(free, plan, input_size=(3, 12, 12))
+    D.decompose_model(aware, plan, input_size=(3, 12, 12), calibration=images)
+    assert D.model_plan(free) == D.model_plan(aware)
+    assert not torch.allclose(D.dense_weight(free.b), D.dense_weight(aware.b))
