@@ -133,14 +133,17 @@ class LayerStats:
     xx_hat: torch.Tensor
     cross: torch.Tensor
     space: str = "input"
+    centered: tuple[torch.Tensor, torch.Tensor] | None = None  # cache of moments(True)
 
     def moments(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(S^, C)``: covariances when ``centered`` (a layer with a bias refits it), else
         second moments (a layer without one must fit the means with its weights too)."""
         if not centered:
             return self.xx_hat, self.cross
-        return (self.xx_hat - torch.outer(self.mean_hat, self.mean_hat),
-                self.cross - torch.outer(self.mean, self.mean_hat))
+        if self.centered is None:
+            self.centered = (self.xx_hat - torch.outer(self.mean_hat, self.mean_hat),
+                             self.cross - torch.outer(self.mean, self.mean_hat))
+        return self.centered
 
     def shrinkage(self, centered: bool, target: torch.Tensor | None = None) -> float:
         """Ridge ``lam`` such that ``S^ + lam * target`` is the shrunk estimate of the moments.
@@ -172,16 +175,22 @@ class LayerStats:
 
 
 class _Accumulator:
-    """Batch-by-batch sums in float64: each batch's products are formed in the work dtype."""
+    """Batch-by-batch sums in float64 of products formed in float32, of the samples shifted by the
+    first batch's means: the products of shifted samples keep the precision of the covariances
+    (unshifted, float32 rounding of ``E[x x^T]`` can exceed a covariance that is tiny beside the
+    squared mean and make it indefinite); the raw moments are recovered in float64."""
 
     def __init__(self) -> None:
         self.n = 0
         self.images = 0
         self.sums: dict[str, torch.Tensor] = {}
-
+        self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor, images: int) -> None:
         x, x_hat = x.float(), x_hat.float()
+        if self.shift is None:
+            self.shift = (x.mean(0), x_hat.mean(0))
+        x, x_hat = x - self.shift[0], x_hat - self.shift[1]
         terms = {"mean": x.sum(0), "mean_hat": x_hat.sum(0), "xx_hat": x_hat.T @ x_hat, "cross": x.T @ x_hat}
         for key, value in terms.items():
             value = value.double()
@@ -191,8 +200,14 @@ class _Accumulator:
 
     def result(self, space: str) -> LayerStats:
         n = max(self.n, 1)
-        return LayerStats(n=self.n, images=self.images, space=space,
-                          **{k: v / n for k, v in self.sums.items()})
+        m = {k: v / n for k, v in self.sums.items()}
+        s, s_hat = (v.double() for v in self.shift)
+        # E[(x - s)(x^ - s^)^T] = E[x x^^T] - s E[x^]^T - E[x] s^^T + s s^^T, with E[x] = E[x - s] + s.
+        mean, mean_hat = m["mean"] + s, m["mean_hat"] + s_hat
+        xx_hat = m["xx_hat"] + torch.outer(s_hat, mean_hat) + torch.outer(mean_hat, s_hat) - torch.outer(s_hat, s_hat)
+        cross = m["cross"] + torch.outer(s, mean_hat) + torch.outer(mean, s_hat) - torch.outer(s, s_hat)
+        return LayerStats(n=self.n, images=self.images, space=space, mean=mean, mean_hat=mean_hat,
+                          xx_hat=xx_hat, cross=cross)
 
 
 def _capture(model: nn.Module, name: str, inputs: torch.Tensor) -> torch.Tensor:

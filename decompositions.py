@@ -633,7 +633,7 @@ def svd_decompose_linear(linear: nn.Linear, rank: int, *, stats: LayerStats | No
 # The moments are shrunk towards the identity (OAS, calibration.LayerStats.shrinkage):
 # with no information in the data the result is the data-free factorization.
 FIT_JITTER = 1e-10  # relative ridge that keeps a shrunk covariance numerically positive definite
-CHOLESKY_TRIES = 6  # ridges 0, 1e-10, 1e-8, ..., 1e-4 of the mean eigenvalue
+CHOLESKY_TRIES = 7  # ridges 0, 1e-10, 1e-8, ..., 1e-0 of the trace
 
 
 def _fit_moments(layer: nn.Module, stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -676,7 +676,9 @@ def _cholesky(sym: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of a symmetric positive semi-definite matrix, adding a growing ridge until it
     factorizes (moments of few samples, summed in floating point, can be slightly indefinite)."""
     sym = 0.5 * (sym + sym.T)
-    scale = float(torch.trace(sym)) / sym.shape[0]
+    # Relative to the trace, which bounds every eigenvalue of a PSD matrix and so the rounding
+    # errors of one (inputs with almost no variance give moments of 1e-20 and noise of that size).
+    scale = float(torch.diagonal(sym).abs().sum())
     scale = scale if scale > 0 else 1.0
     eye = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
     jitter = 0.0

@@ -312,7 +312,7 @@ def small_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("calib")
     train, test = make_image_folder(root / "data", n_train=8, n_test=4, size=32)
     path = root / "model"
-    code = main.run(["--train", "--arch", "resnet18", "--weights", "none", "--image_size", "32", "--epochs", "1",
+    code = main.run(["--train", "--arch", "mobilenet_v3_small", "--weights", "none", "--image_size", "32", "--epochs", "1",
                      "--batch_size", "8", "--workers", "0", "--quiet", "--train_path", str(train), "--test_path",
                      str(test), "--model", str(path)])
     assert code == 0
@@ -320,7 +320,7 @@ def small_model(tmp_path_factory):
 
 
 def _decompose(capsys, model, out, *extra):
-    code = main.run(["--decompose", "--model", str(model), "--decomposed_model", str(out), "--target_macs", "2",
+    code = main.run(["--decompose", "--model", str(model), "--decomposed_model", str(out), "--rank_ratio", "0.5",
                      "--workers", "0", "--quiet", "--batch_size", "8", *map(str, extra)])
     return code, *capsys.readouterr()
 
