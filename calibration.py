@@ -49,6 +49,11 @@ DEFAULT_IMAGES = 256
 #: 8192^2 are 1 GiB).  A Linear layer with more inputs (VGG's fc6, 25088) is fitted in its
 #: output space instead, from T x T moments (see :func:`layer_stats`).
 MAX_STAT_DIM = 8192
+#: A layer is fitted to data only with at least this many calibration samples (output positions)
+#: per input dimension: below it the moments say little (the shrinkage would give back nearly the
+#: data-free factors) and a D x D fit costs the most (VGG16's 4096-wide FC layers see one sample per
+#: image), so the layer keeps its data-free factors and the report says why.
+MIN_SAMPLES_PER_DIM = 0.25
 #: Shrinkage intensity is capped below 1 so that the shrunk moments stay a finite ridge.
 MAX_SHRINKAGE = 0.999
 
@@ -230,6 +235,19 @@ def _capture(model: nn.Module, name: str, inputs: torch.Tensor) -> torch.Tensor:
     return captured[0]
 
 
+def too_few_samples(layer: nn.Module, in_shape: Sequence[int], images: int) -> str | None:
+    """Why ``images`` calibration images are too few to fit ``layer`` (input shape ``in_shape`` of one
+    image, batch first), or None.  Counted as the moments would be: output positions x images against
+    the patch dimension (the output dimension for a layer fitted in its output space)."""
+    with torch.device("meta"):
+        per_image = patches(layer, torch.empty(*in_shape)).shape[0] // max(1, in_shape[0])
+    dim = layer.weight.shape[0] if output_space(layer) else layer.weight[0].numel()
+    samples = per_image * images
+    if samples < MIN_SAMPLES_PER_DIM * dim:
+        return f"data-free: {samples} calibration samples for {dim}-dimensional moments"
+    return None
+
+
 def output_space(layer: nn.Module) -> bool:
     """Whether :func:`layer_stats` works in ``layer``'s output space (a Linear layer wider than
     :data:`MAX_STAT_DIM`), not its input space."""
@@ -261,7 +279,8 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
             iterator = tqdm(batches, desc=f"calibrate {name}", unit="batch", leave=False)
         for inputs in iterator:
             x = patches(layer, _capture(original, name, inputs))
-            x_hat = patches(layer, _capture(current, name, inputs))
+            # The same network twice (the moments of the original alone, as a plan needs): one pass.
+            x_hat = x if current is original else patches(layer, _capture(current, name, inputs))
             if out_space:
                 x, x_hat = x.float() @ weight.T, x_hat.float() @ weight.T
             acc.add(x, x_hat, images=len(inputs))

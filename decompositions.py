@@ -371,7 +371,7 @@ def tucker_decompose_conv(conv: nn.Conv2d, ranks: Sequence[int], *,
         if stats is None:
             core, u_out, u_in = tucker2(weight, module.ranks, n_iter=n_iter)
         else:
-            cov, cross_y = _fit_moments(conv, stats)
+            cov, cross_y = fit_moments(conv, stats)
             core, u_out, u_in = tucker2_data_aware(weight.double(), module.ranks, cov, cross_y, n_iter=n_iter)
         first, middle, last = module
         first.weight.copy_(u_in.T[:, :, None, None])   # (R_in, S, 1, 1)
@@ -540,7 +540,7 @@ def cp_decompose_conv(conv: nn.Conv2d, rank: int, *, max_iter: int = CP_MAX_ITER
         weight = conv.weight.detach().to(_work_dtype(conv.weight))
         (a, b, c, d), _ = cp_als(weight, module.rank, max_iter=max_iter, tol=tol, init=init, seed=seed)
         if stats is not None:
-            cov, cross_y = _fit_moments(conv, stats)
+            cov, cross_y = fit_moments(conv, stats)
             a = cp_refit_output(b.double(), c.double(), d.double(), cov, cross_y).to(a.dtype)
             if not torch.isfinite(a).all():
                 raise CPDiverged("non-finite output factor in the data-aware refit")
@@ -636,7 +636,7 @@ FIT_JITTER = 1e-10  # relative ridge that keeps a shrunk covariance numerically 
 CHOLESKY_TRIES = 7  # ridges 0, 1e-10, 1e-8, ..., 1e-0 of the trace
 
 
-def _fit_moments(layer: nn.Module, stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_moments(layer: nn.Module, stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S^ + lam P, W (C + lam P))`` in float64: the shrunk input moments of ``layer`` and the
     cross-moment of its (bias-free) response with them.  Centered when the layer has a bias
     (the bias is refitted to the means), uncentered when not.  ``P`` is the identity for
@@ -672,7 +672,7 @@ def _top_eigvecs(sym: torch.Tensor, rank: int) -> torch.Tensor:
     return vecs[:, -rank:].flip(-1)
 
 
-def _cholesky(sym: torch.Tensor) -> torch.Tensor:
+def cholesky_psd(sym: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of a symmetric positive semi-definite matrix, adding a growing ridge until it
     factorizes (moments of few samples, summed in floating point, can be slightly indefinite)."""
     sym = 0.5 * (sym + sym.T)
@@ -693,7 +693,7 @@ def _cholesky(sym: torch.Tensor) -> torch.Tensor:
 
 def _solve_spd(rhs: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """``rhs @ cov^-1`` for a symmetric positive definite ``cov`` (float64)."""
-    chol = _cholesky(cov)
+    chol = cholesky_psd(cov)
     with lapack_threads():
         return torch.cholesky_solve(rhs.T, chol).T
 
@@ -717,9 +717,16 @@ def reduced_rank_fit(cross: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple
     ----------
     Izenman 1975 [8]_; Zhang et al. 2016 [7]_ (the same solution for a layer's response).
     """
-    fit = _solve_spd(cross, cov)                         # M (T, P)
-    u = _top_eigvecs(cross @ fit.T, rank)                # of M cov M^T (T, T)
-    return u, u.T @ fit
+    # With cov = L L^T: M cov M^T = B B^T for B = cross L^-T = M L, so U spans B's leading left
+    # singular vectors, found without a T x T eigendecomposition (randomized for a low rank:
+    # seconds instead of a minute for VGG's 4096-wide FC layers), and G = U^T M = (U^T B) L^-1.
+    chol = cholesky_psd(cov)
+    with lapack_threads():
+        b = torch.linalg.solve_triangular(chol, cross.T, upper=False).T            # (T, P)
+    u = _leading_subspace(b, rank) if rank < b.shape[0] else _top_eigvecs(b @ b.T, rank)
+    with lapack_threads():
+        g = torch.linalg.solve_triangular(chol.T, b.T @ u, upper=True).T           # (rank, P)
+    return u, g
 
 
 def tucker2_data_aware(weight: torch.Tensor, ranks: Sequence[int], cov: torch.Tensor, cross_y: torch.Tensor, *,
@@ -748,7 +755,7 @@ def tucker2_data_aware(weight: torch.Tensor, ranks: Sequence[int], cov: torch.Te
     K = kh * kw
     cov4 = cov.reshape(S, K, S, K)
     sigma_s = torch.einsum("akbk->ab", cov4) / K
-    chol = _cholesky(sigma_s)
+    chol = cholesky_psd(sigma_s)
     cross3 = cross_y.reshape(T, S, K)
     u_out = None
     for _ in range(n_iter + 1):
@@ -786,7 +793,7 @@ def svd_data_aware(layer: nn.Module, rank: int, stats: LayerStats):
     factor is ``G W``.  The bias (when the layer has one) matches the means.
     """
     weight = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
-    cov, cross_y = _fit_moments(layer, stats)
+    cov, cross_y = fit_moments(layer, stats)
     u, g = reduced_rank_fit(cross_y, cov, rank)
     bias = None
     if layer.bias is not None:
@@ -1039,8 +1046,10 @@ def decompose_model(
         Scale each output filter of a Tucker-2, CP or SVD layer back to the norm it
         has in the original (:func:`restore_filter_norms`); False keeps the plain
         best approximation.  The report's ``error`` is that of the weights used.
-        Default: on for data-free factors, off for data-aware ones (the data-aware fit
-        already corrects each channel, mean included).
+        Default: on for the layers with data-free factors, off for data-aware ones (the
+        data-aware fit already corrects each channel, mean included).  A layer stays
+        data-free, with the reason in its row, when the calibration set gives it fewer
+        samples than ``calibration.MIN_SAMPLES_PER_DIM`` per input dimension.
     calibration : iterable of batches, optional
         Input batches (tensors, or ``(inputs, labels)`` pairs as a DataLoader yields them),
         a few hundred images without augmentation.  Each Tucker-2, CP and SVD layer is then
@@ -1087,8 +1096,6 @@ def decompose_model(
         batches = calibration_data.collect(calibration, device=param.device, dtype=param.dtype)
         original = copy.deepcopy(model)  # the targets: every layer's response in the original network
     fit_data = batches is not None and data_aware
-    if rescale is None:
-        rescale = not fit_data
     if recalibrate_bn is None:
         recalibrate_bn = not fit_data
     try:
@@ -1111,19 +1118,22 @@ def decompose_model(
             in_shape, macs = shapes[name]
             stats, note = None, ""
             if fit_data and method != "diagonal":
-                stats, note = _stats_for(original, model, name, layer, batches)
+                stats, note = _stats_for(original, model, name, layer, batches, in_shape)
+            # Filter norms are restored on data-free factors only (a data-aware fit already matches
+            # each channel's response), unless the caller said otherwise.
+            rescale_layer = stats is None if rescale is None else rescale
             if method == "tucker":
                 new = tucker_decompose_conv(layer, entry["ranks"], stats=stats)
                 row, new = _finish(name, kind, layer, new, "tucker", tuple(entry["ranks"]), macs, in_shape,
-                                   note, rescale=rescale)
+                                   note, rescale=rescale_layer)
             elif method == "cp":
-                row, new = _decompose_cp(name, layer, entry["rank"], cp_max_iter, seed, macs, in_shape, rescale,
-                                         stats)
+                row, new = _decompose_cp(name, layer, entry["rank"], cp_max_iter, seed, macs, in_shape,
+                                         rescale_layer, stats)
             elif method == "svd":
                 new = (svd_decompose_conv1x1(layer, entry["rank"], stats=stats) if kind == "conv" else
                        svd_decompose_linear(layer, entry["rank"], stats=stats))
                 row, new = _finish(name, kind, layer, new, "svd", (entry["rank"],), macs, in_shape, note,
-                                   rescale=rescale)
+                                   rescale=rescale_layer)
             else:
                 new = diagonal_decompose_linear(layer, bandwidth=entry["bandwidth"])
                 row, new = _finish(name, kind, layer, new, "diagonal", (new.bandwidth,), macs, in_shape)
@@ -1142,8 +1152,11 @@ def decompose_model(
 
 
 def _stats_for(original: nn.Module, model: nn.Module, name: str, layer: nn.Module,
-               batches: list[torch.Tensor]) -> tuple[LayerStats | None, str]:
+               batches: list[torch.Tensor], in_shape) -> tuple[LayerStats | None, str]:
     """The calibration moments of one layer, or None with the reason it stays data-free."""
+    few = calibration_data.too_few_samples(layer, in_shape, sum(len(b) for b in batches))
+    if few:
+        return None, few
     dim = layer.weight[0].numel()
     if isinstance(layer, nn.Conv2d) and dim > calibration_data.MAX_STAT_DIM:
         return None, f"data-free: {dim}-dimensional patches exceed the calibration moments' limit " \

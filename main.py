@@ -69,6 +69,9 @@ INFERENCE_BACKENDS = ("eager", "channels_last", "torchscript", "onnx")
 MAX_SEED = 2**32 - 1
 # Calibration images for --decompose are held in memory together, hence a bound.
 DEFAULT_CALIBRATION_IMAGES = calibration.DEFAULT_IMAGES
+# With calibration data, VBMF and budgets read each layer's response spectra rather than its
+# weight spectra (ranks.plan_decomposition(calibration=...)); see benchmarks/RESULTS.md.
+DATA_AWARE_RANKS = True
 MAX_CALIBRATION_IMAGES = 100_000
 # Activation memory bound (check_activation_memory): VGG's and AlexNet's first conv width,
 # the tensors of that size a training step holds at once, and the share of RAM allowed.
@@ -527,25 +530,24 @@ def step_decompose(args, device) -> dict:
     start = time.perf_counter()
     # Plan first: a plan that does not fit or an impossible budget stops here, before any
     # evaluation or training.  (The diagonal FC annealing below changes weights, not layers.)
-    plan = _plan(args, model, method, input_size)
+    calibration, calibration_info = _calibration(args, image_size, info["classes"], device)
+    try:
+        plan = _plan(args, model, method, input_size,
+                     calibration=None if args.data_free or not DATA_AWARE_RANKS else calibration)
+    except ValueError as exc:
+        _calibration_failed(args, calibration, exc)
     acc_before = _evaluate_loader(model, test_loader, device, args) if test_loader else None
     diagonal, bandwidth = diagonal_structure.plan_layers(model, plan)
     if diagonal:
         summary_anneal = _move_fc_onto_diagonal(args, model, device, image_size, info["classes"], test_loader,
                                                 layers=diagonal, bandwidth=bandwidth)
-    calibration, calibration_info = _calibration(args, image_size, info["classes"], device)
     try:
         rows = decompositions.decompose_model(
             model, plan, input_size=input_size, seed=args.seed, show_progress=not args.quiet,
             rescale=False if args.no_rescale else None, calibration=calibration, data_aware=not args.data_free,
             recalibrate_bn=None if args.bn_correction == "auto" else args.bn_correction == "on")
     except ValueError as exc:
-        if calibration is None or isinstance(exc, UserError):
-            raise
-        # The calibration images reach a layer the model cannot take them through (BatchNorm on
-        # one value per channel, non-finite activations): one line naming them.
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        raise UserError(f"calibration on {args.train_path} failed: {first}") from None
+        _calibration_failed(args, calibration, exc)
     seconds = time.perf_counter() - start
     rows = [r.as_dict() for r in rows]
     if not any(not r["skipped"] for r in rows):
@@ -600,6 +602,15 @@ def step_decompose(args, device) -> dict:
     return summary
 
 
+def _calibration_failed(args: argparse.Namespace, calibration, exc: ValueError):
+    """Re-raise ``exc`` as one line when the calibration images are what a layer could not take
+    (BatchNorm on one value per channel, non-finite activations); as it is otherwise."""
+    if calibration is None or isinstance(exc, UserError):
+        raise exc
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    raise UserError(f"calibration on {args.train_path} failed: {first}") from None
+
+
 def _calibration(args: argparse.Namespace, image_size: int, classes: list[str], device) -> tuple[list | None, dict]:
     """The calibration batches for --decompose (None: data-free) and what the model file records of them."""
     import dataset
@@ -630,7 +641,8 @@ def _budget(args: argparse.Namespace) -> tuple[str, float] | None:
     return None
 
 
-def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_size) -> dict[str, dict]:
+def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_size, *,
+          calibration=None) -> dict[str, dict]:
     """The plan to apply: read from --plan, or chosen by the rank options."""
     import decompositions
     import ranks
@@ -652,7 +664,8 @@ def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_s
                               target_params=args.target_params, skip=skip, budget_rule=args.budget_rule)
     except ValueError as exc:  # a combination the parser cannot see (e.g. --vbmf_weaken with nothing to weaken)
         raise UserError(str(exc).replace("vbmf_weaken", "--vbmf_weaken")) from None
-    return ranks.plan_decomposition(model, policy, input_size)
+    return ranks.plan_decomposition(model, policy, input_size, calibration=calibration,
+                                    show_progress=not args.quiet)
 
 
 def _applied_plan(plan: dict[str, dict], rows: list[dict]) -> dict[str, dict]:

@@ -696,8 +696,59 @@ def _metric_name(metric: str) -> str:
 
 
 # ---------------------------------------------------------------------------- plan
+def _data_matrices(site: _Site, stats) -> list[torch.Tensor]:
+    """The matrices whose spectra give a site's output error on data (the original's own inputs).
+
+    With ``L L^T`` the (shrunk) moment of the layer's input patches, ``W L`` has the singular
+    values of the layer's response ``E[y y^T] = W L L^T W^T``: its tail beyond rank ``r`` is
+    exactly the output error of the best rank-``r`` map (the whitened SVD of SVD-LLM / BALF).
+    For Tucker-2 the second matrix is the input-channel unfolding in the metric of the input
+    channels' moment, ``L_S^T W_(1)``, the choice :func:`decompositions.tucker2_data_aware` makes.
+    """
+    layer = site.layer
+    weight = layer.weight.detach().double()
+    cov, _ = D.fit_moments(layer, stats)
+    chol = D.cholesky_psd(cov)
+    matrices = [weight.reshape(weight.shape[0], -1) @ chol]
+    if site.method != "svd":
+        out_c, in_c, kh, kw = weight.shape
+        k = kh * kw
+        sigma_s = torch.einsum("akbk->ab", cov.reshape(in_c, k, in_c, k)) / k
+        matrices.append(D.cholesky_psd(sigma_s).T @ _unfold(weight, 1))
+    return matrices
+
+
+def _data_spectra(model: nn.Module, sites: list[_Site], policy: Policy, calibration: Any, cache: dict, *,
+                  show_progress: bool) -> None:
+    """Fill ``cache`` with the data-aware EVBMF results of every site a rank rule will look at."""
+    import calibration as calibration_data
+
+    param = next(model.parameters())
+    batches = calibration_data.collect(calibration, device=param.device, dtype=param.dtype)
+    fixed_fc = policy.fc_rank is not None or policy.fc_rank_ratio is not None
+
+    def uses_spectra(site: _Site) -> bool:
+        if site.kind == "linear" and fixed_fc or site.kind == "conv" and policy.rank_ratio is not None:
+            return False
+        return policy.budget is not None or policy.vbmf_weaken != 0
+
+    images = sum(len(b) for b in batches)
+    todo = [s for s in sites if s.name not in cache and _site_reason(s, policy) is None
+            and s.method in ("tucker", "cp", "svd") and uses_spectra(s) and not calibration_data.output_space(s.layer)
+            and s.layer.weight[0].numel() <= calibration_data.MAX_STAT_DIM
+            and not calibration_data.too_few_samples(s.layer, s.in_shape, images)]
+    if show_progress:
+        from tqdm.auto import tqdm
+        todo = tqdm(todo, desc="calibrate ranks", unit="layer")
+    for site in todo:
+        stats = calibration_data.layer_stats(model, model, site.name, batches)
+        with lapack_threads():
+            cache[site.name] = [vbmf.evbmf(m) for m in _data_matrices(site, stats)]
+
+
 def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[int], *,
-                       spectra: dict | None = None) -> dict[str, dict]:
+                       spectra: dict | None = None, calibration: Any = None,
+                       show_progress: bool = False) -> dict[str, dict]:
     """Choose the ranks of every layer the policy decomposes; the model is not changed.
 
     Parameters
@@ -712,7 +763,18 @@ def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[in
     spectra : dict, optional
         A cache of the singular values (and EVBMF results) per layer, filled by this call:
         pass the same dict to later calls on the same, unchanged model to skip the SVDs
-        (a search over policies does).
+        (a search over policies does).  Data-free and data-aware spectra are different:
+        do not share one cache between calls with and without ``calibration``.
+    calibration : iterable of batches, optional
+        Input batches (tensors or ``(inputs, labels)`` pairs), as
+        :func:`decompositions.decompose_model` takes them.  The spectra (VBMF ranks and the
+        budget's error bounds) are then those of each layer's *response* on these images
+        (:func:`_data_matrices`): a budget spends its ranks where the data says the output
+        changes, not where the weights are large.  Linear layers wider than
+        ``calibration.MAX_STAT_DIM``, and layers with too few calibration samples
+        (``calibration.too_few_samples``), keep their weight spectra.
+    show_progress : bool
+        A tqdm bar over the calibration passes.
 
     Returns
     -------
@@ -730,6 +792,8 @@ def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[in
     plan: dict[str, dict] = {}
     cache = spectra if spectra is not None else {}
     fixed_fc = policy.fc_rank is not None or policy.fc_rank_ratio is not None
+    if calibration is not None:
+        _data_spectra(model, sites, policy, calibration, cache, show_progress=show_progress)
     for site in sites:
         reason = _site_reason(site, policy)
         if reason is not None:

@@ -384,3 +384,50 @@ def test_plan_replayed_with_calibration_gets_data_aware_factors():
     D.decompose_model(aware, plan, input_size=(3, 12, 12), calibration=images)
     assert D.model_plan(free) == D.model_plan(aware)
     assert not torch.allclose(D.dense_weight(free.b), D.dense_weight(aware.b))
+
+
+# ------------------------------------------------------------------ ranks from data (plans)
+class _Flat(nn.Module):
+    def __init__(self, features: int = 48, hidden: int = 40) -> None:
+        super().__init__()
+        self.fc = nn.Linear(features, hidden)
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x)))
+
+
+def test_data_spectra_are_the_response_spectra():
+    """The singular values of a site's data matrix are the square roots of the eigenvalues of the
+    layer's response moment E[y y^T] (shrinkage aside: many samples)."""
+    torch.manual_seed(0)
+    model = _Flat()
+    batches = [x * torch.logspace(0, -1, 48) for x in _inputs(48, flat=True, batches=100)]
+    stats = C.layer_stats(model, model, "fc", batches)
+    site = ranks._Site("fc", model.fc, "linear", "svd", None, 0, 0)
+    (matrix,) = ranks._data_matrices(site, stats)
+    x = torch.cat(batches).double()
+    y = x @ model.fc.weight.detach().double().T
+    y = y - y.mean(0)
+    response = torch.linalg.eigvalsh(y.T @ y / len(y)).flip(0)
+    sv2 = torch.linalg.svdvals(matrix).pow(2)
+    assert torch.allclose(sv2[:10], response[:10], rtol=0.05)
+
+
+def test_plan_with_calibration_reads_ranks_from_the_data():
+    """Inputs in a 4-dimensional subspace: VBMF on the response keeps about 4 components of a random
+    layer, whose weights alone are noise to VBMF (rank 0, kept); a budget from data reaches its ratio."""
+    torch.manual_seed(0)
+    model = _Flat()
+    batches = _inputs(48, subspace=4, flat=True, batches=40)
+    policy = ranks.Policy(conv="none", fc="svd")
+    free = ranks.plan_decomposition(model, policy, (48,))
+    aware = ranks.plan_decomposition(model, policy, (48,), calibration=batches)
+    assert free["fc"]["method"] == "none"
+    assert aware["fc"]["method"] == "svd" and 3 <= aware["fc"]["rank"] <= 6, aware
+    # a budget needs finer steps than one rank of a 48 -> 40 layer (4% of the model)
+    wide = _Flat(256, 200)
+    budget = ranks.Policy(conv="none", fc="svd", target_params=2.0)
+    plan = ranks.plan_decomposition(wide, budget, (256,), calibration=_inputs(256, subspace=4, flat=True, batches=40))
+    reached = ranks.plan_cost(wide, plan, (256,))["params_ratio"]
+    assert 2.0 * (1 - 1e-9) <= reached <= 2.0 * 1.03

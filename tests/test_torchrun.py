@@ -82,7 +82,7 @@ def test_every_step_in_one_launch(pipeline):
 
 
 def test_rank_0_alone_gives_the_single_process_results(pipeline, capsys, tmp_path):
-    root, _, test, proc = pipeline
+    root, train, test, proc = pipeline
     assert proc.returncode == 0, proc.stderr[-3000:]
     # --eval: rank 0 evaluated the whole test set itself.
     single(capsys, "--eval", "--model", root / "decomposed_model", "--test_path", test, *COMMON,
@@ -91,8 +91,9 @@ def test_rank_0_alone_gives_the_single_process_results(pipeline, capsys, tmp_pat
     assert (ours["test_images"], ours["accuracy"]) == (theirs["test_images"], theirs["accuracy"])
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
     # --decompose: rank 0 chose the same plan from the same model.
+    # (the same calibration images from --train_path: the ranks come from the layers' responses on them)
     single(capsys, "--decompose", "--model", root / "model", "--decomposed_model", tmp_path / "d", *COMMON,
-           *DECOMPOSE, "--save_plan", tmp_path / "plan.json")
+           *DECOMPOSE, "--train_path", train, "--save_plan", tmp_path / "plan.json")
     assert (json.loads((tmp_path / "plan.json").read_text())["layers"] ==
             json.loads((root / "plan.json").read_text())["layers"])
 
