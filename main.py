@@ -140,6 +140,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     dec = parser.add_argument_group("decomposition")
     dec.add_argument("--cp", action="store_true", help="CP instead of Tucker-2 for conv layers")
+    dec.add_argument("--method_per_layer", "--method-per-layer", action="store_true",
+                     help="with --target_macs/--target_params: Tucker-2, CP or keep for each conv, whichever "
+                          "removes the most error per unit of cost (CP's error measured by ALS at a few ranks)")
     dec.add_argument("--rank_ratio", "--rank-ratio", type=float, default=None,
                      help="fixed fraction of channels as ranks instead of VBMF")
     dec.add_argument("--vbmf_weaken", "--vbmf-weaken", type=float, default=1.0, metavar="K",
@@ -363,6 +366,10 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
     targets = [f"--{n}" for n in ("target_macs", "target_params") if getattr(args, n) is not None]
     if len(targets) > 1:
         raise UserError("give --target_macs or --target_params, not both")
+    if args.method_per_layer and not targets:
+        raise UserError("--method_per_layer chooses under a budget: give --target_macs or --target_params")
+    if args.method_per_layer and args.cp:
+        raise UserError("--method_per_layer chooses Tucker-2 or CP for each layer: drop --cp")
     conv_fixed = [f for f in fixed if f in ("--rank_ratio", "--vbmf_weaken")]
     if targets and conv_fixed:
         raise UserError(f"{targets[0]} chooses the conv ranks; drop {', '.join(conv_fixed)}")
@@ -374,7 +381,7 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
         # Flags that choose methods or ranks, given on the command line, would be ignored.
         explicit = getattr(args, "explicit", None)
         choosers = {"rank_ratio", "fc_rank", "fc_rank_ratio", "vbmf_weaken", "target_macs", "target_params",
-                    "budget_rule", "cp", "fc", "fc_bandwidth", "include_first_conv"}
+                    "budget_rule", "cp", "fc", "fc_bandwidth", "include_first_conv", "method_per_layer"}
         parser_defaults = get_args_parser().parse_args([])
         given = [n for n in sorted(choosers) if (n in explicit if explicit is not None
                                                  else getattr(args, n) != getattr(parser_defaults, n))]
@@ -526,7 +533,7 @@ def step_decompose(args, device) -> dict:
             raise _classes_differ("the test folder's", classes, info["classes"])
     input_size = (3, image_size, image_size)
     params_before, macs_before = report.count_params(model), report.count_macs(model, input_size)
-    method = "cp" if args.cp else "tucker"
+    method = "auto" if args.method_per_layer else "cp" if args.cp else "tucker"
     start = time.perf_counter()
     # Plan first: a plan that does not fit or an impossible budget stops here, before any
     # evaluation or training.  (The diagonal FC annealing below changes weights, not layers.)

@@ -151,8 +151,10 @@ class Policy:
 
     Parameters
     ----------
-    conv : {"tucker", "cp", "none"}
-        Conv decomposition ("none": convs stay as they are).
+    conv : {"tucker", "cp", "none", "auto"}
+        Conv decomposition ("none": convs stay as they are; "auto", with a budget: Tucker-2,
+        CP or keep for each layer, whichever removes the most error per unit of cost, see
+        :func:`_budget_plan`).
     fc : {"none", "svd", "diagonal"}
         Compression of the Linear layers; the last one (the classifier) stays dense
         unless ``keep_last_linear=False``.
@@ -194,8 +196,11 @@ class Policy:
     budget_rule: str = "sum"
 
     def __post_init__(self) -> None:
-        if self.conv not in D.CONV_METHODS:
-            raise ValueError(f"conv must be one of {D.CONV_METHODS}, got {self.conv!r}")
+        if self.conv not in (*D.CONV_METHODS, "auto"):
+            raise ValueError(f"conv must be one of {(*D.CONV_METHODS, 'auto')}, got {self.conv!r}")
+        if self.conv == "auto" and self.target_macs is None and self.target_params is None:
+            raise ValueError("conv='auto' (Tucker-2, CP or keep, per layer) chooses under a budget: give "
+                             "target_macs or target_params")
         if self.fc not in D.FC_METHODS:
             raise ValueError(f"fc must be one of {D.FC_METHODS}, got {self.fc!r}")
         for what, value in (("rank_ratio", self.rank_ratio), ("fc_rank_ratio", self.fc_rank_ratio)):
@@ -282,7 +287,7 @@ def _site_reason(site: _Site, policy: Policy) -> str | None:
         return "not used in the forward pass"
     if site.kind == "conv" and site.layer.groups != 1:
         return f"grouped convolution (groups={site.layer.groups})"
-    if site.method in ("tucker", "cp", "svd") and min(site.layer.weight.shape[:2]) < 2:
+    if site.method in ("tucker", "cp", "svd", "auto") and min(site.layer.weight.shape[:2]) < 2:
         return f"too small to factorize (weight {tuple(site.layer.weight.shape)})"
     return None
 
@@ -477,6 +482,7 @@ class _BudgetSite:
     costs: _CostModel
     tails: list[np.ndarray]
     metric: str
+    cp_errors2: np.ndarray | None = None  # measured CP errors by rank (conv="auto"), instead of the proxy
 
     def __post_init__(self) -> None:
         site = self.site
@@ -489,7 +495,12 @@ class _BudgetSite:
             # CP ranks up to where the CP layer is as large as the original (beyond, it never pays).
             full = D.cp_rank_limit(site.layer) if site.method == "cp" else min(D.matrix_shape(site.layer))
             ranks = (np.arange(1, full + 1),)
-            bound2 = self._cp_bound2(ranks[0]) if site.method == "cp" else self.tails[0][ranks[0]]
+            if site.method != "cp":
+                bound2 = self.tails[0][ranks[0]]
+            elif self.cp_errors2 is not None:
+                bound2 = self.cp_errors2[np.minimum(ranks[0], len(self.cp_errors2) - 1)]
+            else:
+                bound2 = self._cp_bound2(ranks[0])
         params = self.costs.params(ranks)
         value = (self.costs.macs(ranks) if self.metric == "macs" else params).astype(float)
         self.keep = site_cost(site, self.metric)
@@ -546,6 +557,99 @@ class _BudgetSite:
         return t_out[r_out] + t_in[r_in]
 
 
+    def method_of(self, ranks: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+        """The plan method and ranks of one of this site's options."""
+        return self.site.method, ranks
+
+
+#: CP-ALS runs at this many ranks per layer (geometrically spaced) to measure CP's error for
+#: conv="auto"; the errors in between are interpolated on a log scale of the rank.
+CP_PROBE_RANKS = 8
+#: ALS iterations of each probe: the error has settled to within a few percent by then.
+CP_PROBE_ITERS = 30
+
+
+def _cp_errors2(site: _Site, cache: dict) -> np.ndarray:
+    """Measured squared relative errors of CP at every rank 1 .. cp_rank_limit (index = rank).
+
+    CP has no error bound from singular values, so under conv="auto" CP-ALS runs at
+    :data:`CP_PROBE_RANKS` ranks; with calibration data the error is the output error on it
+    (the output factor refitted, ``||(W - W~) L|| / ||W L||`` with ``L L^T`` the input moment),
+    as the Tucker-2 bounds of the same plan are.  A probe whose ALS fails counts as no better
+    than the next lower rank.
+    """
+    layer = site.layer
+    weight = layer.weight.detach().double()
+    limit = D.cp_rank_limit(layer)
+    probes = np.unique(np.geomspace(1, max(1, limit - 1), CP_PROBE_RANKS).round().astype(int))
+    metric = cache.get((site.name, "metric"))
+    target = weight.reshape(weight.shape[0], -1)
+    target = target @ metric if metric is not None else target
+    norm2 = float(target.pow(2).sum())
+    errors = []
+    for rank in probes:
+        try:
+            (a, b, c, d), _ = D.cp_als(weight, int(rank), max_iter=CP_PROBE_ITERS)
+        except D.CPDiverged:
+            errors.append(np.nan)
+            continue
+        if metric is not None:
+            cov = metric @ metric.T
+            a = D.cp_refit_output(b, c, d, cov, weight.reshape(weight.shape[0], -1) @ cov)
+        approx = torch.einsum("tr,sr,hr,wr->tshw", a, b, c, d).reshape(weight.shape[0], -1)
+        approx = approx @ metric if metric is not None else approx
+        errors.append(float((target - approx).pow(2).sum()) / norm2 if norm2 > 0 else 0.0)
+    errors = np.asarray(errors)
+    ok = np.isfinite(errors)
+    ranks = np.arange(limit + 1)
+    if not ok.any():
+        return np.full(limit + 1, np.inf)
+    curve = np.interp(np.log(np.maximum(ranks, 1)), np.log(probes[ok]), errors[ok])
+    curve[0] = 1.0
+    return np.minimum.accumulate(curve)   # a higher rank is never worse than a lower one
+
+
+class _MixedBudgetSite(_BudgetSite):
+    """conv="auto": the Tucker-2 and the CP options of one layer on one Pareto front.
+
+    An option's ranks are ``(R_out, R_in)`` for Tucker-2 and ``(R, 0)`` for CP; the front keeps
+    whichever method is more exact at each cost, so the allocation picks Tucker-2, CP or keep
+    per layer by error per unit of cost.
+    """
+
+    def __init__(self, tucker: _BudgetSite, cp: _BudgetSite) -> None:
+        self.site, self.costs, self.tails, self.metric = tucker.site, tucker.costs, tucker.tails, tucker.metric
+        self.keep = tucker.keep
+        r_out = np.concatenate([tucker.ranks[0], cp.ranks[0]])
+        r_in = np.concatenate([tucker.ranks[1], np.zeros(len(cp.ranks[0]), dtype=int)])
+        bound2 = np.concatenate([tucker.bound2s, cp.bound2s])
+        value = np.concatenate([tucker.values, cp.values])
+        order = np.lexsort((bound2, value))
+        r_out, r_in, bound2, value = r_out[order], r_in[order], bound2[order], value[order]
+        front = np.ones(len(value), dtype=bool)
+        if len(value):
+            front[1:] = bound2[1:] < np.minimum.accumulate(bound2)[:-1]
+        self.ranks = (r_out[front], r_in[front])
+        self.bound2s, self.values = bound2[front], value[front]
+
+    def method_of(self, ranks: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+        return ("cp", (ranks[0],)) if ranks[1] == 0 else ("tucker", ranks)
+
+
+def _budget_site(site: _Site, cache: dict, metric: str) -> _BudgetSite:
+    """A movable layer's options under a budget."""
+    if site.method == "auto":
+        tucker, cp = (_Site(site.name, site.layer, site.kind, m, site.in_shape, site.macs, site.params)
+                      for m in ("tucker", "cp"))
+        tucker_site = _budget_site(tucker, cache, metric)
+        cp_site = _BudgetSite(cp, _cost_model(cp), tucker_site.tails, metric, cp_errors2=_cp_errors2(cp, cache))
+        return _MixedBudgetSite(tucker_site, cp_site)
+    full = [site.layer.weight.shape[0], site.layer.weight.shape[1]] if site.method in ("tucker", "cp") else \
+        [min(D.matrix_shape(site.layer))]
+    tails = [_tails(r, f) for r, f in zip(_spectra(site, cache), full)]
+    return _BudgetSite(site, _cost_model(site), tails, metric)
+
+
 def site_cost(site: _Site, metric: str) -> float:
     return float(site.macs if metric == "macs" else site.params)
 
@@ -593,10 +697,7 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
                 continue
             fixed += (macs if metric == "macs" else params) - site_cost(site, metric)
             continue
-        full = [site.layer.weight.shape[0], site.layer.weight.shape[1]] if site.method in ("tucker", "cp") else \
-            [min(D.matrix_shape(site.layer))]
-        tails = [_tails(r, f) for r, f in zip(_spectra(site, cache), full)]
-        movable.append(_BudgetSite(site, _cost_model(site), tails, metric))
+        movable.append(_budget_site(site, cache, metric))
         fixed -= site_cost(site, metric)
     allowed = total / target
     rule = policy.budget_rule
@@ -678,8 +779,9 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
             plan[m.site.name] = _none("budget: kept, no factorization pays at this budget")
             continue
         worst = max(worst, bound2)
-        entry = {"method": m.site.method}
-        entry.update({"ranks": list(ranks_)} if m.site.method == "tucker" else {"rank": ranks_[0]})
+        method, ranks_ = m.method_of(ranks_)
+        entry = {"method": method}
+        entry.update({"ranks": list(ranks_)} if method == "tucker" else {"rank": ranks_[0]})
         entry["why"] = f"budget {target:g}x {_metric_name(metric)} ({rule}): error bound {math.sqrt(bound2):.3f}"
         plan[m.site.name] = entry
     logger.info("budget %gx %s (%s): largest layer error bound %.3f, planned %.4gx", target, _metric_name(metric),
@@ -696,7 +798,7 @@ def _metric_name(metric: str) -> str:
 
 
 # ---------------------------------------------------------------------------- plan
-def _data_matrices(site: _Site, stats) -> list[torch.Tensor]:
+def _data_matrices(site: _Site, stats, metrics: dict | None = None) -> list[torch.Tensor]:
     """The matrices whose spectra give a site's output error on data (the original's own inputs).
 
     With ``L L^T`` the (shrunk) moment of the layer's input patches, ``W L`` has the singular
@@ -709,6 +811,8 @@ def _data_matrices(site: _Site, stats) -> list[torch.Tensor]:
     weight = layer.weight.detach().double()
     cov, _ = D.fit_moments(layer, stats)
     chol = D.cholesky_psd(cov)
+    if metrics is not None:
+        metrics[(site.name, "metric")] = chol
     matrices = [weight.reshape(weight.shape[0], -1) @ chol]
     if site.method != "svd":
         out_c, in_c, kh, kw = weight.shape
@@ -734,7 +838,7 @@ def _data_spectra(model: nn.Module, sites: list[_Site], policy: Policy, calibrat
 
     images = sum(len(b) for b in batches)
     todo = [s for s in sites if s.name not in cache and _site_reason(s, policy) is None
-            and s.method in ("tucker", "cp", "svd") and uses_spectra(s) and not calibration_data.output_space(s.layer)
+            and s.method in ("tucker", "cp", "svd", "auto") and uses_spectra(s) and not calibration_data.output_space(s.layer)
             and s.layer.weight[0].numel() <= calibration_data.MAX_STAT_DIM
             and not calibration_data.too_few_samples(s.layer, s.in_shape, images)]
     if show_progress:
@@ -743,7 +847,9 @@ def _data_spectra(model: nn.Module, sites: list[_Site], policy: Policy, calibrat
     for site in todo:
         stats = calibration_data.layer_stats(model, model, site.name, batches)
         with lapack_threads():
-            cache[site.name] = [vbmf.evbmf(m) for m in _data_matrices(site, stats)]
+            # conv="auto" measures CP's error in the same metric (_cp_errors2)
+            metrics = cache if site.method == "auto" else None
+            cache[site.name] = [vbmf.evbmf(m) for m in _data_matrices(site, stats, metrics)]
 
 
 def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[int], *,

@@ -431,3 +431,13 @@ def test_plan_with_calibration_reads_ranks_from_the_data():
     plan = ranks.plan_decomposition(wide, budget, (256,), calibration=_inputs(256, subspace=4, flat=True, batches=40))
     reached = ranks.plan_cost(wide, plan, (256,))["params_ratio"]
     assert 2.0 * (1 - 1e-9) <= reached <= 2.0 * 1.03
+
+
+@pytest.mark.parametrize("extra,needle", [([], "--method_per_layer chooses under a budget"),
+                                          (["--target_macs", "2", "--cp"], "drop --cp")])
+def test_cli_method_per_layer_needs_a_budget_and_no_cp(capsys, small_model, tmp_path, extra, needle):
+    model, train, _ = small_model
+    code = main.run(["--decompose", "--model", str(model), "--decomposed_model", str(tmp_path / "d"),
+                     "--method_per_layer", *extra, "--quiet"])
+    _, err = capsys.readouterr()
+    assert code == 2 and needle in err and "Traceback" not in err

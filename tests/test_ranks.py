@@ -336,3 +336,49 @@ def test_plan_files_that_are_not_files(tmp_path):
         fh.truncate(ranks.MAX_PLAN_BYTES + 1)
     with pytest.raises(UserError, match="a plan is far smaller"):
         ranks.read_plan(str(huge))
+
+
+# --------------------------------------------------------------- method per layer (conv="auto")
+class _TwoKinds(nn.Module):
+    """conv ``cp``: exactly CP rank 3; conv ``tucker``: exactly multilinear rank (3, 3) with a generic
+    core (CP rank far above 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.cp = nn.Conv2d(24, 24, 3, padding=1)
+        self.tucker = nn.Conv2d(24, 24, 3, padding=1)
+        self.head = nn.Linear(24, 2)
+        with torch.no_grad():
+            a, b, c, d = (torch.randn(n, 3, generator=gen) for n in (24, 24, 3, 3))
+            self.cp.weight.copy_(torch.einsum("tr,sr,hr,wr->tshw", a, b, c, d))
+            core = torch.randn(3, 3, 3, 3, generator=gen)
+            u, v = torch.linalg.qr(torch.randn(24, 3, generator=gen)).Q, torch.linalg.qr(torch.randn(24, 3, generator=gen)).Q
+            self.tucker.weight.copy_(torch.einsum("oihw,to,si->tshw", core, u, v) * 3)
+
+    def forward(self, x):
+        return self.head(self.tucker(self.cp(self.stem(x))).mean((2, 3)))
+
+
+def test_method_per_layer_picks_cp_or_tucker_where_each_is_exact_for_less():
+    model = _TwoKinds()
+    # 9.5x fewer parameters: just enough for CP at rank 3 on one and Tucker-2 at (3, 3) on the other
+    # (exact both); Tucker-2 at (3, 3) on both does not fit, nor CP on both without error.
+    policy = ranks.Policy(conv="auto", target_params=9.5, skip={"stem": "first conv"})
+    plan = ranks.plan_decomposition(model, policy, (3, 8, 8))
+    assert plan["cp"]["method"] == "cp" and plan["cp"]["rank"] >= 3, plan["cp"]
+    assert plan["tucker"]["method"] == "tucker" and min(plan["tucker"]["ranks"]) >= 3, plan["tucker"]
+    reached = ranks.plan_cost(model, plan, (3, 8, 8))["params_ratio"]
+    assert 9.5 * (1 - 1e-9) <= reached <= 9.5 * 1.03
+    # applying it: both layers (nearly) exact
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        D.decompose_model(model, plan, input_size=(3, 8, 8), rescale=False)
+        assert torch.allclose(model(x), before, rtol=1e-2, atol=1e-3)
+
+
+def test_method_per_layer_needs_a_budget():
+    with pytest.raises(ValueError, match="under a budget"):
+        ranks.Policy(conv="auto")
