@@ -3,7 +3,7 @@
 A calibration set is any iterable of input batches: tensors ``(B, C, H, W)``, or
 ``(inputs, labels)`` pairs as a DataLoader yields them (:func:`collect`).  From it:
 
-* :func:`layer_stats` streams, for one conv or Linear layer, the second moments that its
+* :func:`layer_stats` streams, for one conv or Linear layer, the moments that its
   output error depends on: the layer's inputs ``x`` in the *original* network and ``x^``
   in the network decomposed so far, unfolded into the patches the layer multiplies
   (``F.unfold``: ``(S*kh*kw)``-vectors for a conv, the features for a Linear layer).
@@ -54,6 +54,12 @@ MAX_STAT_DIM = 8192
 #: data-free factors) and a D x D fit costs the most (VGG16's 4096-wide FC layers see one sample per
 #: image), so the layer keeps its data-free factors and the report says why.
 MIN_SAMPLES_PER_DIM = 0.25
+#: At most this many samples per input dimension enter a layer's moments: an early conv sees
+#: thousands of positions per image (VGG16 at 64 px: a million patches of 576 values from 256
+#: images), far more than a 576 x 576 moment needs, and the products would dominate the time.
+#: Beyond it, each batch contributes a seeded random subset of its positions (the same ones for
+#: the original and the decomposed network).
+MAX_SAMPLES_PER_DIM = 64
 #: Shrinkage intensity is capped below 1 so that the shrunk moments stay a finite ridge.
 MAX_SHRINKAGE = 0.999
 
@@ -124,30 +130,32 @@ def patches(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 class LayerStats:
     """Streamed moments of one layer's inputs (see the module docstring).
 
-    ``xx_hat = E[x^ x^^T]`` and ``cross = E[x x^^T]`` are uncentered second moments over the
-    ``n`` samples (output positions), ``mean``/``mean_hat`` the means of ``x`` and ``x^``.
-  With ``space == "output"`` the
-    samples were the layer's outputs without bias, ``W x`` and ``W x^``, instead of its inputs
-    (Linear layers wider than :data:`MAX_STAT_DIM`).  ``images`` counts calibration images.
+    ``xx_hat = E[x^ x^^T]`` is the uncentered second moment of the inputs in the network decomposed
+    so far, over the ``n`` samples (output positions); ``cross_y = E[y x^^T]`` that of the original
+    layer's bias-free response ``y = W x`` (``x``: the input in the original network) with them,
+    ``W C`` in the module docstring's terms, kept as ``T x D`` rather than ``C``'s ``D x D``; ``mean_y``
+    and ``mean_hat`` the means of ``y`` and ``x^``.  With ``space == "output"`` the samples ``x^``
+    were ``W x^`` instead of the inputs (Linear layers wider than :data:`MAX_STAT_DIM`).
+    ``images`` counts calibration images.
     """
 
     n: int
     images: int
-    mean: torch.Tensor
+    mean_y: torch.Tensor
     mean_hat: torch.Tensor
     xx_hat: torch.Tensor
-    cross: torch.Tensor
+    cross_y: torch.Tensor
     space: str = "input"
     centered: tuple[torch.Tensor, torch.Tensor] | None = None  # cache of moments(True)
 
     def moments(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(S^, C)``: covariances when ``centered`` (a layer with a bias refits it), else
+        """``(S^, W C)``: covariances when ``centered`` (a layer with a bias refits it), else
         second moments (a layer without one must fit the means with its weights too)."""
         if not centered:
-            return self.xx_hat, self.cross
+            return self.xx_hat, self.cross_y
         if self.centered is None:
             self.centered = (self.xx_hat - torch.outer(self.mean_hat, self.mean_hat),
-                             self.cross - torch.outer(self.mean, self.mean_hat))
+                             self.cross_y - torch.outer(self.mean_y, self.mean_hat))
         return self.centered
 
     def shrinkage(self, centered: bool, target: torch.Tensor | None = None) -> float:
@@ -191,28 +199,28 @@ class _Accumulator:
         self.sums: dict[str, torch.Tensor] = {}
         self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def add(self, x: torch.Tensor, x_hat: torch.Tensor, images: int) -> None:
-        x, x_hat = x.float(), x_hat.float()
+    def add(self, y: torch.Tensor, x_hat: torch.Tensor, images: int) -> None:
+        y, x_hat = y.float(), x_hat.float()
         if self.shift is None:
-            self.shift = (x.mean(0), x_hat.mean(0))
-        x, x_hat = x - self.shift[0], x_hat - self.shift[1]
-        terms = {"mean": x.sum(0), "mean_hat": x_hat.sum(0), "xx_hat": x_hat.T @ x_hat, "cross": x.T @ x_hat}
+            self.shift = (y.mean(0), x_hat.mean(0))
+        y, x_hat = y - self.shift[0], x_hat - self.shift[1]
+        terms = {"mean_y": y.sum(0), "mean_hat": x_hat.sum(0), "xx_hat": x_hat.T @ x_hat, "cross_y": y.T @ x_hat}
         for key, value in terms.items():
             value = value.double()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.n += x.shape[0]
+        self.n += y.shape[0]
         self.images += images
 
     def result(self, space: str) -> LayerStats:
         n = max(self.n, 1)
         m = {k: v / n for k, v in self.sums.items()}
         s, s_hat = (v.double() for v in self.shift)
-        # E[(x - s)(x^ - s^)^T] = E[x x^^T] - s E[x^]^T - E[x] s^^T + s s^^T, with E[x] = E[x - s] + s.
-        mean, mean_hat = m["mean"] + s, m["mean_hat"] + s_hat
+        # E[(a - s)(b - s^)^T] = E[a b^T] - s E[b]^T - E[a] s^^T + s s^^T, with E[a] = E[a - s] + s.
+        mean_y, mean_hat = m["mean_y"] + s, m["mean_hat"] + s_hat
         xx_hat = m["xx_hat"] + torch.outer(s_hat, mean_hat) + torch.outer(mean_hat, s_hat) - torch.outer(s_hat, s_hat)
-        cross = m["cross"] + torch.outer(s, mean_hat) + torch.outer(mean, s_hat) - torch.outer(s, s_hat)
-        return LayerStats(n=self.n, images=self.images, space=space, mean=mean, mean_hat=mean_hat,
-                          xx_hat=xx_hat, cross=cross)
+        cross_y = m["cross_y"] + torch.outer(s, mean_hat) + torch.outer(mean_y, s_hat) - torch.outer(s, s_hat)
+        return LayerStats(n=self.n, images=self.images, space=space, mean_y=mean_y, mean_hat=mean_hat,
+                          xx_hat=xx_hat, cross_y=cross_y)
 
 
 def _capture(model: nn.Module, name: str, inputs: torch.Tensor) -> torch.Tensor:
@@ -267,8 +275,10 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
     """
     layer = original.get_submodule(name)
     out_space = output_space(layer)
-    weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).float() if out_space else None
+    weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
     acc = _Accumulator()
+    gen = torch.Generator().manual_seed(0)  # which positions a subsampled layer keeps: repeatable
+    budget = MAX_SAMPLES_PER_DIM * (layer.weight.shape[0] if out_space else layer.weight[0].numel())
     modes = [(m, m.training) for m in (original, current)]
     original.eval()
     current.eval()
@@ -281,14 +291,20 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
             x = patches(layer, _capture(original, name, inputs))
             # The same network twice (the moments of the original alone, as a plan needs): one pass.
             x_hat = x if current is original else patches(layer, _capture(current, name, inputs))
-            if out_space:
-                x, x_hat = x.float() @ weight.T, x_hat.float() @ weight.T
-            acc.add(x, x_hat, images=len(inputs))
+            keep = -(-budget // len(batches))  # this batch's share of the samples, rounded up
+            if len(x) > keep:
+                rows = torch.randperm(len(x), generator=gen)[:keep].to(x.device)
+                x, x_hat = x[rows], x_hat[rows]
+            # The response y = W x (T values) instead of x: E[y x^^T] is T x D, a fraction of E[x x^^T].
+            y = x.float() @ weight.T
+            if out_space:  # the samples are the responses, W x^
+                x_hat = y if x_hat is x else x_hat.float() @ weight.T
+            acc.add(y, x_hat, images=len(inputs))
     finally:
         for module, mode in modes:
             module.train(mode)
     stats = acc.result("output" if out_space else "input")
-    if not all(math.isfinite(float(v.abs().max())) for v in (stats.xx_hat, stats.cross)):
+    if not all(math.isfinite(float(v.abs().max())) for v in (stats.xx_hat, stats.cross_y)):
         raise ValueError(f"layer {name!r}: non-finite activations on the calibration set")
     return stats
 

@@ -637,32 +637,29 @@ CHOLESKY_TRIES = 7  # ridges 0, 1e-10, 1e-8, ..., 1e-0 of the trace
 
 
 def fit_moments(layer: nn.Module, stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S^ + lam P, W (C + lam P))`` in float64: the shrunk input moments of ``layer`` and the
+    """``(S^ + lam P, W C + lam W P)`` in float64: the shrunk input moments of ``layer`` and the
     cross-moment of its (bias-free) response with them.  Centered when the layer has a bias
     (the bias is refitted to the means), uncentered when not.  ``P`` is the identity for
-    input-space moments and ``W W^T`` for output-space ones, whose cross-moment already is
-    ``E[W x (W x^)^T]``.
+    input-space moments; for output-space ones the samples are ``z = W x^``, ``P = W W^T`` and
+    the response's own map is the identity.
     """
     centered = layer.bias is not None
-    cov, cross = stats.moments(centered)
+    cov, cross_y = stats.moments(centered)
     weight = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
     if stats.space == "output":
         prior = weight @ weight.T
         lam = stats.shrinkage(centered, prior)
-        cross_y = cross + lam * prior
-    else:
-        prior = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-        lam = stats.shrinkage(centered)
-        cross_y = weight @ (cross + lam * prior)
-    return cov + lam * prior, cross_y
+        return cov + lam * prior, cross_y + lam * prior
+    lam = stats.shrinkage(centered)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return cov + lam * eye, cross_y + lam * weight
 
 
 def _refit_bias(layer: nn.Module, stats: LayerStats, approx: torch.Tensor) -> torch.Tensor:
     """The bias that matches the means, ``b + W mu - W~ mu^`` (``approx``: W~, dense; input-space
     moments)."""
-    weight = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
     approx = approx.detach().double().reshape(approx.shape[0], -1)
-    return (layer.bias.detach().double() + weight @ stats.mean - approx @ stats.mean_hat).to(layer.bias.dtype)
+    return (layer.bias.detach().double() + stats.mean_y - approx @ stats.mean_hat).to(layer.bias.dtype)
 
 
 def _top_eigvecs(sym: torch.Tensor, rank: int) -> torch.Tensor:
@@ -798,8 +795,7 @@ def svd_data_aware(layer: nn.Module, rank: int, stats: LayerStats):
     bias = None
     if layer.bias is not None:
         # b + E[W x] - U G E[z], with z = x^ (input space) or W x^ (output space).
-        mean_out = stats.mean if stats.space == "output" else weight @ stats.mean
-        bias = (layer.bias.detach().double() + mean_out - u @ (g @ stats.mean_hat)).to(layer.bias.dtype)
+        bias = (layer.bias.detach().double() + stats.mean_y - u @ (g @ stats.mean_hat)).to(layer.bias.dtype)
     first = g @ weight if stats.space == "output" else g
     dtype = layer.weight.dtype
     return first.to(dtype), u.to(dtype), bias

@@ -69,9 +69,6 @@ INFERENCE_BACKENDS = ("eager", "channels_last", "torchscript", "onnx")
 MAX_SEED = 2**32 - 1
 # Calibration images for --decompose are held in memory together, hence a bound.
 DEFAULT_CALIBRATION_IMAGES = calibration.DEFAULT_IMAGES
-# With calibration data, VBMF and budgets read each layer's response spectra rather than its
-# weight spectra (ranks.plan_decomposition(calibration=...)); see benchmarks/RESULTS.md.
-DATA_AWARE_RANKS = True
 MAX_CALIBRATION_IMAGES = 100_000
 # Activation memory bound (check_activation_memory): VGG's and AlexNet's first conv width,
 # the tensors of that size a training step holds at once, and the share of RAM allowed.
@@ -177,6 +174,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     dec.add_argument("--data_free", "--data-free", action="store_true",
                      help="factors from the weights alone, as before data-aware decomposition; calibration images "
                           "(if any) then only correct the BatchNorm statistics")
+    dec.add_argument("--ranks_from", "--ranks-from", default="weights", choices=("weights", "data"),
+                     help="the spectra that VBMF and budgets read: the weights', or (with calibration images) "
+                          "each layer's response on them; weights by default, as measured (benchmarks/RESULTS.md)")
     dec.add_argument("--bn_correction", "--bn-correction", default="auto", choices=("auto", "on", "off"),
                      help="correct every BatchNorm's statistics by the shift the decomposition causes on the "
                           "calibration images (auto: on for data-free factors, off for data-aware ones, as measured)")
@@ -366,6 +366,9 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
     targets = [f"--{n}" for n in ("target_macs", "target_params") if getattr(args, n) is not None]
     if len(targets) > 1:
         raise UserError("give --target_macs or --target_params, not both")
+    if args.ranks_from == "data" and (args.data_free or args.calibration == 0 or not args.train_path):
+        raise UserError("--ranks_from data reads the layers' responses on calibration images: give --train_path "
+                        "and --calibration > 0, without --data_free")
     if args.method_per_layer and not targets:
         raise UserError("--method_per_layer chooses under a budget: give --target_macs or --target_params")
     if args.method_per_layer and args.cp:
@@ -381,7 +384,8 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
         # Flags that choose methods or ranks, given on the command line, would be ignored.
         explicit = getattr(args, "explicit", None)
         choosers = {"rank_ratio", "fc_rank", "fc_rank_ratio", "vbmf_weaken", "target_macs", "target_params",
-                    "budget_rule", "cp", "fc", "fc_bandwidth", "include_first_conv", "method_per_layer"}
+                    "budget_rule", "cp", "fc", "fc_bandwidth", "include_first_conv", "method_per_layer",
+                    "ranks_from"}
         parser_defaults = get_args_parser().parse_args([])
         given = [n for n in sorted(choosers) if (n in explicit if explicit is not None
                                                  else getattr(args, n) != getattr(parser_defaults, n))]
@@ -538,11 +542,11 @@ def step_decompose(args, device) -> dict:
     # Plan first: a plan that does not fit or an impossible budget stops here, before any
     # evaluation or training.  (The diagonal FC annealing below changes weights, not layers.)
     calibration, calibration_info = _calibration(args, image_size, info["classes"], device)
+    plan_calibration = calibration if args.ranks_from == "data" else None
     try:
-        plan = _plan(args, model, method, input_size,
-                     calibration=None if args.data_free or not DATA_AWARE_RANKS else calibration)
+        plan = _plan(args, model, method, input_size, calibration=plan_calibration)
     except ValueError as exc:
-        _calibration_failed(args, calibration, exc)
+        _calibration_failed(args, plan_calibration, exc)
     acc_before = _evaluate_loader(model, test_loader, device, args) if test_loader else None
     diagonal, bandwidth = diagonal_structure.plan_layers(model, plan)
     if diagonal:

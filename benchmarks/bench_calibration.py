@@ -43,16 +43,35 @@ INPUT = (3, 32, 32)
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder holding train/ and test/ (CIFAR-10 JPEGs)")
-    p.add_argument("--weights", required=True, help="resnet20-*.th or resnet56-*.th")
+    p.add_argument("--data", help="folder holding train/ and test/ (CIFAR-10 JPEGs)")
+    p.add_argument("--weights", help="resnet20-*.th or resnet56-*.th")
     p.add_argument("--arch", default="resnet56", choices=("resnet20", "resnet56"))
     p.add_argument("--methods", default="tucker,cp")
     p.add_argument("--targets", default="2,3", help="MACs reductions, comma-separated")
     p.add_argument("--calibration", default="256", help="calibration sizes, comma-separated")
     p.add_argument("--test_images", type=int, default=2000, help="seeded subset of the test folder (0: all)")
     p.add_argument("--seed", type=int, default=0, help="draws the test subset and the calibration images")
+    p.add_argument("--no_data_ranks", action="store_true", help="skip the plans from response spectra")
     p.add_argument("--json", help="append one JSON line per result")
+    p.add_argument("--summarize", metavar="JSONL", help="print a markdown table of a results file and exit "
+                   "(a repeated measurement: the last one)")
     return p
+
+
+def summarize(path: str) -> str:
+    """One row per (arch, method, target, calibration size, variant), the last line of each."""
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            rows[(r["arch"], r["method"], r["target"], r["calibration"], r["variant"])] = r
+    lines = ["| arch | method | MACs | calibration | variant | accuracy | vs original | seconds |",
+             "|---|---|--:|--:|---|--:|--:|--:|"]
+    for (arch, method, target, size, variant), r in rows.items():
+        seconds = f"{r['seconds']:.1f}" if "seconds" in r else "-"
+        lines.append(f"| {arch} | {method} | {target:g}x | {size} | {variant} | {r['acc']:.2f} | "
+                     f"{r['acc'] - r['original']:+.2f} | {seconds} |")
+    return "\n".join(lines)
 
 
 def loaders(args, size: int):
@@ -79,6 +98,8 @@ def accuracy(model, loader) -> float:
 
 
 def main(args) -> None:
+    if not args.data or not args.weights:
+        raise SystemExit("--data and --weights are needed (or --summarize FILE)")
     torch.manual_seed(args.seed)
     sizes = [int(s) for s in args.calibration.split(",")]
     test_loader, _ = loaders(args, 1)
@@ -119,7 +140,9 @@ def main(args) -> None:
                 calibration.reestimate_batchnorm(model, calib, reference=base)
                 emit(dict(method=method, target=target, variant="data-aware + BN correction", calibration=size,
                           acc=accuracy(model, test_loader)))
-                # ranks from the layers' response spectra on the same images (what --decompose does)
+                # ranks from the layers' response spectra on the same images (--ranks_from data)
+                if args.no_data_ranks:
+                    continue
                 model = copy.deepcopy(base)
                 start = time.perf_counter()
                 data_plan = ranks.plan_decomposition(base, policy, INPUT, calibration=calib)
@@ -130,4 +153,8 @@ def main(args) -> None:
                           macs_ratio=reached))
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    arguments = get_args_parser().parse_args()
+    if arguments.summarize:
+        print(summarize(arguments.summarize))
+    else:
+        main(arguments)

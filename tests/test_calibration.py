@@ -441,3 +441,15 @@ def test_cli_method_per_layer_needs_a_budget_and_no_cp(capsys, small_model, tmp_
                      "--method_per_layer", *extra, "--quiet"])
     _, err = capsys.readouterr()
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_cli_ranks_from_data(capsys, small_model, tmp_path):
+    model, train, _ = small_model
+    code = main.run(["--decompose", "--model", str(model), "--decomposed_model", str(tmp_path / "d"),
+                     "--target_params", "1.5", "--train_path", str(train), "--calibration", "6", "--ranks_from",
+                     "data", "--workers", "0", "--quiet", "--save_plan", str(tmp_path / "plan.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "budget: 1.5x fewer parameters requested" in out
+    code, _, err = _decompose(capsys, model, tmp_path / "d2", "--ranks_from", "data")
+    assert code == 2 and "--ranks_from data reads" in err and not (tmp_path / "d2").exists()

@@ -91,7 +91,7 @@ def test_rank_0_alone_gives_the_single_process_results(pipeline, capsys, tmp_pat
     assert (ours["test_images"], ours["accuracy"]) == (theirs["test_images"], theirs["accuracy"])
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
     # --decompose: rank 0 chose the same plan from the same model.
-    # (the same calibration images from --train_path: the ranks come from the layers' responses on them)
+    # (the same calibration images from --train_path: the plan notes the layers too small to fit to them)
     single(capsys, "--decompose", "--model", root / "model", "--decomposed_model", tmp_path / "d", *COMMON,
            *DECOMPOSE, "--train_path", train, "--save_plan", tmp_path / "plan.json")
     assert (json.loads((tmp_path / "plan.json").read_text())["layers"] ==
