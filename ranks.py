@@ -586,6 +586,9 @@ def _cp_errors2(site: _Site, cache: dict) -> np.ndarray:
     target = weight.reshape(weight.shape[0], -1)
     target = target @ metric if metric is not None else target
     norm2 = float(target.pow(2).sum())
+    if metric is not None:
+        cov = metric @ metric.T
+        cross = weight.reshape(weight.shape[0], -1) @ cov
     errors = []
     for rank in probes:
         try:
@@ -594,8 +597,7 @@ def _cp_errors2(site: _Site, cache: dict) -> np.ndarray:
             errors.append(np.nan)
             continue
         if metric is not None:
-            cov = metric @ metric.T
-            a = D.cp_refit_output(b, c, d, cov, weight.reshape(weight.shape[0], -1) @ cov)
+            a = D.cp_refit_output(b, c, d, cov, cross)
         approx = torch.einsum("tr,sr,hr,wr->tshw", a, b, c, d).reshape(weight.shape[0], -1)
         approx = approx @ metric if metric is not None else approx
         errors.append(float((target - approx).pow(2).sum()) / norm2 if norm2 > 0 else 0.0)

@@ -382,3 +382,15 @@ def test_method_per_layer_picks_cp_or_tucker_where_each_is_exact_for_less():
 def test_method_per_layer_needs_a_budget():
     with pytest.raises(ValueError, match="under a budget"):
         ranks.Policy(conv="auto")
+
+
+def test_method_per_layer_with_calibration_measures_cp_in_the_data_metric():
+    """With calibration images the CP probes are scored by output error on them (the output factor
+    refitted): the exactly-CP layer still goes to CP, the exactly-Tucker one to Tucker-2."""
+    model = _TwoKinds()
+    images = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    policy = ranks.Policy(conv="auto", target_params=9.5, skip={"stem": "first conv"})
+    cache: dict = {}
+    plan = ranks.plan_decomposition(model, policy, (3, 8, 8), calibration=images, spectra=cache)
+    assert ("cp", "metric") in cache and ("tucker", "metric") in cache
+    assert plan["cp"]["method"] == "cp" and plan["tucker"]["method"] == "tucker", plan
