@@ -173,10 +173,12 @@ class LayerStats:
         """
         cov, _ = self.moments(centered)
         if target is not None:
-            # In the metric of the target: OAS shrinks towards the identity there.
+            # In the metric of the target T = L L^T: OAS shrinks L^-1 S L^-T towards the identity,
+            # so that S + lam T is the shrunk estimate (lam scales as S / T).
             chol = torch.linalg.cholesky_ex(target + 1e-12 * torch.trace(target) / len(target)
                                             * torch.eye(len(target), dtype=target.dtype, device=target.device))[0]
-            cov = torch.cholesky_solve(torch.cholesky_solve(cov, chol).T, chol)  # T^-1 S T^-1
+            half = torch.linalg.solve_triangular(chol, cov, upper=False)          # L^-1 S
+            cov = torch.linalg.solve_triangular(chol, half.T, upper=False)        # L^-1 S L^-T
         dim = cov.shape[0]
         tr, tr2 = float(torch.trace(cov)), float(cov.pow(2).sum())
         if not tr > 0:
@@ -279,7 +281,7 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
     acc = _Accumulator()
     gen = torch.Generator().manual_seed(0)  # which positions a subsampled layer keeps: repeatable
     budget = MAX_SAMPLES_PER_DIM * (layer.weight.shape[0] if out_space else layer.weight[0].numel())
-    modes = [(m, m.training) for m in (original, current)]
+    modes = [(m, m.training) for net in (original, current) for m in net.modules()]
     original.eval()
     current.eval()
     try:

@@ -1124,7 +1124,7 @@ def decompose_model(
                                    note, rescale=rescale_layer)
             elif method == "cp":
                 row, new = _decompose_cp(name, layer, entry["rank"], cp_max_iter, seed, macs, in_shape,
-                                         rescale_layer, stats)
+                                         rescale_layer, stats, note)
             elif method == "svd":
                 new = (svd_decompose_conv1x1(layer, entry["rank"], stats=stats) if kind == "conv" else
                        svd_decompose_linear(layer, entry["rank"], stats=stats))
@@ -1182,7 +1182,7 @@ def _finish(name, kind, layer, new, method, ranks_tuple, macs_before, in_shape, 
     return row, new
 
 
-def _decompose_cp(name, layer, rank, cp_max_iter, seed, macs_before, in_shape, rescale, stats=None):
+def _decompose_cp(name, layer, rank, cp_max_iter, seed, macs_before, in_shape, rescale, stats=None, note=""):
     kind = "conv"
     # Check the size first: no point running ALS for a layer that would grow.
     cp_params = rank * (layer.in_channels + sum(layer.kernel_size) + layer.out_channels)
@@ -1194,16 +1194,18 @@ def _decompose_cp(name, layer, rank, cp_max_iter, seed, macs_before, in_shape, r
         init = "svd" if attempt == 0 else "random"
         try:
             new = cp_decompose_conv(layer, rank, max_iter=cp_max_iter, init=init, seed=seed + attempt, stats=stats)
-            note = f"CP retried after: {'; '.join(failures)}" if failures else ""
-            return _finish(name, kind, layer, new, "cp", (rank,), macs_before, in_shape, note, rescale)
+            retried = f"CP retried after: {'; '.join(failures)}" if failures else ""
+            return _finish(name, kind, layer, new, "cp", (rank,), macs_before, in_shape,
+                           "; ".join(x for x in (note, retried) if x), rescale)
         except CPDiverged as exc:
             failures.append(f"{init} start: {exc}")
             logger.warning("%s: CP-ALS failed (%s)", name, exc)
     ranks_t = cp_fallback_ranks(layer, rank)
-    note = f"CP failed ({'; '.join(failures)}); fell back to Tucker-2 at ranks {ranks_t}"
-    warnings.warn(f"{name}: {note}", RuntimeWarning, stacklevel=3)
+    fallback = f"CP failed ({'; '.join(failures)}); fell back to Tucker-2 at ranks {ranks_t}"
+    warnings.warn(f"{name}: {fallback}", RuntimeWarning, stacklevel=3)
     new = tucker_decompose_conv(layer, ranks_t, stats=stats)
-    return _finish(name, kind, layer, new, "tucker", ranks_t, macs_before, in_shape, note, rescale)
+    return _finish(name, kind, layer, new, "tucker", ranks_t, macs_before, in_shape,
+                   "; ".join(x for x in (note, fallback) if x), rescale)
 
 
 # ---------------------------------------------------------------- plans (check, save, load)

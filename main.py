@@ -369,6 +369,9 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
     if args.ranks_from == "data" and (args.data_free or args.calibration == 0 or not args.train_path):
         raise UserError("--ranks_from data reads the layers' responses on calibration images: give --train_path "
                         "and --calibration > 0, without --data_free")
+    if args.bn_correction == "on" and (args.calibration == 0 or not args.train_path):
+        raise UserError("--bn_correction on corrects BatchNorm statistics on calibration images: give --train_path "
+                        "and --calibration > 0")
     if args.method_per_layer and not targets:
         raise UserError("--method_per_layer chooses under a budget: give --target_macs or --target_params")
     if args.method_per_layer and args.cp:

@@ -453,3 +453,28 @@ def test_cli_ranks_from_data(capsys, small_model, tmp_path):
     assert "budget: 1.5x fewer parameters requested" in out
     code, _, err = _decompose(capsys, model, tmp_path / "d2", "--ranks_from", "data")
     assert code == 2 and "--ranks_from data reads" in err and not (tmp_path / "d2").exists()
+
+
+def test_output_space_shrinkage_does_not_depend_on_the_weight_scale(monkeypatch):
+    """S + lam W W^T: scaling W by c scales S and W W^T by c^2 alike, so lam must not move."""
+    monkeypatch.setattr(C, "MAX_STAT_DIM", 32)
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24)
+    batches = [x * torch.logspace(0, -1, 40) for x in _inputs(40, flat=True, batches=5)]
+    lams = []
+    for scale in (1.0, 30.0):
+        scaled = copy.deepcopy(lin)
+        with torch.no_grad():
+            scaled.weight.mul_(scale)
+        stats = _stats(scaled, batches)
+        weight = scaled.weight.detach().double()
+        lams.append(stats.shrinkage(True, weight @ weight.T))
+    assert lams[0] > 0 and lams[1] == pytest.approx(lams[0], rel=1e-4)
+
+
+def test_layer_stats_restores_every_module_mode():
+    model = _trained_like()
+    model.train()
+    model.bn.eval()  # a mixed state, as a user may leave it
+    C.layer_stats(model, model, "b", [torch.rand(4, 3, 12, 12)])
+    assert model.training and model.a.training and not model.bn.training
