@@ -10,9 +10,9 @@ A calibration set is any iterable of input batches: tensors ``(B, C, H, W)``, or
   The output error of a replacement ``W~`` is then, for any ``W~``,
   ``E||W x - W~ x^||^2 = tr(W Sxx W^T) - 2 tr(W C W~^T) + tr(W~ S^ W~^T)`` with
   ``S^ = E[x^ x^^T]`` and ``C = E[x x^^T]``, so :mod:`decompositions` can minimise it
-  without seeing an activation again.  Each statistic is one ``D x D`` matrix (the
-  covariance of a 512x3x3 input is 4608^2 floats) accumulated batch by batch in
-  float64, and each layer costs one pass of the calibration set through the two
+  without seeing an activation again.  ``S^`` is one ``D x D`` matrix (the covariance of a
+  512x3x3 input is 4608^2 floats) and ``W C`` one ``T x D`` matrix, accumulated batch by
+  batch in float64, and each layer costs one pass of the calibration set through the two
   networks, stopped at that layer.
 * :func:`reestimate_batchnorm` recomputes every BatchNorm's running statistics on the
   calibration set (Li et al. 2016, "Revisiting batch normalization for practical domain
@@ -29,6 +29,7 @@ References
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -136,11 +137,9 @@ class LayerStats:
     ``W C`` in the module docstring's terms, kept as ``T x D`` rather than ``C``'s ``D x D``; ``mean_y``
     and ``mean_hat`` the means of ``y`` and ``x^``.  With ``space == "output"`` the samples ``x^``
     were ``W x^`` instead of the inputs (Linear layers wider than :data:`MAX_STAT_DIM`).
-    ``images`` counts calibration images.
     """
 
     n: int
-    images: int
     mean_y: torch.Tensor
     mean_hat: torch.Tensor
     xx_hat: torch.Tensor
@@ -197,11 +196,10 @@ class _Accumulator:
 
     def __init__(self) -> None:
         self.n = 0
-        self.images = 0
         self.sums: dict[str, torch.Tensor] = {}
         self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def add(self, y: torch.Tensor, x_hat: torch.Tensor, images: int) -> None:
+    def add(self, y: torch.Tensor, x_hat: torch.Tensor) -> None:
         y, x_hat = y.float(), x_hat.float()
         if self.shift is None:
             self.shift = (y.mean(0), x_hat.mean(0))
@@ -211,7 +209,6 @@ class _Accumulator:
             value = value.double()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.n += y.shape[0]
-        self.images += images
 
     def result(self, space: str) -> LayerStats:
         n = max(self.n, 1)
@@ -221,7 +218,7 @@ class _Accumulator:
         mean_y, mean_hat = m["mean_y"] + s, m["mean_hat"] + s_hat
         xx_hat = m["xx_hat"] + torch.outer(s_hat, mean_hat) + torch.outer(mean_hat, s_hat) - torch.outer(s_hat, s_hat)
         cross_y = m["cross_y"] + torch.outer(s, mean_hat) + torch.outer(mean_y, s_hat) - torch.outer(s, s_hat)
-        return LayerStats(n=self.n, images=self.images, space=space, mean_y=mean_y, mean_hat=mean_hat,
+        return LayerStats(n=self.n, space=space, mean_y=mean_y, mean_hat=mean_hat,
                           xx_hat=xx_hat, cross_y=cross_y)
 
 
@@ -245,13 +242,18 @@ def _capture(model: nn.Module, name: str, inputs: torch.Tensor) -> torch.Tensor:
     return captured[0]
 
 
-def too_few_samples(layer: nn.Module, in_shape: Sequence[int], images: int) -> str | None:
-    """Why ``images`` calibration images are too few to fit ``layer`` (input shape ``in_shape`` of one
-    image, batch first), or None.  Counted as the moments would be: output positions x images against
-    the patch dimension (the output dimension for a layer fitted in its output space)."""
+def data_free_reason(layer: nn.Module, in_shape: Sequence[int], images: int) -> str | None:
+    """Why ``layer`` (input shape ``in_shape`` of one image, batch first) cannot be fitted to
+    ``images`` calibration images, or None: a conv whose patches exceed :data:`MAX_STAT_DIM`, or
+    fewer than :data:`MIN_SAMPLES_PER_DIM` samples per dimension, counted as the moments would be
+    (output positions x images against the patch dimension, the output dimension for a layer
+    fitted in its output space)."""
+    dim = layer.weight[0].numel()
+    if isinstance(layer, nn.Conv2d) and dim > MAX_STAT_DIM:
+        return f"data-free: {dim}-dimensional patches exceed the calibration moments' limit ({MAX_STAT_DIM})"
     with torch.device("meta"):
         per_image = patches(layer, torch.empty(*in_shape)).shape[0] // max(1, in_shape[0])
-    dim = layer.weight.shape[0] if output_space(layer) else layer.weight[0].numel()
+    dim = layer.weight.shape[0] if output_space(layer) else dim
     samples = per_image * images
     if samples < MIN_SAMPLES_PER_DIM * dim:
         return f"data-free: {samples} calibration samples for {dim}-dimensional moments"
@@ -265,8 +267,7 @@ def output_space(layer: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Sequence[torch.Tensor], *,
-                show_progress: bool = False) -> LayerStats:
+def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Sequence[torch.Tensor]) -> LayerStats:
     """Stream :class:`LayerStats` of layer ``name``: ``x`` from ``original``, ``x^`` from ``current``.
 
     Both models are run in eval mode on the same batches, each stopped at the layer (its
@@ -281,15 +282,10 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
     acc = _Accumulator()
     gen = torch.Generator().manual_seed(0)  # which positions a subsampled layer keeps: repeatable
     budget = MAX_SAMPLES_PER_DIM * (layer.weight.shape[0] if out_space else layer.weight[0].numel())
-    modes = [(m, m.training) for net in (original, current) for m in net.modules()]
-    original.eval()
-    current.eval()
-    try:
-        iterator = batches
-        if show_progress:
-            from tqdm.auto import tqdm
-            iterator = tqdm(batches, desc=f"calibrate {name}", unit="batch", leave=False)
-        for inputs in iterator:
+    with _modes_kept(original, current):
+        original.eval()
+        current.eval()
+        for inputs in batches:
             x = patches(layer, _capture(original, name, inputs))
             # The same network twice (the moments of the original alone, as a plan needs): one pass.
             x_hat = x if current is original else patches(layer, _capture(current, name, inputs))
@@ -301,14 +297,22 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
             y = x.float() @ weight.T
             if out_space:  # the samples are the responses, W x^
                 x_hat = y if x_hat is x else x_hat.float() @ weight.T
-            acc.add(y, x_hat, images=len(inputs))
-    finally:
-        for module, mode in modes:
-            module.train(mode)
+            acc.add(y, x_hat)
     stats = acc.result("output" if out_space else "input")
     if not all(math.isfinite(float(v.abs().max())) for v in (stats.xx_hat, stats.cross_y)):
         raise ValueError(f"layer {name!r}: non-finite activations on the calibration set")
     return stats
+
+
+@contextlib.contextmanager
+def _modes_kept(*models: nn.Module):
+    """Every module of ``models`` back in its own training mode afterwards, whatever happens inside."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.train(mode)
 
 
 def _batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -321,27 +325,24 @@ def _calibration_stats(model: nn.Module, batches: Sequence[torch.Tensor]) -> dic
     """Every BatchNorm's running mean and variance re-estimated on ``batches``, as (mean, var);
     ``model`` is left exactly as it was."""
     norms = _batchnorms(model)
-    modes = {m: m.training for m in model.modules()}
     saved = {n: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for n, m in norms.items()}
-    try:
-        model.eval()
-        for m in norms.values():
-            m.reset_running_stats()
-            m.momentum = None  # a plain average over the batches
-            m.train()
-        for inputs in batches:
-            model(inputs)
-        return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in norms.items()}
-    finally:
-        for n, m in norms.items():
-            m.momentum = saved[n][0]
-            m.running_mean.copy_(saved[n][1])
-            m.running_var.copy_(saved[n][2])
-            m.num_batches_tracked.copy_(saved[n][3])
-        for m, mode in modes.items():
-            m.train(mode)
-
+    with _modes_kept(model):
+        try:
+            model.eval()
+            for m in norms.values():
+                m.reset_running_stats()
+                m.momentum = None  # a plain average over the batches
+                m.train()
+            for inputs in batches:
+                model(inputs)
+            return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in norms.items()}
+        finally:
+            for n, m in norms.items():
+                m.momentum = saved[n][0]
+                m.running_mean.copy_(saved[n][1])
+                m.running_var.copy_(saved[n][2])
+                m.num_batches_tracked.copy_(saved[n][3])
 
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor], *,

@@ -1045,7 +1045,7 @@ def decompose_model(
         Default: on for the layers with data-free factors, off for data-aware ones (the
         data-aware fit already corrects each channel, mean included).  A layer stays
         data-free, with the reason in its row, when the calibration set gives it fewer
-        samples than ``calibration.MIN_SAMPLES_PER_DIM`` per input dimension.
+        samples than ``calibration.MIN_SAMPLES_PER_DIM`` per input dimension (:func:`calibration.data_free_reason`).
     calibration : iterable of batches, optional
         Input batches (tensors, or ``(inputs, labels)`` pairs as a DataLoader yields them),
         a few hundred images without augmentation.  Each Tucker-2, CP and SVD layer is then
@@ -1150,13 +1150,9 @@ def decompose_model(
 def _stats_for(original: nn.Module, model: nn.Module, name: str, layer: nn.Module,
                batches: list[torch.Tensor], in_shape) -> tuple[LayerStats | None, str]:
     """The calibration moments of one layer, or None with the reason it stays data-free."""
-    few = calibration_data.too_few_samples(layer, in_shape, sum(len(b) for b in batches))
-    if few:
-        return None, few
-    dim = layer.weight[0].numel()
-    if isinstance(layer, nn.Conv2d) and dim > calibration_data.MAX_STAT_DIM:
-        return None, f"data-free: {dim}-dimensional patches exceed the calibration moments' limit " \
-                     f"({calibration_data.MAX_STAT_DIM})"
+    reason = calibration_data.data_free_reason(layer, in_shape, sum(len(b) for b in batches))
+    if reason:
+        return None, reason
     return calibration_data.layer_stats(original, model, name, batches), ""
 
 

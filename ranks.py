@@ -841,8 +841,7 @@ def _data_spectra(model: nn.Module, sites: list[_Site], policy: Policy, calibrat
     images = sum(len(b) for b in batches)
     todo = [s for s in sites if s.name not in cache and _site_reason(s, policy) is None
             and s.method in ("tucker", "cp", "svd", "auto") and uses_spectra(s) and not calibration_data.output_space(s.layer)
-            and s.layer.weight[0].numel() <= calibration_data.MAX_STAT_DIM
-            and not calibration_data.too_few_samples(s.layer, s.in_shape, images)]
+            and not calibration_data.data_free_reason(s.layer, s.in_shape, images)]
     if show_progress:
         from tqdm.auto import tqdm
         todo = tqdm(todo, desc="calibrate ranks", unit="layer")
@@ -880,7 +879,7 @@ def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[in
         (:func:`_data_matrices`): a budget spends its ranks where the data says the output
         changes, not where the weights are large.  Linear layers wider than
         ``calibration.MAX_STAT_DIM``, and layers with too few calibration samples
-        (``calibration.too_few_samples``), keep their weight spectra.
+        (``calibration.data_free_reason``), keep their weight spectra.
     show_progress : bool
         A tqdm bar over the calibration passes.
 
