@@ -380,7 +380,8 @@ def tucker_decompose_conv(conv: nn.Conv2d, ranks: Sequence[int], *,
         if conv.bias is not None:
             last.bias.copy_(conv.bias)
             if stats is not None:
-                last.bias.copy_(_refit_bias(conv, stats, dense_weight(module)))
+                approx = dense_weight(module).double().reshape(conv.out_channels, -1)
+                last.bias.copy_(_refit_bias(conv, stats, approx @ stats.mean_hat))
     return module
 
 
@@ -552,7 +553,8 @@ def cp_decompose_conv(conv: nn.Conv2d, rank: int, *, max_iter: int = CP_MAX_ITER
         if conv.bias is not None:
             last.bias.copy_(conv.bias)
             if stats is not None:
-                last.bias.copy_(_refit_bias(conv, stats, dense_weight(module)))
+                approx = dense_weight(module).double().reshape(conv.out_channels, -1)
+                last.bias.copy_(_refit_bias(conv, stats, approx @ stats.mean_hat))
     return module
 
 
@@ -655,11 +657,10 @@ def fit_moments(layer: nn.Module, stats: LayerStats) -> tuple[torch.Tensor, torc
     return cov + lam * eye, cross_y + lam * weight
 
 
-def _refit_bias(layer: nn.Module, stats: LayerStats, approx: torch.Tensor) -> torch.Tensor:
-    """The bias that matches the means, ``b + W mu - W~ mu^`` (``approx``: W~, dense; input-space
-    moments)."""
-    approx = approx.detach().double().reshape(approx.shape[0], -1)
-    return (layer.bias.detach().double() + stats.mean_y - approx @ stats.mean_hat).to(layer.bias.dtype)
+def _refit_bias(layer: nn.Module, stats: LayerStats, approx_mean: torch.Tensor) -> torch.Tensor:
+    """The bias that matches the means, ``b + E[W x] - W~ E[x^]``; ``approx_mean`` is ``W~ E[x^]``
+    (with output-space moments, ``x^`` stands for ``W x^`` and ``W~`` for the map applied to it)."""
+    return (layer.bias.detach().double() + stats.mean_y - approx_mean).to(layer.bias.dtype)
 
 
 def _top_eigvecs(sym: torch.Tensor, rank: int) -> torch.Tensor:
@@ -731,7 +732,7 @@ def tucker2_data_aware(weight: torch.Tensor, ranks: Sequence[int], cov: torch.Te
     """Tucker-2 of a conv weight ``(T, S, kh, kw)`` that minimises the output error on data.
 
     ``cov`` is the shrunk ``S^`` of the layer's patches ``(S*kh*kw)^2`` and ``cross_y`` the
-    cross-moment ``W C`` ``(T, S*kh*kw)`` (:func:`_fit_moments`).  Alternates two steps:
+    cross-moment ``W C`` ``(T, S*kh*kw)`` (:func:`fit_moments`).  Alternates two steps:
 
     1. the input factor ``U_in``: the input-channel subspace that keeps the most of the
        (output-projected) weight in the metric of the input channels' second moment
@@ -794,8 +795,7 @@ def svd_data_aware(layer: nn.Module, rank: int, stats: LayerStats):
     u, g = reduced_rank_fit(cross_y, cov, rank)
     bias = None
     if layer.bias is not None:
-        # b + E[W x] - U G E[z], with z = x^ (input space) or W x^ (output space).
-        bias = (layer.bias.detach().double() + stats.mean_y - u @ (g @ stats.mean_hat)).to(layer.bias.dtype)
+        bias = _refit_bias(layer, stats, u @ (g @ stats.mean_hat))  # z = x^, or W x^ in output space
     first = g @ weight if stats.space == "output" else g
     dtype = layer.weight.dtype
     return first.to(dtype), u.to(dtype), bias
