@@ -474,6 +474,20 @@ def _tails(result: vbmf.VBMFResult, full: int) -> np.ndarray:
     return tail
 
 
+def _pareto_front(ranks: tuple[np.ndarray, ...], bound2: np.ndarray, value: np.ndarray):
+    """The options no other one beats in both cost and error: ``(ranks, bound2, value)`` by cost.
+
+    By cost, then bound, each option is kept whose bound is below every cheaper one's.  A
+    Tucker-2 layer's T x S options shrink to a few hundred.
+    """
+    order = np.lexsort((bound2, value))
+    ranks, bound2, value = tuple(r[order] for r in ranks), bound2[order], value[order]
+    front = np.ones(len(value), dtype=bool)
+    if len(value):
+        front[1:] = bound2[1:] < np.minimum.accumulate(bound2)[:-1]
+    return tuple(r[front] for r in ranks), bound2[front], value[front]
+
+
 @dataclass
 class _BudgetSite:
     """One layer's options under a budget: every rank choice that shrinks it, with its cost and error bound."""
@@ -505,17 +519,8 @@ class _BudgetSite:
         value = (self.costs.macs(ranks) if self.metric == "macs" else params).astype(float)
         self.keep = site_cost(site, self.metric)
         useful = (params < site.params) & (value < self.keep)
-        ranks, bound2, value = tuple(r[useful] for r in ranks), bound2[useful], value[useful]
-        # Only the Pareto front matters (no other option is both cheaper and more exact):
-        # by cost, then bound, keep each option whose bound is below every cheaper one's.
-        # A Tucker-2 layer's T x S options shrink to a few hundred.
-        order = np.lexsort((bound2, value))
-        ranks, bound2, value = tuple(r[order] for r in ranks), bound2[order], value[order]
-        front = np.ones(len(value), dtype=bool)
-        if len(value):
-            front[1:] = bound2[1:] < np.minimum.accumulate(bound2)[:-1]
-        self.ranks = tuple(r[front] for r in ranks)
-        self.bound2s, self.values = bound2[front], value[front]
+        self.ranks, self.bound2s, self.values = _pareto_front(tuple(r[useful] for r in ranks), bound2[useful],
+                                                              value[useful])
 
     def choose(self, rule: str, level: float) -> tuple[tuple[int, ...] | None, float, float]:
         """(ranks or None to keep, cost, error bound^2) at a level of the rule.
@@ -582,13 +587,11 @@ def _cp_errors2(site: _Site, cache: dict) -> np.ndarray:
     weight = layer.weight.detach().double()
     limit = D.cp_rank_limit(layer)
     probes = np.unique(np.geomspace(1, max(1, limit - 1), CP_PROBE_RANKS).round().astype(int))
-    metric = cache.get((site.name, "metric"))
-    target = weight.reshape(weight.shape[0], -1)
-    target = target @ metric if metric is not None else target
+    metric, cov = cache.get((site.name, "metric"), (None, None))
+    matrix = weight.reshape(weight.shape[0], -1)
+    target = matrix @ metric if metric is not None else matrix
     norm2 = float(target.pow(2).sum())
-    if metric is not None:
-        cov = metric @ metric.T
-        cross = weight.reshape(weight.shape[0], -1) @ cov
+    cross = matrix @ cov if metric is not None else None
     errors = []
     for rank in probes:
         try:
@@ -598,7 +601,7 @@ def _cp_errors2(site: _Site, cache: dict) -> np.ndarray:
             continue
         if metric is not None:
             a = D.cp_refit_output(b, c, d, cov, cross)
-        approx = torch.einsum("tr,sr,hr,wr->tshw", a, b, c, d).reshape(weight.shape[0], -1)
+        approx = torch.einsum("tr,sr,hr,wr->tshw", a, b, c, d).reshape(matrix.shape)
         approx = approx @ metric if metric is not None else approx
         errors.append(float((target - approx).pow(2).sum()) / norm2 if norm2 > 0 else 0.0)
     errors = np.asarray(errors)
@@ -622,17 +625,10 @@ class _MixedBudgetSite(_BudgetSite):
     def __init__(self, tucker: _BudgetSite, cp: _BudgetSite) -> None:
         self.site, self.costs, self.tails, self.metric = tucker.site, tucker.costs, tucker.tails, tucker.metric
         self.keep = tucker.keep
-        r_out = np.concatenate([tucker.ranks[0], cp.ranks[0]])
-        r_in = np.concatenate([tucker.ranks[1], np.zeros(len(cp.ranks[0]), dtype=int)])
-        bound2 = np.concatenate([tucker.bound2s, cp.bound2s])
-        value = np.concatenate([tucker.values, cp.values])
-        order = np.lexsort((bound2, value))
-        r_out, r_in, bound2, value = r_out[order], r_in[order], bound2[order], value[order]
-        front = np.ones(len(value), dtype=bool)
-        if len(value):
-            front[1:] = bound2[1:] < np.minimum.accumulate(bound2)[:-1]
-        self.ranks = (r_out[front], r_in[front])
-        self.bound2s, self.values = bound2[front], value[front]
+        ranks = (np.concatenate([tucker.ranks[0], cp.ranks[0]]),
+                 np.concatenate([tucker.ranks[1], np.zeros(len(cp.ranks[0]), dtype=int)]))
+        self.ranks, self.bound2s, self.values = _pareto_front(ranks, np.concatenate([tucker.bound2s, cp.bound2s]),
+                                                              np.concatenate([tucker.values, cp.values]))
 
     def method_of(self, ranks: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
         return ("cp", (ranks[0],)) if ranks[1] == 0 else ("tucker", ranks)
@@ -814,7 +810,7 @@ def _data_matrices(site: _Site, stats, metrics: dict | None = None) -> list[torc
     cov, _ = D.fit_moments(layer, stats)
     chol = D.cholesky_psd(cov)
     if metrics is not None:
-        metrics[(site.name, "metric")] = chol
+        metrics[(site.name, "metric")] = chol, cov
     matrices = [weight.reshape(weight.shape[0], -1) @ chol]
     if site.method != "svd":
         out_c, in_c, kh, kw = weight.shape
