@@ -544,12 +544,16 @@ def step_decompose(args, device) -> dict:
     start = time.perf_counter()
     # Plan first: a plan that does not fit or an impossible budget stops here, before any
     # evaluation or training.  (The diagonal FC annealing below changes weights, not layers.)
-    calibration, calibration_info = _calibration(args, image_size, info["classes"], device)
-    plan_calibration = calibration if args.ranks_from == "data" else None
+    # The calibration images are read before the plan only when the plan needs them.
+    plan_needs_data = args.ranks_from == "data"
+    calibration, calibration_info = (_calibration(args, image_size, info["classes"], device) if plan_needs_data
+                                     else (None, None))
     try:
-        plan = _plan(args, model, method, input_size, calibration=plan_calibration)
+        plan = _plan(args, model, method, input_size, calibration=calibration)
     except ValueError as exc:
-        _calibration_failed(args, plan_calibration, exc)
+        _calibration_failed(args, calibration, exc)
+    if not plan_needs_data:
+        calibration, calibration_info = _calibration(args, image_size, info["classes"], device)
     acc_before = _evaluate_loader(model, test_loader, device, args) if test_loader else None
     diagonal, bandwidth = diagonal_structure.plan_layers(model, plan)
     if diagonal:
