@@ -41,7 +41,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["collect", "LayerStats", "layer_stats", "patches", "reestimate_batchnorm", "DEFAULT_IMAGES",
+__all__ = ["collect", "LayerInputs", "LayerStats", "layer_stats", "patches", "positions", "reestimate_batchnorm", "DEFAULT_IMAGES",
            "MAX_STAT_DIM"]
 
 #: Calibration images taken from --train_path by default (benchmarks/RESULTS.md, "Data-aware").
@@ -61,6 +61,9 @@ MIN_SAMPLES_PER_DIM = 0.25
 #: Beyond it, each batch contributes a seeded random subset of its positions (the same ones for
 #: the original and the decomposed network).
 MAX_SAMPLES_PER_DIM = 64
+#: Bytes of activations :class:`LayerInputs` keeps per network between layers (VGG16 at 64 px:
+#: 268 MB for the largest of 256 images' inputs); beyond it a chain is recomputed.
+CACHE_BYTES = 1 << 30
 #: Shrinkage intensity is capped below 1 so that the shrunk moments stay a finite ridge.
 MAX_SHRINKAGE = 0.999
 
@@ -106,25 +109,61 @@ def collect(calibration: Iterable, *, limit: int | None = None, device: torch.de
     return batches
 
 
-def patches(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The vectors ``layer`` multiplies by its weight matrix, one row per output position.
-
-    A conv: ``F.unfold`` of the input padded as the layer pads it, ``(B*L, S*kh*kw)`` with
-    column ``s*kh*kw + h*kw + w``, the column order of ``weight.reshape(T, -1)``.  A Linear
-    layer: its inputs with every leading dimension flattened, ``(N, M)``.
-    """
-    if isinstance(layer, nn.Linear):
-        return inputs.reshape(-1, inputs.shape[-1])
-    if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
-        raise TypeError(f"patches are defined for Linear layers and non-grouped Conv2d, got {layer}")
-    # The conv's own padding amounts (also for 'same' and non-zero padding modes), applied
-    # before unfolding so that every mode is padded exactly as the layer pads it.
+def _padded(layer: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
+    """``inputs`` padded by the conv's own amounts (also for 'same' and non-zero padding modes),
+    so that every mode is padded exactly as the layer pads it."""
     pad = layer._reversed_padding_repeated_twice
     if any(pad):
         mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
         inputs = F.pad(inputs, pad, mode=mode)
-    cols = F.unfold(inputs, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)  # (B, D, L)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return inputs
+
+
+def _check_patchable(layer: nn.Module) -> None:
+    if isinstance(layer, nn.Linear) or isinstance(layer, nn.Conv2d) and layer.groups == 1:
+        return
+    raise TypeError(f"patches are defined for Linear layers and non-grouped Conv2d, got {layer}")
+
+
+def positions(layer: nn.Module, inputs: torch.Tensor) -> int:
+    """How many rows :func:`patches` gives for ``inputs``: output positions times images for a
+    conv, the leading dimensions' product for a Linear layer."""
+    _check_patchable(layer)
+    if isinstance(layer, nn.Linear):
+        return inputs.numel() // max(1, inputs.shape[-1])
+    pad = layer._reversed_padding_repeated_twice  # (left, right, top, bottom)
+    size = (inputs.shape[-2] + pad[2] + pad[3], inputs.shape[-1] + pad[0] + pad[1])
+    out = [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(size, layer.kernel_size, layer.stride, layer.dilation)]
+    return inputs.shape[0] * max(0, out[0]) * max(0, out[1])
+
+
+def patches(layer: nn.Module, inputs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The vectors ``layer`` multiplies by its weight matrix, one row per output position.
+
+    A conv: ``F.unfold`` of the input padded as the layer pads it, ``(B*L, S*kh*kw)`` with
+    column ``s*kh*kw + h*kw + w``, the column order of ``weight.reshape(T, -1)``.  A Linear
+    layer: its inputs with every leading dimension flattened, ``(N, M)``.  ``rows``: only these
+    rows (indices into the ``B*L``), gathered without unfolding the rest -- a subsampled early
+    conv keeps a few percent of its positions, and unfolding them all cost more than the fit.
+    """
+    _check_patchable(layer)
+    if isinstance(layer, nn.Linear):
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        return flat if rows is None else flat[rows]
+    inputs = _padded(layer, inputs)
+    if rows is None:
+        cols = F.unfold(inputs, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)  # (B, D, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    out_w = (inputs.shape[-1] - dw * (kw - 1) - 1) // sw + 1
+    out_hw = ((inputs.shape[-2] - dh * (kh - 1) - 1) // sh + 1) * out_w
+    rows = rows.to(inputs.device)
+    image, place = rows // out_hw, rows % out_hw
+    iy = (place // out_w)[:, None] * sh + torch.arange(kh, device=inputs.device) * dh  # (R, kh)
+    ix = (place % out_w)[:, None] * sw + torch.arange(kw, device=inputs.device) * dw   # (R, kw)
+    # Advanced indices around a slice: the broadcast index dims come first, (R, kh, kw, S).
+    cols = inputs[image[:, None, None], :, iy[:, :, None], ix[:, None, :]]
+    return cols.permute(0, 3, 1, 2).reshape(len(rows), -1)
 
 
 @dataclass
@@ -242,6 +281,97 @@ def _capture(model: nn.Module, name: str, inputs: torch.Tensor) -> torch.Tensor:
     return captured[0]
 
 
+def _chain(module: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The children of an ``nn.Sequential`` whose forward is the plain chain of them (each called
+    on the previous one's output), in call order; None for any other module."""
+    if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
+        return None
+    children = list(module.named_children())
+    return children if len(children) == len(module) else None  # a module listed twice: not a plain chain
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+@dataclass
+class _Frontier:
+    index: int                    # the chain's child whose inputs these are
+    before: list[nn.Module]       # the children that computed them (reused only while unchanged)
+    inputs: list[torch.Tensor]    # one per calibration batch
+    nbytes: int
+
+
+class LayerInputs:
+    """The inputs of a network's layers on the calibration batches, cheaply for layers asked for
+    in forward order.
+
+    Running the network from the images to each layer makes a pass per layer, quadratic in the
+    depth: on VGG16 most of a data-aware decomposition's time.  Where the path to a layer goes
+    through an ``nn.Sequential`` (whose forward is the chain of its children), the inputs of the
+    child reached last are kept and the next layer's are computed from there; any other module
+    (a ResNet block) is run from its own inputs, stopped at the layer by a pre-hook -- its inputs
+    are known whenever its parent is such a chain, which calls each child on one tensor.  Only
+    the chains on the current layer's path keep inputs, at most ``max_bytes`` in all (beyond it a
+    chain is recomputed from its own inputs, as without this class), and a chain's inputs are
+    reused only while the children before them are the same modules: a layer replaced after its
+    inputs were taken, as a forward-order decomposition does, changes nothing before it.
+    Call it under ``torch.no_grad()`` with the network in eval mode (as :func:`layer_stats` does).
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], *, max_bytes: int = CACHE_BYTES) -> None:
+        self.model, self.batches, self.max_bytes = model, batches, max_bytes
+        self._frontiers: dict[str, _Frontier] = {}
+
+    def __call__(self, name: str) -> Iterable[torch.Tensor]:
+        """The inputs of ``model.<name>``, one tensor per calibration batch (a generator)."""
+        # Chains off this layer's path will not be asked again soon: free their inputs.
+        for key in [k for k in self._frontiers if k and not name.startswith(k + ".")]:
+            del self._frontiers[key]
+        return self._inputs(name)
+
+    def _inputs(self, path: str) -> Iterable[torch.Tensor]:
+        if not path:
+            yield from self.batches
+            return
+        children = _chain(self.model.get_submodule(_parent(path)))
+        if children is None:
+            # Run the nearest enclosing module whose inputs are known (the model itself, or a
+            # child of a chain) and stop it at the layer.
+            anchor = _parent(path)
+            while anchor and _chain(self.model.get_submodule(_parent(anchor))) is None:
+                anchor = _parent(anchor)
+            module, inner = self.model.get_submodule(anchor), path[len(anchor) + 1:] if anchor else path
+            for inputs in self._inputs(anchor):
+                yield _capture(module, inner, inputs)
+            return
+        yield from self._advance(_parent(path), children, path.rpartition(".")[2])
+
+    def _advance(self, chain: str, children: list[tuple[str, nn.Module]], child: str) -> Iterable[torch.Tensor]:
+        index = [n for n, _ in children].index(child)
+        modules = [m for _, m in children]
+        old = self._frontiers.get(chain)
+        usable = old is not None and old.index <= index and all(a is b for a, b in zip(old.before, modules))
+        start, source = (old.index, iter(old.inputs)) if usable else (0, self._inputs(chain))
+        budget = self.max_bytes - sum(f.nbytes for k, f in self._frontiers.items() if k != chain)
+        kept: list[torch.Tensor] | None = []
+        size = 0
+        for inputs in source:
+            for module in modules[start:index]:
+                inputs = module(inputs)
+            if kept is not None:
+                size += inputs.nbytes if isinstance(inputs, torch.Tensor) else budget + 1
+                if size <= budget:
+                    kept.append(inputs)
+                else:
+                    kept = None
+            yield inputs
+        if kept is not None:
+            self._frontiers[chain] = _Frontier(index, modules[:index], kept, size)
+        else:
+            self._frontiers.pop(chain, None)
+
+
 def data_free_reason(layer: nn.Module, in_shape: Sequence[int], images: int) -> str | None:
     """Why ``layer`` (input shape ``in_shape`` of one image, batch first) cannot be fitted to
     ``images`` calibration images, or None: a conv whose patches exceed :data:`MAX_STAT_DIM`, or
@@ -267,7 +397,8 @@ def output_space(layer: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Sequence[torch.Tensor]) -> LayerStats:
+def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Sequence[torch.Tensor], *,
+                inputs: tuple[LayerInputs, LayerInputs] | None = None) -> LayerStats:
     """Stream :class:`LayerStats` of layer ``name``: ``x`` from ``original``, ``x^`` from ``current``.
 
     Both models are run in eval mode on the same batches, each stopped at the layer (its
@@ -275,6 +406,8 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
     wider than :data:`MAX_STAT_DIM` the samples are the layer's outputs ``W x`` and ``W x^``
     (without bias) and the moments are ``T x T``: the fit then stays in the row space of
     ``W`` (Zhang et al. 2016 [1]_), which is also all that a few hundred samples can estimate.
+    ``inputs``: the :class:`LayerInputs` of ``original`` and ``current`` on ``batches``, kept
+    across calls for layers in forward order; without it, each network runs from the images.
     """
     layer = original.get_submodule(name)
     out_space = output_space(layer)
@@ -282,17 +415,21 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
     acc = _Accumulator()
     gen = torch.Generator().manual_seed(0)  # which positions a subsampled layer keeps: repeatable
     budget = MAX_SAMPLES_PER_DIM * (layer.weight.shape[0] if out_space else layer.weight[0].numel())
+    keep = -(-budget // len(batches))  # each batch's share of the samples, rounded up
+    same = current is original
+    if inputs is None:
+        inputs = (LayerInputs(original, batches),) * 2 if same else (LayerInputs(original, batches),
+                                                                     LayerInputs(current, batches))
     with _modes_kept(original, current):
         original.eval()
         current.eval()
-        for inputs in batches:
-            x = patches(layer, _capture(original, name, inputs))
-            # The same network twice (the moments of the original alone, as a plan needs): one pass.
-            x_hat = x if current is original else patches(layer, _capture(current, name, inputs))
-            keep = -(-budget // len(batches))  # this batch's share of the samples, rounded up
-            if len(x) > keep:
-                rows = torch.randperm(len(x), generator=gen)[:keep].to(x.device)
-                x, x_hat = x[rows], x_hat[rows]
+        # The same network twice (the moments of the original alone, as a plan needs): one pass.
+        pairs = ((x, x) for x in inputs[0](name)) if same else zip(inputs[0](name), inputs[1](name), strict=True)
+        for x_in, x_hat_in in pairs:
+            count = positions(layer, x_in)
+            rows = torch.randperm(count, generator=gen)[:keep] if count > keep else None
+            x = patches(layer, x_in, rows)
+            x_hat = x if x_hat_in is x_in else patches(layer, x_hat_in, rows)
             # The response y = W x (T values) instead of x: E[y x^^T] is T x D, a fraction of E[x x^^T].
             y = x.float() @ weight.T
             if out_space:  # the samples are the responses, W x^

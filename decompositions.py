@@ -1092,6 +1092,9 @@ def decompose_model(
         batches = calibration_data.collect(calibration, device=param.device, dtype=param.dtype)
         original = copy.deepcopy(model)  # the targets: every layer's response in the original network
     fit_data = batches is not None and data_aware
+    # Each network's layer inputs, kept between layers (forward order): one pass, not one per layer.
+    inputs = (calibration_data.LayerInputs(original, batches),
+              calibration_data.LayerInputs(model, batches)) if fit_data else None
     if recalibrate_bn is None:
         recalibrate_bn = not fit_data
     try:
@@ -1114,7 +1117,7 @@ def decompose_model(
             in_shape, macs = shapes[name]
             stats, note = None, ""
             if fit_data and method != "diagonal":
-                stats, note = _stats_for(original, model, name, layer, batches, in_shape)
+                stats, note = _stats_for(original, model, name, layer, batches, in_shape, inputs)
             # Filter norms are restored on data-free factors only (a data-aware fit already matches
             # each channel's response), unless the caller said otherwise.
             rescale_layer = stats is None if rescale is None else rescale
@@ -1148,12 +1151,12 @@ def decompose_model(
 
 
 def _stats_for(original: nn.Module, model: nn.Module, name: str, layer: nn.Module,
-               batches: list[torch.Tensor], in_shape) -> tuple[LayerStats | None, str]:
+               batches: list[torch.Tensor], in_shape, inputs) -> tuple[LayerStats | None, str]:
     """The calibration moments of one layer, or None with the reason it stays data-free."""
     reason = calibration_data.data_free_reason(layer, in_shape, sum(len(b) for b in batches))
     if reason:
         return None, reason
-    return calibration_data.layer_stats(original, model, name, batches), ""
+    return calibration_data.layer_stats(original, model, name, batches, inputs=inputs), ""
 
 
 def _skipped(name: str, kind: str, layer: nn.Module, macs: int, reason: str) -> LayerReport:

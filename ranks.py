@@ -841,8 +841,9 @@ def _data_spectra(model: nn.Module, sites: list[_Site], policy: Policy, calibrat
     if show_progress:
         from tqdm.auto import tqdm
         todo = tqdm(todo, desc="calibrate ranks", unit="layer")
+    inputs = calibration_data.LayerInputs(model, batches)  # kept between sites (in forward order)
     for site in todo:
-        stats = calibration_data.layer_stats(model, model, site.name, batches)
+        stats = calibration_data.layer_stats(model, model, site.name, batches, inputs=(inputs, inputs))
         with lapack_threads():
             # conv="auto" measures CP's error in the same metric (_cp_errors2)
             metrics = cache if site.method == "auto" else None

@@ -68,7 +68,76 @@ def test_patches_reproduce_the_conv(cfg):
         bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
         flat = cols @ conv.weight.reshape(conv.out_channels, -1).T + bias
     assert torch.allclose(flat, y.permute(0, 2, 3, 1).reshape(-1, conv.out_channels), atol=1e-5)
+    # a subset of rows, gathered without unfolding the rest, is those rows of the full unfold
+    assert C.positions(conv, x) == len(cols)
+    rows = torch.randperm(len(cols), generator=torch.Generator().manual_seed(1))[: len(cols) // 3]
+    assert torch.equal(C.patches(conv, x, rows), cols[rows])
 
+
+class _Doubled(nn.Sequential):
+    """A Sequential whose forward is not the chain of its children: LayerInputs must not chain it."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _nets() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), _Doubled(nn.Conv2d(6, 6, 3), nn.ReLU()),
+                          nn.Sequential(nn.Conv2d(6, 5, 1), nn.BatchNorm2d(5)), nn.Conv2d(5, 4, 3))
+    return {
+        "nested": nn.Sequential(block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)),
+        "resnet18": __import__("torchvision").models.resnet18(num_classes=3),
+    }
+
+
+@pytest.mark.parametrize("arch", ["nested", "resnet18"])
+@pytest.mark.parametrize("max_bytes", [C.CACHE_BYTES, 0])
+def test_layer_inputs_follow_a_forward_order_decomposition(arch, max_bytes):
+    """LayerInputs gives every layer the input a full forward pass gives it, also after the layers
+    before it were replaced (as decompose_model does, in forward order), and does not run the
+    network from the images for every layer when it may keep inputs."""
+    model = _nets()[arch].eval()
+    batches = [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    first = model.get_submodule(layers[0])
+    calls = []
+    first.register_forward_hook(lambda *_: calls.append(1))
+    cache = C.LayerInputs(model, batches, max_bytes=max_bytes)
+    with torch.no_grad():
+        for name in layers:
+            got = list(cache(name))
+            calls_before = len(calls)
+            want = [C._capture(model, name, x) for x in batches]
+            calls[calls_before:] = []  # the reference passes do not count
+            assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), name
+            # replace the layer by a different one, as a decomposition would
+            layer = model.get_submodule(name)
+            new = copy.deepcopy(layer)
+            new.weight.mul_(0.5)
+            D.replace_layer(model, name, new)
+    # The first layer's input is the images; without kept inputs it runs again for every later
+    # layer, with them once per chain entered from the images (nested: the block, then the head).
+    runs = len(calls) / len(batches)
+    if not max_bytes:
+        assert runs == len(layers) - 1
+    else:
+        assert runs == 2 if arch == "nested" else runs <= 6  # resnet18: once per stage and for fc
+
+
+
+def test_layer_inputs_recompute_after_an_earlier_layer_changes():
+    """Kept inputs are reused only while the modules that computed them are unchanged."""
+    model = _nets()["nested"].eval()
+    batches = [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cache = C.LayerInputs(model, batches)
+    with torch.no_grad():
+        before = list(cache("0.4"))
+        D.replace_layer(model, "0.0", nn.Conv2d(3, 6, 3, padding=1))  # out of forward order
+        got = list(cache("0.4"))
+        want = [C._capture(model, "0.4", x) for x in batches]
+    assert not torch.equal(before[0], want[0])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 @pytest.mark.parametrize("cfg", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_data_aware_tucker_at_full_rank_reproduces_the_conv(cfg):
