@@ -227,11 +227,31 @@ class LayerStats:
         return rho / (1 - rho) * tr / dim
 
 
+#: Block size of :func:`_add_gram`'s products.
+GRAM_BLOCK = 512
+
+
+def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += x^T x`` on the blocks on and above the diagonal only (the lower ones are left as
+    they are).  Written out because the symmetric product is the data-aware decomposition's
+    largest cost and BLAS has no symmetric rank-k update in torch: the upper blocks are about
+    half the work, and on this 2-core CPU blocks of 512 ran 1.6-1.9x faster than one ``x.T @ x``
+    (D = 2304 and 4608, 16k-65k samples)."""
+    dim = x.shape[1]
+    if dim <= GRAM_BLOCK:
+        acc.addmm_(x.T, x)
+        return
+    for i in range(0, dim, GRAM_BLOCK):
+        for j in range(i, dim, GRAM_BLOCK):
+            acc[i:i + GRAM_BLOCK, j:j + GRAM_BLOCK].addmm_(x[:, i:i + GRAM_BLOCK].T, x[:, j:j + GRAM_BLOCK])
+
+
 class _Accumulator:
-    """Batch-by-batch sums in float64 of products formed in float32, of the samples shifted by the
-    first batch's means: the products of shifted samples keep the precision of the covariances
-    (unshifted, float32 rounding of ``E[x x^T]`` can exceed a covariance that is tiny beside the
-    squared mean and make it indefinite); the raw moments are recovered in float64."""
+    """Sums of products of the samples shifted by the first batch's means, in float32, turned into
+    raw moments in float64 at the end: the products of shifted samples keep the precision of the
+    covariances (unshifted, float32 rounding of ``E[x x^T]`` can exceed a covariance that is tiny
+    beside the squared mean and make it indefinite).  ``x^ x^^T`` is summed in place on its upper
+    blocks only (:func:`_add_gram`)."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -242,20 +262,25 @@ class _Accumulator:
         y, x_hat = y.float(), x_hat.float()
         if self.shift is None:
             self.shift = (y.mean(0), x_hat.mean(0))
+            dim = x_hat.shape[1]
+            self.sums = {"mean_y": y.new_zeros(y.shape[1]), "mean_hat": y.new_zeros(dim),
+                         "xx_hat": y.new_zeros(dim, dim), "cross_y": y.new_zeros(y.shape[1], dim)}
         y, x_hat = y - self.shift[0], x_hat - self.shift[1]
-        terms = {"mean_y": y.sum(0), "mean_hat": x_hat.sum(0), "xx_hat": x_hat.T @ x_hat, "cross_y": y.T @ x_hat}
-        for key, value in terms.items():
-            value = value.double()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.sums["mean_y"] += y.sum(0)
+        self.sums["mean_hat"] += x_hat.sum(0)
+        _add_gram(self.sums["xx_hat"], x_hat)
+        self.sums["cross_y"].addmm_(y.T, x_hat)
         self.n += y.shape[0]
 
     def result(self, space: str) -> LayerStats:
         n = max(self.n, 1)
-        m = {k: v / n for k, v in self.sums.items()}
+        m = {k: v.double() / n for k, v in self.sums.items()}
+        m["xx_hat"] = m["xx_hat"].triu() + m["xx_hat"].triu(1).T  # the lower blocks were never summed
         s, s_hat = (v.double() for v in self.shift)
         # E[(a - s)(b - s^)^T] = E[a b^T] - s E[b]^T - E[a] s^^T + s s^^T, with E[a] = E[a - s] + s.
         mean_y, mean_hat = m["mean_y"] + s, m["mean_hat"] + s_hat
         xx_hat = m["xx_hat"] + torch.outer(s_hat, mean_hat) + torch.outer(mean_hat, s_hat) - torch.outer(s_hat, s_hat)
+        xx_hat = (xx_hat + xx_hat.T) / 2  # exactly symmetric (the sums above round differently across the diagonal)
         cross_y = m["cross_y"] + torch.outer(s, mean_hat) + torch.outer(mean_y, s_hat) - torch.outer(s, s_hat)
         return LayerStats(n=self.n, space=space, mean_y=mean_y, mean_hat=mean_hat,
                           xx_hat=xx_hat, cross_y=cross_y)

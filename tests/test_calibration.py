@@ -547,3 +547,21 @@ def test_layer_stats_restores_every_module_mode():
     model.bn.eval()  # a mixed state, as a user may leave it
     C.layer_stats(model, model, "b", [torch.rand(4, 3, 12, 12)])
     assert model.training and model.a.training and not model.bn.training
+
+
+def test_layer_stats_moments_match_float64_reference():
+    """The streamed moments (blocked symmetric products, shifted float32 sums) are the float64
+    moments of the patches, for a patch dimension above the block size and a large mean."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 8, 3, padding=1)  # D = 576 > GRAM_BLOCK
+    assert conv.weight[0].numel() > C.GRAM_BLOCK
+    batches = [torch.randn(2, 64, 6, 6) * 0.1 + 3.0 for _ in range(3)]
+    stats = _stats(conv, batches)
+    x = torch.cat([C.patches(conv, b) for b in batches]).double()
+    y = x @ conv.weight.detach().reshape(8, -1).double().T
+    assert torch.allclose(stats.xx_hat, x.T @ x / len(x), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(stats.cross_y, y.T @ x / len(x), rtol=1e-5, atol=1e-5)
+    cov = stats.xx_hat - torch.outer(stats.mean_hat, stats.mean_hat)
+    ref = torch.cov(x.T, correction=0)
+    assert torch.allclose(cov, ref, atol=1e-6 * float(ref.diagonal().max()) + 1e-7)
+    assert torch.equal(stats.xx_hat, stats.xx_hat.T)
