@@ -1,0 +1,178 @@
+"""Data-free against data-aware decomposition on the trained-VGG16 benchmark, straight after.
+
+The protocol of ``bench_budget.py`` (vgg16 whose 13 convs come trained from ``--weights``,
+Fashion-MNIST T-shirt/top vs Shirt at 64 px, trained ``--epochs`` at the tool's rates, the
+first conv kept, the hidden FC layers by SVD at 5% of their rank); then for each method
+(Tucker-2, CP) and each target -- the MACs ratio plain VBMF reaches for that method, and 5x
+and 8x by the budget (the tool's default sum rule) -- one plan, applied twice:
+
+* ``data-free``: factors from the weights, the filter-norm correction on (the tool's default
+  without calibration data);
+* ``data-aware``: ``decompose_model(calibration=...)`` on ``--calibration`` training images
+  (the tool's default with ``--train_path``; VGG16 has no BatchNorm to correct).
+
+Accuracy on the test folder straight after decomposition (no fine-tuning), the seconds each
+decomposition took.  One JSON per seed in ``--out_dir``; ``--summarize`` tabulates them.
+
+    python benchmarks/make_fashion_mnist.py /tmp/fmnist-shirt
+    python benchmarks/bench_calibration_vgg.py /tmp/fmnist-shirt --weights "$(python -c 'import main; print(main.demo_weights())')" --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+BENCH_DIR = Path(__file__).resolve().parent
+for _path in (BENCH_DIR.parent, BENCH_DIR):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import bench_real  # noqa: E402
+import calibration  # noqa: E402
+import dataset  # noqa: E402
+import decompositions  # noqa: E402
+import finetune  # noqa: E402
+import main as main_cli  # noqa: E402 - the tool's default learning rates
+import models  # noqa: E402
+import ranks  # noqa: E402
+import report  # noqa: E402
+import runtime  # noqa: E402
+
+logger = logging.getLogger("bench_calibration_vgg")
+
+ARCH = "vgg16"
+SIZE = 64
+DEFAULT_OUT = BENCH_DIR / "results" / "calibration" / "vgg16_fmnist"
+
+
+def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[str, Any]:
+    progress = not args.quiet
+    input_size = (3, SIZE, SIZE)
+    runtime.seed_everything(seed)
+    train_dir, test_dir = os.path.join(args.data, "train"), os.path.join(args.data, "test")
+    train_ds, test_ds, classes = dataset.build_datasets(train_dir, test_dir, image_size=SIZE)
+    train_loader, test_loader, _ = dataset.build_loaders(train_ds, test_ds, batch_size=args.batch_size,
+                                                         workers=args.workers, seed=seed)
+    model, pretrained = models.build_pretrained(ARCH, len(classes), weights=args.weights)
+    model.to(device)
+    start = time.perf_counter()
+    finetune.fit(model, train_loader, None, epochs=args.epochs, lr=main_cli.DEFAULT_LR["train"], device=device,
+                 lr_scale={n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained}, show_progress=progress,
+                 log=logger)
+    model.eval()
+    acc_original = finetune.evaluate(model, test_loader, device=device, show_progress=progress)["acc"]
+    result: dict[str, Any] = {"seed": seed, "acc_original": acc_original, "train_s": time.perf_counter() - start,
+                              "n_train": len(train_ds), "n_test": len(test_ds), "rows": []}
+    logger.info("seed %d: original %.2f%%", seed, 100 * acc_original)
+    # The calibration images as --decompose takes them: test-time transforms, a seeded subset.
+    loader, _ = dataset.build_calibration_loader(train_dir, image_size=SIZE, images=args.calibration,
+                                                 batch_size=args.batch_size, workers=args.workers, seed=seed)
+    batches = calibration.collect(loader, device=device)
+    first = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    macs0 = report.count_macs(model, input_size)
+    for method in args.methods:
+        base = {"conv": method, "fc": "svd", "fc_rank_ratio": args.fc_rank_ratio, "skip": {first: "first conv kept"}}
+        spectra: dict = {}
+        for target in args.targets:
+            policy = ranks.Policy(**base) if target == "vbmf" else ranks.Policy(target_macs=float(target), **base)
+            plan = ranks.plan_decomposition(model, policy, input_size, spectra=spectra)
+            for variant in ("data-free", "data-aware"):
+                net = copy.deepcopy(model)
+                start = time.perf_counter()
+                rows = decompositions.decompose_model(net, plan, input_size=input_size, seed=seed,
+                                                      calibration=batches if variant == "data-aware" else None)
+                seconds = time.perf_counter() - start
+                acc = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
+                row = {"method": method, "target": target, "variant": variant,
+                       "macs_ratio": macs0 / report.count_macs(net, input_size), "acc": acc, "seconds": seconds,
+                       "data_free_layers": [r.name for r in rows if "data-free" in (r.reason or "")]}
+                result["rows"].append(row)
+                logger.info("seed %d %s %s %s: %.2fx MACs, %.2f%% (original %.2f%%), %.1f s", seed, method, target,
+                            variant, row["macs_ratio"], 100 * acc, 100 * acc_original, seconds)
+                del net
+    return result
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {sd:.2f}"
+
+
+def summarize(runs: list[dict[str, Any]]) -> str:
+    """Per method, target and variant: accuracy straight after and its drop from each seed's original."""
+    originals = [100 * r["acc_original"] for r in runs]
+    lines = [f"seeds {', '.join(str(r['seed']) for r in runs)}; original (fine-tuned) {_mean_sd(originals)}%", "",
+             "| method | target | variant | MACs ratio | straight after | drop (paired) | seconds |",
+             "|---|---|---|--:|--:|--:|--:|"]
+    keys = list(dict.fromkeys((row["method"], row["target"], row["variant"]) for r in runs for row in r["rows"]))
+    for method, target, variant in keys:
+        pairs = [(r, row) for r in runs for row in r["rows"]
+                 if (row["method"], row["target"], row["variant"]) == (method, target, variant)]
+        ratios = [row["macs_ratio"] for _, row in pairs]
+        lines.append(f"| {method} | {target} | {variant} | {min(ratios):.2f}-{max(ratios):.2f}x | "
+                     f"{_mean_sd([100 * row['acc'] for _, row in pairs])} | "
+                     f"{_mean_sd([100 * (r['acc_original'] - row['acc']) for r, row in pairs])} | "
+                     f"{statistics.fmean(row['seconds'] for _, row in pairs):.1f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("data", nargs="?", default=str(bench_real.DEFAULT_DATA), help="folder with train/ and test/")
+    parser.add_argument("--weights", help="the trained conv stack (ONNX, Keras .h5 or state_dict)")
+    parser.add_argument("--seeds", type=bench_real._csv(int), default=[0, 1, 2])
+    parser.add_argument("--methods", type=bench_real._csv(str), default=["tucker", "cp"])
+    parser.add_argument("--targets", type=bench_real._csv(str), default=["vbmf", "5", "8"],
+                        help="'vbmf' (plain VBMF's ratio) or MACs ratios for the budget")
+    parser.add_argument("--calibration", type=int, default=calibration.DEFAULT_IMAGES)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--fc_rank_ratio", type=float, default=bench_real.DEFAULT_FC_RANK_RATIO)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out_dir", default=str(DEFAULT_OUT))
+    parser.add_argument("--summarize", action="store_true", help="only tabulate the seed files in --out_dir")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.summarize and not args.weights:
+        parser.error("--weights FILE is needed (the trained conv stack)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.summarize:
+        device = runtime.resolve_device(args.device)
+        os.makedirs(args.out_dir, exist_ok=True)
+        for seed in args.seeds:
+            result = run_seed(args, seed, device)
+            result["settings"] = dict(vars(args))
+            report.write_json(os.path.join(args.out_dir, f"seed{seed}.json"), result)
+    runs = []
+    for path in sorted(glob.glob(os.path.join(args.out_dir, "seed*.json"))):
+        with open(path) as fh:
+            runs.append(json.load(fh))
+    if runs:
+        table = summarize(sorted(runs, key=lambda r: r["seed"]))
+        with open(os.path.join(args.out_dir, "summary.md"), "w") as fh:
+            fh.write(table + "\n")
+        print(table)
+
+
+if __name__ == "__main__":
+    main()
