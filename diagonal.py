@@ -580,12 +580,15 @@ def anneal_to_masks(
     try:
         for name, layer in linears.items():
             layer.forward = scales[name]
-        # No non-finite restarts: the mask factor cannot be rewound with the weights.
-        history = finetune.fit(
-            model, train_loader, test_loader, epochs=epochs, lr=lr, device=device, weight_decay=weight_decay,
-            momentum=momentum, train_sampler=train_sampler, label_smoothing=label_smoothing, amp=amp,
-            show_progress=show_progress, log=log, max_restarts=0, group=group, schedule=lr_schedule,
-            step_hook=stepper, epoch_hook=after_epoch)
+        # No restarts and no divergence guard: the mask factor cannot be rewound with the weights,
+        # and the loss may rise legitimately as the structure is cut.  The last epoch is kept:
+        # only it has the factor at 0.
+        recipe = finetune.Recipe(epochs=epochs, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                 label_smoothing=label_smoothing, amp=amp, max_restarts=0, schedule=lr_schedule,
+                                 divergence=None, keep_best=False)
+        history = finetune.fit(model, train_loader, test_loader, recipe=recipe, device=device,
+                               train_sampler=train_sampler, show_progress=show_progress, log=log, group=group,
+                               step_hook=stepper, epoch_hook=after_epoch)
         raw_off = {name: scales[name].off_mass(1.0) for name in names}
         finished = True
     finally:

@@ -41,6 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -68,10 +69,21 @@ FINAL_LR_FACTOR = 0.0
 NONFINITE_LR_FACTOR = 0.1
 #: How many such restarts :func:`fit` makes before it gives up with NonFiniteLossError.
 MAX_NONFINITE_RESTARTS = 2
+#: :class:`LossGuard`: the loss has diverged once its running mean exceeds this many times
+#: where the run started (a run that fails this way still has finite weights to go back to).
+DIVERGENCE_FACTOR = 4.0
+#: The run's start: the mean loss of its first this many batches ...
+GUARD_REFERENCE_BATCHES = 5
+#: ... and never below this (a model already near zero loss has noisy batch losses far above
+#: its mean; with this floor, a diverged run has a loss above 1.0, worse than chance on two classes).
+GUARD_MIN_REFERENCE = 0.25
+#: Weight of each new batch in the running mean of the loss.
+GUARD_SMOOTHING = 0.1
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
-    """The training loss became NaN or infinite (usually a learning rate that is too high).
+    """The training loss became NaN or infinite, or diverged (:class:`LossGuard`; usually a
+    learning rate that is too high).
 
     It is a :class:`errors.UserError`, so the command line reports it as one line.
     """
@@ -105,6 +117,7 @@ def train_one_epoch(
     show_progress: bool = True,
     group=None,
     step_hook: Callable[[], None] | None = None,
+    guard: LossGuard | None = None,
 ) -> dict:
     """Train ``model`` for one pass over ``loader``.
 
@@ -139,6 +152,9 @@ def train_one_epoch(
     step_hook : callable, optional
         Called with no argument after every optimiser (and scheduler) step, e.g. to move
         a mask schedule in lockstep (``diagonal.anneal_to_masks``).
+    guard : LossGuard, optional
+        Fed every batch's loss; when it says the run diverged, no update is made from the
+        batch and :class:`NonFiniteLossError` is raised (on every rank together).
 
     Returns
     -------
@@ -150,7 +166,8 @@ def train_one_epoch(
     Raises
     ------
     NonFiniteLossError
-        If a batch's loss is NaN or infinite (on any rank); no update is made from it.
+        If a batch's loss is NaN or infinite, or ``guard`` says it diverged (on any rank);
+        no update is made from it.
     ValueError
         If the loader yields no batches, or ``amp_dtype`` is not a supported dtype.
     """
@@ -171,13 +188,13 @@ def train_one_epoch(
         batch_loss, batch_correct = torch.stack(
             [loss.detach().float(), (logits.argmax(dim=1) == targets).sum().float()]
         ).tolist()
+        diverged = guard.update(batch_loss) if guard is not None else None
         # Every rank must agree before any of them raises: a rank that stopped alone would
         # leave the others blocked in DDP's gradient all-reduce.
-        if not runtime.all_true(math.isfinite(batch_loss), device, group):
-            raise NonFiniteLossError(
-                f"training loss became non-finite ({batch_loss} on this rank) at epoch "
-                f"{epoch}, batch {step}; try a lower learning rate"
-            )
+        if not runtime.all_true(math.isfinite(batch_loss) and diverged is None, device, group):
+            what = (f"training loss became non-finite ({batch_loss} on this rank)" if not math.isfinite(batch_loss)
+                    else diverged or "training loss diverged on another rank")
+            raise NonFiniteLossError(f"{what} at epoch {epoch}, batch {step}; try a lower learning rate")
 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -368,7 +385,7 @@ def _amp_and_criterion(device: torch.device, *, amp: bool, label_smoothing: floa
 
 def _train_and_evaluate_epoch(model: nn.Module, train_loader, test_loader, optimizer, *, epoch: int,
                               train_sampler, scheduler, scaler, criterion, amp_dtype, device: torch.device,
-                              show_progress: bool, group, step_hook) -> dict:
+                              show_progress: bool, group, step_hook, guard: LossGuard | None = None) -> dict:
     """One training epoch (0-based ``epoch``) then evaluation: the epoch's history record."""
     if train_sampler is not None:
         train_sampler.set_epoch(epoch)
@@ -376,6 +393,7 @@ def _train_and_evaluate_epoch(model: nn.Module, train_loader, test_loader, optim
     train = train_one_epoch(
         model, train_loader, optimizer, device=device, epoch=epoch + 1, scaler=scaler, scheduler=scheduler,
         criterion=criterion, amp_dtype=amp_dtype, show_progress=show_progress, group=group, step_hook=step_hook,
+        guard=guard,
     )
     test = (evaluate(model, test_loader, device=device, amp_dtype=amp_dtype, show_progress=show_progress,
                      group=group) if test_loader is not None else None)
@@ -407,50 +425,219 @@ def _at_step(schedule: Callable[[int, int], float], step: int, *, total_steps: i
 CHECKPOINT_FORMAT = "lowrank-cnn-training-checkpoint"
 
 
-def training_checkpoint(model: nn.Module, optimizer, scheduler, scaler, train_loader, *, epoch: int,
-                        history: list[dict], restarts_left: int, rate_factor: float) -> dict:
-    """Everything the epochs after ``epoch`` depend on, as plain data (weights-only loadable).
+def training_checkpoint(run: _Run, train_loader) -> dict:
+    """Everything the epochs after ``run.epoch`` depend on, as plain data (weights-only loadable).
 
     The weights, the optimizer's momentum buffers, the schedule's position, the loss
     scaler, every random generator (:func:`runtime.rng_state`) and the training loader's
-    own generator (it draws each epoch's shuffle), the history so far and the
-    non-finite restart budget.  The tensors are the live ones, not copies (no second copy of
-    the weights and momentum buffers on the device): save the dict at once.
+    own generator (it draws each epoch's shuffle), the history so far, the restart budget,
+    the loss guard and the best epoch so far (its weights unless it is this epoch).  The
+    tensors are the live ones, not copies (no second copy of the weights and momentum
+    buffers on the device): save the dict at once.
     """
     generator = getattr(train_loader, "generator", None)
+    best = None
+    if run.best is not None:
+        best = {"epoch": run.best["epoch"], "acc": run.best["acc"], "loss": run.best["loss"],
+                "model": None if run.best["epoch"] == run.epoch else run.best["model"]}
     return {
         "format": CHECKPOINT_FORMAT,
-        "epoch": epoch,
-        "history": history,
-        "model": runtime.unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": run.epoch,
+        "history": run.history,
+        "model": runtime.unwrap(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "rng": runtime.rng_state(),
         "loader_generator": generator.get_state() if generator is not None else None,
-        "restarts_left": restarts_left,
-        "rate_factor": rate_factor,
+        "restarts_left": run.restarts_left,
+        "rate_factor": run.rate_factor,
+        "guard": run.guard.state_dict(),
+        "best": best,
     }
 
 
-def _resume_from(state: dict, model: nn.Module, optimizer, scheduler, scaler, train_loader, *,
-                 epochs: int) -> tuple[int, list[dict], int, float]:
-    """Restore a :func:`training_checkpoint`; the epoch to continue from and the run's counters."""
+def _resume_from(state: dict, run: _Run, train_loader) -> None:
+    """Restore a :func:`training_checkpoint` into ``run``."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise UserError("not a training checkpoint of this tool")
-    epoch = state.get("epoch")
+    epoch, epochs = state.get("epoch"), run.recipe.epochs
     if not isinstance(epoch, int) or not 0 < epoch < epochs:
         raise UserError(f"the checkpoint is after epoch {epoch!r}, outside 1..{epochs - 1} of this {epochs}-epoch run")
     try:
-        _restore_training_state(state, runtime.unwrap(model), optimizer, scheduler, scaler, reused=False)
+        _restore_training_state(state, run, reused=False)
         runtime.set_rng_state(state["rng"])
         generator = getattr(train_loader, "generator", None)
         if generator is not None and state["loader_generator"] is not None:
             generator.set_state(state["loader_generator"])
-        return epoch, list(state["history"]), int(state["restarts_left"]), float(state["rate_factor"])
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:  # a damaged or edited file
+        run.epoch, run.history = epoch, list(state["history"])
+        run.restarts_left, run.rate_factor = int(state["restarts_left"]), float(state["rate_factor"])
+        run.best = _restored_best(state.get("best"), run)
+    # A damaged or edited file:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
         detail = str(exc).strip().split("\n")[0][:200] or type(exc).__name__
         raise UserError(f"the checkpoint does not fit this run ({type(exc).__name__}: {detail})") from None
+
+
+def _restored_best(best: dict | None, run: _Run) -> dict | None:
+    if best is None or not run.recipe.keep_best:
+        return None
+    epoch, acc, loss = best["epoch"], best["acc"], best["loss"]
+    if not isinstance(epoch, int) or not all(isinstance(v, float) for v in (acc, loss)) or not 0 < epoch <= run.epoch:
+        raise ValueError(f"best epoch {epoch!r} with accuracy {acc!r} and loss {loss!r}")
+    weights = best["model"]
+    current = runtime.unwrap(run.model).state_dict()
+    if weights is None:  # the checkpoint's own epoch was the best: its weights are the current ones
+        weights = {k: v.detach().clone() for k, v in current.items()}
+    elif not isinstance(weights, dict) or weights.keys() != current.keys() or any(
+            not isinstance(weights[k], torch.Tensor) or weights[k].shape != current[k].shape for k in current):
+        raise ValueError("the best epoch's weights do not fit the model")
+    return {"epoch": epoch, "acc": acc, "loss": loss, "model": weights}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How :func:`fit` trains, as one piece of data (the command line fills it from its flags).
+
+    Parameters
+    ----------
+    epochs : int
+        Number of epochs, >= 1.
+    lr : float
+        Peak learning rate, > 0 (reached at the end of the warm-up).
+    weight_decay : float, default DEFAULT_WEIGHT_DECAY
+        L2 penalty applied by SGD to all trainable parameters.
+    momentum : float, default DEFAULT_MOMENTUM
+        SGD momentum.
+    label_smoothing : float, default 0.0
+        Label smoothing of the training cross-entropy (the test loss is unsmoothed).
+    lr_scale : dict of str to float, optional
+        Learning-rate multipliers by parameter name (as in ``named_parameters()`` of the
+        unwrapped model); parameters not named train at ``lr``.  Fine-tuning recipes give
+        pretrained layers a smaller rate than freshly initialised ones.
+    amp : bool, default True
+        Mixed precision where :func:`runtime.autocast_dtype_for` allows it (CUDA only).
+    schedule : callable ``(step, total_steps) -> factor``, optional
+        The learning-rate multiplier at each optimiser step; default
+        :func:`warmup_cosine_factor` with a :data:`WARMUP_FRACTION` warm-up.
+    max_restarts : int, default MAX_NONFINITE_RESTARTS
+        When the loss becomes non-finite or diverges (``divergence``), the epoch restarts
+        from the weights, optimizer and schedule state it began with, every learning rate
+        multiplied by :data:`NONFINITE_LR_FACTOR` (logged as a warning), at most this many
+        times in the run; 0 stops at once.  The state is kept in memory (one copy of the
+        weights and of the momentum buffers).
+    divergence : float or None, default DIVERGENCE_FACTOR
+        The loss counts as diverged once its running mean over batches exceeds this many
+        times where the run started (:class:`LossGuard`), before it is non-finite and the
+        weights are ruined; None: only a non-finite loss does.
+    keep_best : bool, default True
+        With a test loader, the model ends with the weights of the epoch with the best test
+        accuracy (logged when that is not the last epoch); False: the last epoch's.
+    """
+
+    epochs: int
+    lr: float
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
+    momentum: float = DEFAULT_MOMENTUM
+    label_smoothing: float = 0.0
+    lr_scale: dict[str, float] | None = None
+    amp: bool = True
+    schedule: Callable[[int, int], float] | None = None
+    max_restarts: int = MAX_NONFINITE_RESTARTS
+    divergence: float | None = DIVERGENCE_FACTOR
+    keep_best: bool = True
+
+    def check(self) -> None:
+        """Raise :class:`errors.UserError` naming the first value out of range."""
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise UserError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise UserError(f"learning rate must be a finite number > 0, got {self.lr!r}")
+        _check_sgd_options(weight_decay=self.weight_decay, momentum=self.momentum,
+                           label_smoothing=self.label_smoothing)
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise UserError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}")
+        if self.divergence is not None and not (self.divergence > 1 and math.isfinite(self.divergence)):
+            raise UserError(f"divergence must be a finite factor > 1 or None, got {self.divergence!r}")
+
+
+class LossGuard:
+    """Tells a diverging run from a noisy one, batch by batch.
+
+    The reference is the mean loss of the run's first :data:`GUARD_REFERENCE_BATCHES`
+    batches (never below :data:`GUARD_MIN_REFERENCE`, so that a model already near zero
+    loss is not stopped by ordinary noise); the run has diverged when the running mean of
+    the loss (exponential, :data:`GUARD_SMOOTHING` per batch: one unlucky batch does not
+    trip it, one exploding batch does) exceeds ``factor`` times it.  Its state is part of
+    the run's: restored with an epoch's restart, saved in checkpoints.
+    """
+
+    def __init__(self, factor: float | None) -> None:
+        self.factor = factor
+        self.first: list[float] = []
+        self.reference: float | None = None
+        self.running: float | None = None
+
+    def update(self, loss: float) -> str | None:
+        """Record a batch's loss; the reason the run counts as diverged, or None."""
+        if self.factor is None or not math.isfinite(loss):
+            return None
+        self.running = loss if self.running is None else (1 - GUARD_SMOOTHING) * self.running + GUARD_SMOOTHING * loss
+        if self.reference is None:
+            self.first.append(loss)
+            if len(self.first) == GUARD_REFERENCE_BATCHES:
+                self.reference = max(GUARD_MIN_REFERENCE, sum(self.first) / len(self.first))
+            return None
+        if self.running > self.factor * self.reference:
+            return (f"training loss diverged: its running mean {self.running:.4g} is over {self.factor:g}x where "
+                    f"the run started ({self.reference:.4g})")
+        return None
+
+    def state_dict(self) -> dict:
+        return {"first": list(self.first), "reference": self.reference, "running": self.running}
+
+    def load_state_dict(self, state: dict) -> None:
+        first, reference, running = state["first"], state["reference"], state["running"]
+        if not isinstance(first, list) or not all(isinstance(v, float) for v in first):
+            raise TypeError("guard 'first' must be a list of floats")
+        for value in (reference, running):
+            if value is not None and not isinstance(value, float):
+                raise TypeError("guard values must be floats or None")
+        self.first, self.reference, self.running = list(first), reference, running
+
+
+@dataclass
+class _Run:
+    """The state of one :func:`fit` call: what it trains with and how far it got."""
+
+    model: nn.Module
+    recipe: Recipe
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None
+    guard: LossGuard
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    restarts_left: int = 0
+    rate_factor: float = 1.0  # every learning rate's multiplier after the restarts so far
+    best: dict | None = None  # {"epoch", "acc", "model": state_dict copy, or None while it is the current one}
+
+
+def _start_run(model: nn.Module, train_loader, recipe: Recipe, device: torch.device, train_sampler):
+    """Check the recipe, move the model; the run's optimiser, schedule, precision and loss."""
+    recipe.check()
+    params, steps_per_epoch, train_sampler = _training_setup(model, train_loader, train_sampler, device)
+    optimizer = torch.optim.SGD(_param_groups(model, params, recipe.lr, recipe.lr_scale), lr=recipe.lr,
+                                momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    schedule = _default_schedule if recipe.schedule is None else recipe.schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(_at_step, schedule, total_steps=recipe.epochs * steps_per_epoch))
+    amp_dtype, scaler, criterion = _amp_and_criterion(device, amp=recipe.amp, label_smoothing=recipe.label_smoothing)
+    run = _Run(model, recipe, optimizer, scheduler, scaler, criterion, amp_dtype, LossGuard(recipe.divergence),
+               restarts_left=recipe.max_restarts)
+    return run, train_sampler
 
 
 def fit(
@@ -458,26 +645,18 @@ def fit(
     train_loader,
     test_loader=None,
     *,
-    epochs: int,
-    lr: float,
+    recipe: Recipe,
     device: torch.device,
-    weight_decay: float = DEFAULT_WEIGHT_DECAY,
-    momentum: float = DEFAULT_MOMENTUM,
     train_sampler=None,
-    label_smoothing: float = 0.0,
-    amp: bool = True,
     show_progress: bool = True,
     log: logging.Logger | None = None,
-    lr_scale: dict[str, float] | None = None,
-    max_restarts: int = MAX_NONFINITE_RESTARTS,
     group=None,
-    schedule: Callable[[int, int], float] | None = None,
     step_hook: Callable[[], None] | None = None,
     epoch_hook: Callable[[dict], None] | None = None,
     checkpoint: Callable[[Callable[[], dict]], None] | None = None,
     resume: dict | None = None,
 ) -> list[dict]:
-    """Fine-tune ``model``: SGD with momentum, warm-up + cosine LR, evaluation each epoch.
+    """Fine-tune ``model`` by ``recipe``: SGD with momentum, warm-up + cosine LR, evaluation each epoch.
 
     Only parameters with ``requires_grad=True`` are optimised, so freezing layers is
     done by the caller before calling ``fit`` (frozen parameters are not touched, not
@@ -485,11 +664,13 @@ def fit(
     the caller, who then passes the ranks' ``group``: metrics are reduced over it and
     only rank 0 logs.
 
-    A run can continue after an interruption: ``checkpoint`` is called after every epoch
-    but the last with a function returning everything the next epochs depend on
-    (:func:`training_checkpoint`), and
-    ``resume`` takes such a dict back; on CPU, with the same seed and a loader without
-    worker processes, the final weights equal an uninterrupted run's.
+    An epoch whose loss turns non-finite or diverges restarts at a lower rate
+    (``recipe.max_restarts``); with a test loader the model ends with its best epoch's
+    weights (``recipe.keep_best``).  A run can continue after an interruption:
+    ``checkpoint`` is called after every epoch but the last with a function returning
+    everything the next epochs depend on (:func:`training_checkpoint`), and ``resume``
+    takes such a dict back; on CPU, with the same seed and a loader without worker
+    processes, the final weights equal an uninterrupted run's.
 
     Parameters
     ----------
@@ -499,44 +680,21 @@ def fit(
         Training batches; must have a length (the schedule is per batch).
     test_loader : DataLoader, optional
         Evaluated after every epoch when given.
-    epochs : int
-        Number of epochs, >= 1.
-    lr : float
-        Peak learning rate, > 0 (reached at the end of the warm-up).
+    recipe : Recipe
+        Epochs, rates and the rest of how to train.
     device : torch.device
         Where to train.
-    weight_decay : float, default DEFAULT_WEIGHT_DECAY
-        L2 penalty applied by SGD to all trainable parameters.
-    momentum : float, default DEFAULT_MOMENTUM
-        SGD momentum.
     train_sampler : sampler with ``set_epoch``, optional
         Typically a ``DistributedSampler``; ``set_epoch(epoch)`` (0-based) is called
         before each epoch so shuffling differs per epoch. When omitted and
         ``train_loader.sampler`` is a ``DistributedSampler``, that one is used.
-    label_smoothing : float, default 0.0
-        Label smoothing of the training cross-entropy (the test loss is unsmoothed).
-    amp : bool, default True
-        Use mixed precision where :func:`runtime.autocast_dtype_for` allows it (CUDA only).
     show_progress : bool, default True
         Show tqdm bars (main rank only).
     log : logging.Logger, optional
         Logger for the one-line-per-epoch summary; default this module's logger.
-    lr_scale : dict of str to float, optional
-        Learning-rate multipliers by parameter name (as in ``named_parameters()`` of
-        the unwrapped model); parameters not named train at ``lr``.  Fine-tuning
-        recipes give pretrained layers a smaller rate than freshly initialised ones.
-    max_restarts : int, default MAX_NONFINITE_RESTARTS
-        When the loss becomes non-finite, the epoch restarts from the weights,
-        optimizer and schedule state it began with, every learning rate multiplied by
-        :data:`NONFINITE_LR_FACTOR` (logged as a warning), at most this many times in
-        the run; 0 stops at once.  The state is kept in memory (one copy of the
-        weights and of the momentum buffers).
     group : process group, optional
         The ranks training together (with a DDP-wrapped model); ``None`` (default):
         this process alone.
-    schedule : callable ``(step, total_steps) -> factor``, optional
-        The learning-rate multiplier at each optimiser step; default
-        :func:`warmup_cosine_factor` with a :data:`WARMUP_FRACTION` warm-up.
     step_hook : callable, optional
         Called after every optimiser step (see :func:`train_one_epoch`).
     epoch_hook : callable ``(record) -> None``, optional
@@ -553,90 +711,108 @@ def fit(
         One dict per epoch with ``epoch`` (1-based), ``lr`` (learning rate of the
         first parameter group at the start of the epoch), ``train_loss``,
         ``train_acc``, ``test_loss``, ``test_acc`` (``None`` without a test loader),
-        ``seconds`` (wall time of the epoch, evaluation included) and ``restarts``
-        (non-finite restarts of this epoch).
+        ``seconds`` (wall time of the epoch, evaluation included), ``restarts``
+        (restarts of this epoch) and ``kept`` (whether the model ends with its weights).
 
     Raises
     ------
     ValueError
-        If ``epochs < 1``, ``lr <= 0``, another option is out of range, the model has
-        no trainable parameters or the training loader is empty (the option errors are
-        :class:`errors.UserError`).
+        If a recipe value is out of range, the model has no trainable parameters or the
+        training loader is empty (the recipe errors are :class:`errors.UserError`).
     NonFiniteLossError
-        If training still diverges after ``max_restarts`` restarts.
+        If training still diverges after ``recipe.max_restarts`` restarts.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise UserError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if not lr > 0 or not math.isfinite(lr):
-        raise UserError(f"learning rate must be a finite number > 0, got {lr!r}")
-    _check_sgd_options(weight_decay=weight_decay, momentum=momentum, label_smoothing=label_smoothing)
     log = logger if log is None else log
-
-    params, steps_per_epoch, train_sampler = _training_setup(model, train_loader, train_sampler, device)
-    if max_restarts < 0:
-        raise UserError(f"max_restarts must be >= 0, got {max_restarts!r}")
-
-    optimizer = torch.optim.SGD(_param_groups(model, params, lr, lr_scale), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay)
-    total_steps = epochs * steps_per_epoch
-    schedule = _default_schedule if schedule is None else schedule
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_at_step, schedule, total_steps=total_steps))
-    amp_dtype, scaler, train_criterion = _amp_and_criterion(device, amp=amp, label_smoothing=label_smoothing)
     is_main = runtime.is_main_process()
-
-    history = []
-    restarts_left = max_restarts
-    rate_factor = 1.0  # every learning rate's multiplier after the restarts so far
-    epoch = 0
+    run, train_sampler = _start_run(model, train_loader, recipe, device, train_sampler)
     if resume is not None:
-        epoch, history, restarts_left, rate_factor = _resume_from(
-            resume, model, optimizer, scheduler, scaler, train_loader, epochs=epochs)
+        _resume_from(resume, run, train_loader)
         if is_main:
-            log.info("resuming after epoch %d/%d", epoch, epochs)
-    while epoch < epochs:
+            log.info("resuming after epoch %d/%d", run.epoch, recipe.epochs)
+    while run.epoch < recipe.epochs:
         start = time.perf_counter()
-        saved = None  # free the previous epoch's copy before taking the next
-        saved = _training_state(model, optimizer, scheduler, scaler) if restarts_left else None
-        saved_factor = rate_factor
-        restarts = 0
-        while True:
-            try:
-                record = _train_and_evaluate_epoch(
-                    model, train_loader, test_loader, optimizer, epoch=epoch, train_sampler=train_sampler,
-                    scheduler=scheduler, scaler=scaler, criterion=train_criterion, amp_dtype=amp_dtype,
-                    device=device, show_progress=show_progress, group=group, step_hook=step_hook)
-                break
-            except NonFiniteLossError as exc:
-                if not restarts_left:
-                    if max_restarts:
-                        raise NonFiniteLossError(f"{exc} (already restarted {max_restarts} time(s), down to "
-                                                 f"{rate_factor:g}x the learning rate)") from None
-                    raise
-                restarts_left -= 1
-                restarts += 1
-                # The saved state carries the rates of saved_factor; each restart lowers them further.
-                rate_factor *= NONFINITE_LR_FACTOR
-                _restore_training_state(saved, model, optimizer, scheduler, scaler)
-                _scale_learning_rates(optimizer, scheduler, rate_factor / saved_factor)
-                if is_main:
-                    log.warning("%s: restarting epoch %d from its start at %gx the learning rate(s) (now %s)",
-                                str(exc).split(";")[0], epoch + 1, rate_factor,
-                                ", ".join(f"{lr_:.3g}" for lr_ in scheduler.base_lrs))
+        record = _epoch_with_restarts(run, train_loader, test_loader, train_sampler=train_sampler, device=device,
+                                      show_progress=show_progress, group=group, step_hook=step_hook,
+                                      log=log if is_main else None)
         record["seconds"] = time.perf_counter() - start
-        record["restarts"] = restarts
         if epoch_hook is not None:
             epoch_hook(record)
-        history.append(record)
-        epoch += 1
+        run.history.append(record)
+        run.epoch += 1
+        _track_best(run, record)
         # Checkpoint first, then log: once "epoch k" is printed, --resume can continue after it.
-        if checkpoint is not None and epoch < epochs:  # the last epoch's result is the model itself
-            checkpoint(partial(training_checkpoint, model, optimizer, scheduler, scaler, train_loader, epoch=epoch,
-                               history=history, restarts_left=restarts_left, rate_factor=rate_factor))
+        if checkpoint is not None and run.epoch < recipe.epochs:  # the last epoch's result is the model itself
+            checkpoint(partial(training_checkpoint, run, train_loader))
         if is_main:
             log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%%s  (%.1f s)",
-                     epoch, epochs, record["lr"], record["train_loss"],
+                     run.epoch, recipe.epochs, record["lr"], record["train_loss"],
                      100 * record["train_acc"], _test_part(record), record["seconds"])
-    return history
+    _end_with_best(run, log if is_main else None)
+    return run.history
+
+
+def _epoch_with_restarts(run: _Run, train_loader, test_loader, *, train_sampler, device, show_progress, group,
+                         step_hook, log) -> dict:
+    """One epoch and its evaluation; a non-finite or diverging loss restarts it from its start
+    at a lower rate while the run's restarts last."""
+    saved = _training_state(run) if run.restarts_left else None
+    saved_factor = run.rate_factor
+    restarts = 0
+    while True:
+        try:
+            record = _train_and_evaluate_epoch(
+                run.model, train_loader, test_loader, run.optimizer, epoch=run.epoch, train_sampler=train_sampler,
+                scheduler=run.scheduler, scaler=run.scaler, criterion=run.criterion, amp_dtype=run.amp_dtype,
+                device=device, show_progress=show_progress, group=group, step_hook=step_hook, guard=run.guard)
+            record["restarts"] = restarts
+            return record
+        except NonFiniteLossError as exc:
+            if not run.restarts_left:
+                if run.recipe.max_restarts:
+                    raise NonFiniteLossError(f"{exc} (already restarted {run.recipe.max_restarts} time(s), down to "
+                                             f"{run.rate_factor:g}x the learning rate)") from None
+                raise
+            run.restarts_left -= 1
+            restarts += 1
+            # The saved state carries the rates of saved_factor; each restart lowers them further.
+            run.rate_factor *= NONFINITE_LR_FACTOR
+            _restore_training_state(saved, run)
+            _scale_learning_rates(run.optimizer, run.scheduler, run.rate_factor / saved_factor)
+            if log is not None:
+                log.warning("%s: restarting epoch %d from its start at %gx the learning rate(s) (now %s)",
+                            str(exc).split(";")[0], run.epoch + 1, run.rate_factor,
+                            ", ".join(f"{lr_:.3g}" for lr_ in run.scheduler.base_lrs))
+
+
+def _track_best(run: _Run, record: dict) -> None:
+    """Remember the epoch with the best test accuracy, with a copy of its weights while later
+    epochs still change them in place."""
+    if not run.recipe.keep_best or record["test_acc"] is None:
+        return
+    # Ties in accuracy (small test sets) go to the lower test loss, then to the later epoch.
+    if run.best is None or (record["test_acc"], -record["test_loss"]) >= (run.best["acc"], -run.best["loss"]):
+        weights = None
+        if run.epoch < run.recipe.epochs:
+            weights = {k: v.detach().clone() for k, v in runtime.unwrap(run.model).state_dict().items()}
+        run.best = {"epoch": record["epoch"], "acc": record["test_acc"], "loss": record["test_loss"],
+                    "model": weights}
+
+
+def _end_with_best(run: _Run, log) -> None:
+    """Load the best epoch's weights when it was not the last one, and mark the kept epoch."""
+    last = run.history[-1]
+    if run.best is None:
+        for record in run.history:
+            record["kept"] = record is last
+        return
+    if run.best["epoch"] != last["epoch"]:
+        runtime.unwrap(run.model).load_state_dict(run.best["model"])
+        if log is not None:
+            log.info("keeping epoch %d's weights: the best test accuracy, %.2f%% (the last epoch's: %.2f%%)",
+                     run.best["epoch"], 100 * run.best["acc"], 100 * last["test_acc"])
+    for record in run.history:
+        record["kept"] = record["epoch"] == run.best["epoch"]
+    run.best = None
 
 
 def _param_groups(model: nn.Module, params: list[nn.Parameter], lr: float,
@@ -658,16 +834,16 @@ def _param_groups(model: nn.Module, params: list[nn.Parameter], lr: float,
     return [{"params": ps, "lr": lr * f} for f, ps in sorted(groups.items(), reverse=True)]
 
 
-def _training_state(model: nn.Module, optimizer, scheduler, scaler) -> dict:
+def _training_state(run: _Run) -> dict:
     """A copy of everything an epoch changes, to restart it from (on the tensors' own devices)."""
-    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "scheduler": copy.deepcopy(scheduler.state_dict()),
-            "scaler": scaler.state_dict() if scaler is not None else None}
+    return {"model": {k: v.detach().clone() for k, v in runtime.unwrap(run.model).state_dict().items()},
+            "optimizer": copy.deepcopy(run.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(run.scheduler.state_dict()),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "guard": run.guard.state_dict()}
 
 
-def _restore_training_state(saved: dict, model: nn.Module, optimizer, scheduler, scaler, *,
-                            reused: bool = True) -> None:
+def _restore_training_state(saved: dict, run: _Run, *, reused: bool = True) -> None:
     """Load a :func:`_training_state` (or a checkpoint) into the run's objects.
 
     ``reused``: ``saved`` serves again (the in-memory restart state), so the optimizer and
@@ -675,11 +851,13 @@ def _restore_training_state(saved: dict, model: nn.Module, optimizer, scheduler,
     next steps update in place.  A checkpoint read from a file is used once: no copies.
     """
     own = copy.deepcopy if reused else (lambda state: state)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(own(saved["optimizer"]))
-    scheduler.load_state_dict(own(saved["scheduler"]))
-    if scaler is not None:
-        scaler.load_state_dict(saved["scaler"])
+    runtime.unwrap(run.model).load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(own(saved["optimizer"]))
+    run.scheduler.load_state_dict(own(saved["scheduler"]))
+    if run.scaler is not None:
+        run.scaler.load_state_dict(saved["scaler"])
+    if "guard" in saved or not reused:
+        run.guard.load_state_dict(saved["guard"])
 
 
 def _scale_learning_rates(optimizer, scheduler, factor: float) -> None:

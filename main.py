@@ -128,6 +128,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                "(the new head and fresh layers at --lr)")
     training.add_argument("--freeze_features", "--freeze-features", action="store_true",
                           help="train only the classifier")
+    training.add_argument("--keep_last", "--keep-last", action="store_true",
+                          help="save the last epoch's weights (default: the epoch with the best accuracy on "
+                               "--test_path, when one is given; the log says which)")
     training.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--resume", action="store_true",
@@ -432,7 +435,7 @@ def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, cl
               "weights": args.weights if step == "train" else None, "lr": lr, "epochs": args.epochs,
               "batch_size": args.batch_size, "seed": args.seed, "image_size": image_size,
               "train_path": os.path.abspath(args.train_path), "workers": args.workers,
-              "world_size": dist.world_size, "freeze_features": args.freeze_features,
+              "world_size": dist.world_size, "freeze_features": args.freeze_features, "keep_last": args.keep_last,
               "pretrained_lr_scale": args.pretrained_lr_scale if step == "train" else None,
               # The test loader draws from the same RNG as the augmentation: it shapes the run too.
               "test_path": os.path.abspath(args.test_path) if args.test_path else None, "device": str(device),
@@ -455,9 +458,10 @@ def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, cl
     if dist.enabled:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    history = finetune.fit(wrapped, train_loader, test_loader, epochs=args.epochs, lr=lr, device=device,
-                           train_sampler=sampler, show_progress=not args.quiet and dist.is_main, log=logger,
-                           lr_scale=lr_scale, group=dist.group, checkpoint=write_checkpoint, resume=resume)
+    recipe = finetune.Recipe(epochs=args.epochs, lr=lr, lr_scale=lr_scale, keep_best=not args.keep_last)
+    history = finetune.fit(wrapped, train_loader, test_loader, recipe=recipe, device=device, train_sampler=sampler,
+                           show_progress=not args.quiet and dist.is_main, log=logger, group=dist.group,
+                           checkpoint=write_checkpoint, resume=resume)
     return history, classes
 
 

@@ -140,9 +140,10 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[
     model, pretrained = models.build_pretrained(ARCH, len(classes), weights=args.weights)
     model.to(device)
     start = time.perf_counter()
-    finetune.fit(model, train_loader, None, epochs=args.epochs, lr=main_cli.DEFAULT_LR["train"], device=device,
-                 lr_scale={n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained}, show_progress=progress,
-                 log=logger)
+    finetune.fit(model, train_loader, None,
+                 recipe=finetune.Recipe(epochs=args.epochs, lr=main_cli.DEFAULT_LR["train"],
+                                        lr_scale={n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained}),
+                 device=device, show_progress=progress, log=logger)
     acc_original = finetune.evaluate(model, test_loader, device=device, show_progress=progress)["acc"]
     result: dict[str, Any] = {"seed": seed, "acc_original": acc_original, "train_s": time.perf_counter() - start,
                               "n_train": len(train_ds), "n_test": len(test_ds), "rows": []}
@@ -173,7 +174,8 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[
             decompose_s = time.perf_counter() - start
             macs, params = report.count_macs(net, input_size), report.count_params(net)
             straight = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
-            history = finetune.fit(net, train_loader, None, epochs=args.ft_epochs, lr=main_cli.DEFAULT_LR["tucker"],
+            history = finetune.fit(net, train_loader, None,
+                                   recipe=finetune.Recipe(epochs=args.ft_epochs, lr=main_cli.DEFAULT_LR["tucker"]),
                                    device=device, show_progress=progress, log=logger)
             tuned = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
             row = {"target": target_name, "target_ratio": target, "rule": rule, "found": found,

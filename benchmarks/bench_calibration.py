@@ -127,8 +127,9 @@ def original_model(args, device) -> nn.Module:
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     torch.manual_seed(0)
-    finetune.fit(model, train_loader(args, 0, 0), None, epochs=args.finetune_first, lr=main_cli.DEFAULT_LR["train"],
-                 device=device, show_progress=False)
+    finetune.fit(model, train_loader(args, 0, 0), None,
+                 recipe=finetune.Recipe(epochs=args.finetune_first, lr=main_cli.DEFAULT_LR["train"]), device=device,
+                 show_progress=False)
     torch.save(model.state_dict(), path)
     return model.eval()
 
@@ -137,8 +138,8 @@ def fine_tuned(args, model: nn.Module, method: str, seed: int, device, test_load
     """Accuracy after ``--ft_after`` epochs at the rate ``--fine_tune`` would use."""
     torch.manual_seed(seed)
     lr = main_cli.DEFAULT_LR["cp" if method == "cp" else "tucker"]
-    finetune.fit(model, train_loader(args, seed, args.ft_images), None, epochs=args.ft_after, lr=lr, device=device,
-                 show_progress=False)
+    finetune.fit(model, train_loader(args, seed, args.ft_images), None,
+                 recipe=finetune.Recipe(epochs=args.ft_after, lr=lr), device=device, show_progress=False)
     return accuracy(model.eval(), test_loader)
 
 

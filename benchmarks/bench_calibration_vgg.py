@@ -69,9 +69,10 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[
     model, pretrained = models.build_pretrained(ARCH, len(classes), weights=args.weights)
     model.to(device)
     start = time.perf_counter()
-    finetune.fit(model, train_loader, None, epochs=args.epochs, lr=main_cli.DEFAULT_LR["train"], device=device,
-                 lr_scale={n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained}, show_progress=progress,
-                 log=logger)
+    finetune.fit(model, train_loader, None,
+                 recipe=finetune.Recipe(epochs=args.epochs, lr=main_cli.DEFAULT_LR["train"],
+                                        lr_scale={n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained}),
+                 device=device, show_progress=progress, log=logger)
     model.eval()
     acc_original = finetune.evaluate(model, test_loader, device=device, show_progress=progress)["acc"]
     result: dict[str, Any] = {"seed": seed, "acc_original": acc_original, "train_s": time.perf_counter() - start,

@@ -173,8 +173,8 @@ class Runner:
 
     def fit(self, model: nn.Module, *, epochs: int, lr: float) -> list[dict]:
         runtime.seed_everything(self.args.seed)
-        return finetune.fit(model, self.train_loader(), None, epochs=epochs, lr=lr, device=self.device,
-                            show_progress=self.args.progress, log=logger)
+        return finetune.fit(model, self.train_loader(), None, recipe=finetune.Recipe(epochs=epochs, lr=lr),
+                            device=self.device, show_progress=self.args.progress, log=logger)
 
     def accuracy(self, model: nn.Module) -> float:
         return finetune.evaluate(model, self.test_loader, device=self.device,

@@ -550,8 +550,9 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, *, seed:
     scaled = bool(args.weights)  # the --weights_dir protocol trains every layer at one rate, as before
     lr_scale = {n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained} if scaled else None
     start = time.perf_counter()
-    history = finetune.fit(model, train_loader, None, epochs=args.epochs, lr=lr, device=device,
-                           show_progress=progress, log=logger, lr_scale=lr_scale)
+    history = finetune.fit(model, train_loader, None,
+                           recipe=finetune.Recipe(epochs=args.epochs, lr=lr, lr_scale=lr_scale), device=device,
+                           show_progress=progress, log=logger)
     train_s = time.perf_counter() - start
     acc_original = finetune.evaluate(model, test_loader, device=device, show_progress=progress)["acc"]
     logger.info("%s seed %d: trained (%s) in %.0f s, test accuracy %.2f%%", arch, seed, weights, train_s,
@@ -577,8 +578,8 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, *, seed:
         acc_dec = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
         ft_lr = ft_lrs[method]
         start = time.perf_counter()
-        ft_history = finetune.fit(net, train_loader, None, epochs=args.ft_epochs, lr=ft_lr, device=device,
-                                  show_progress=progress, log=logger)
+        ft_history = finetune.fit(net, train_loader, None, recipe=finetune.Recipe(epochs=args.ft_epochs, lr=ft_lr),
+                                  device=device, show_progress=progress, log=logger)
         finetune_s = time.perf_counter() - start
         acc_ft = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
         net = net.cpu().eval()

@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                          seed=args.seed)
     model, pretrained = models.build_pretrained("vgg16", len(classes), weights=args.weights)
     start = time.perf_counter()
-    finetune.fit(model, train_loader, None, epochs=args.epochs, lr=main_cli.DEFAULT_LR["train"], device=device,
-                 lr_scale={n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained}, show_progress=False)
+    finetune.fit(model, train_loader, None,
+                 recipe=finetune.Recipe(epochs=args.epochs, lr=main_cli.DEFAULT_LR["train"],
+                                        lr_scale={n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained}),
+                 device=device, show_progress=False)
     out: dict = {"settings": vars(args), "train_s": time.perf_counter() - start,
                  "original": finetune.evaluate(model, test_loader, device=device, show_progress=False)["acc"]}
     model = model.cpu().eval()
@@ -91,9 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     for variant in VARIANTS:
         net = corrected(plain, model, variant).to(device)
         straight = finetune.evaluate(net, test_loader, device=device, show_progress=False)["acc"]
-        history = finetune.fit(net, train_loader, test_loader, epochs=args.ft_epochs,
-                               lr=main_cli.DEFAULT_LR["tucker"], device=device, show_progress=False,
-                               max_restarts=0)
+        history = finetune.fit(net, train_loader, test_loader,
+                               recipe=finetune.Recipe(epochs=args.ft_epochs, lr=main_cli.DEFAULT_LR["tucker"],
+                                                      max_restarts=0, keep_best=False),
+                               device=device, show_progress=False)
         out[variant] = {"straight": straight, "finetuned": history[-1]["test_acc"],
                         "train_loss": [r["train_loss"] for r in history]}
         print(json.dumps({variant: out[variant]}), flush=True)

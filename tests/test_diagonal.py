@@ -26,7 +26,7 @@ from conftest import decompose, make_image_folder, spawn_and_wait
 import diagonal
 import runtime
 from diagonal import anneal_lr_factor, anneal_to_masks, mask_factor, project_to_masks
-from finetune import evaluate, fit
+from finetune import Recipe, evaluate, fit
 
 CPU = torch.device("cpu")
 IMAGE_SIZE = 4            # 3 x 4 x 4 = 48 inputs
@@ -76,7 +76,7 @@ def data(tmp_path_factory) -> TensorDataset:
 def trained(data) -> nn.Sequential:
     """The dense model, trained to solve the task (the starting point of every test)."""
     model = tiny_model()
-    fit(model, loader(data), epochs=DENSE_EPOCHS, lr=LR, device=CPU, show_progress=False)
+    fit(model, loader(data), recipe=Recipe(epochs=DENSE_EPOCHS, lr=LR), device=CPU, show_progress=False)
     assert evaluate(model, loader(data), device=CPU, show_progress=False)["acc"] == 1.0
     return model
 

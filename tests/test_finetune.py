@@ -3,6 +3,7 @@
 Includes a real two-process DistributedDataParallel run over gloo.
 """
 
+import copy
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import finetune
 from conftest import spawn_and_wait
 from dataset import ShardSampler
 from errors import UserError
-from finetune import NonFiniteLossError, evaluate, fit, train_one_epoch, warmup_cosine_factor
+from finetune import NonFiniteLossError, Recipe, evaluate, fit, train_one_epoch, warmup_cosine_factor
 import runtime
 from runtime import cleanup_distributed, init_distributed, seed_everything
 
@@ -59,10 +60,10 @@ def test_fit_learns_separable_problem(caplog):
     train = DataLoader(blobs(120), batch_size=16, shuffle=True)
     test = DataLoader(blobs(60, seed=1), batch_size=32)
     with caplog.at_level(logging.INFO, logger="finetune"):
-        history = fit(model, train, test, epochs=4, lr=0.1, device=CPU, show_progress=False)
+        history = fit(model, train, test, recipe=Recipe(epochs=4, lr=0.1), device=CPU, show_progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss",
-                               "test_acc", "seconds", "restarts"}
+                               "test_acc", "seconds", "restarts", "kept"}
     assert all(h["restarts"] == 0 for h in history)
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
     assert history[-1]["train_acc"] >= 0.95
@@ -82,7 +83,7 @@ def test_fit_on_conv_net_without_test_loader():
     images[torch.arange(48), targets] += 1.0
     history = fit(tiny_convnet(), DataLoader(TensorDataset(images, targets), batch_size=8,
                                              shuffle=True),
-                  epochs=3, lr=0.2, device=CPU, show_progress=False)
+                  recipe=Recipe(epochs=3, lr=0.2), device=CPU, show_progress=False)
     assert history[-1]["test_loss"] is None and history[-1]["test_acc"] is None
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
@@ -94,8 +95,8 @@ def test_fit_leaves_frozen_parameters_untouched():
     frozen = {k: v.clone() for k, v in model[0].state_dict().items()}
     trainable = model[2].weight.detach().clone()
     # Weight decay > 0 would shrink frozen weights too if they reached the optimizer.
-    fit(model, DataLoader(blobs(48), batch_size=16), epochs=2, lr=0.1, device=CPU,
-        weight_decay=0.1, show_progress=False)
+    fit(model, DataLoader(blobs(48), batch_size=16), recipe=Recipe(epochs=2, lr=0.1, weight_decay=0.1), device=CPU,
+        show_progress=False)
     for key, value in model[0].state_dict().items():
         assert torch.equal(value, frozen[key]), key
     assert not torch.equal(model[2].weight, trainable)
@@ -104,12 +105,12 @@ def test_fit_leaves_frozen_parameters_untouched():
 def test_fit_validates_arguments():
     model, loader = mlp(), DataLoader(blobs(12), batch_size=4)
     with pytest.raises(ValueError, match="epochs.*0"):
-        fit(model, loader, epochs=0, lr=0.1, device=CPU)
+        fit(model, loader, recipe=Recipe(epochs=0, lr=0.1), device=CPU)
     with pytest.raises(ValueError, match="learning rate.*-0.5"):
-        fit(model, loader, epochs=1, lr=-0.5, device=CPU)
+        fit(model, loader, recipe=Recipe(epochs=1, lr=-0.5), device=CPU)
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        fit(model, loader, epochs=1, lr=0.1, device=CPU)
+        fit(model, loader, recipe=Recipe(epochs=1, lr=0.1), device=CPU)
 
 
 def _train_with_seed(seed: int) -> dict:
@@ -117,7 +118,7 @@ def _train_with_seed(seed: int) -> dict:
     model = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Dropout(0.2),
                           nn.Linear(16, NUM_CLASSES))
     loader = DataLoader(blobs(64), batch_size=8, shuffle=True)
-    fit(model, loader, epochs=2, lr=0.05, device=CPU, show_progress=False)
+    fit(model, loader, recipe=Recipe(epochs=2, lr=0.05), device=CPU, show_progress=False)
     return model.state_dict()
 
 
@@ -176,7 +177,7 @@ def test_train_one_epoch_mixed_precision_path(amp_dtype):
 def test_fit_raises_when_training_diverges():
     seed_everything(0)
     with pytest.raises(NonFiniteLossError, match="lower learning rate"):
-        fit(mlp(), DataLoader(blobs(64), batch_size=8), epochs=3, lr=1e30, device=CPU,
+        fit(mlp(), DataLoader(blobs(64), batch_size=8), recipe=Recipe(epochs=3, lr=1e30), device=CPU,
             show_progress=False)
 
 
@@ -251,7 +252,7 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         test_sampler = ShardSampler(len(test_set), num_replicas=world_size, rank=rank)
         train_loader = DataLoader(train_set, batch_size=8, sampler=train_sampler)
         test_loader = DataLoader(test_set, batch_size=8, sampler=test_sampler)
-        history = fit(model, train_loader, test_loader, epochs=3, lr=0.1, device=device,
+        history = fit(model, train_loader, test_loader, recipe=Recipe(epochs=3, lr=0.1), device=device,
                       train_sampler=train_sampler, show_progress=False, group=info.group)
         result = evaluate(model, test_loader, device=device, show_progress=False, group=info.group)
         # Rank 0 alone, on the whole test set, with a process group present: group=None
@@ -326,12 +327,12 @@ def test_fit_restarts_a_diverging_epoch_at_a_lower_rate(caplog):
     loader = DataLoader(blobs(48), batch_size=8)  # no shuffling: both runs see the same batches
     flaky = _NanOnCall(copy_of(start), at=3)  # epoch 1, batch 2 (after two updates)
     with caplog.at_level(logging.WARNING, logger="finetune"):
-        history = fit(flaky, loader, epochs=2, lr=0.2, device=CPU, show_progress=False)
+        history = fit(flaky, loader, recipe=Recipe(epochs=2, lr=0.2), device=CPU, show_progress=False)
     assert [r["restarts"] for r in history] == [1, 0]
     assert any("restarting epoch 1" in r.getMessage() and "(now 0.02)" in r.getMessage() for r in caplog.records)
     clean = copy_of(start)
-    fit(clean, loader, epochs=2, lr=0.2 * finetune.NONFINITE_LR_FACTOR, device=CPU, show_progress=False,
-        max_restarts=0)
+    fit(clean, loader, recipe=Recipe(epochs=2, lr=0.2 * finetune.NONFINITE_LR_FACTOR, max_restarts=0), device=CPU,
+        show_progress=False)
     for (name, got), want in zip(flaky.inner.state_dict().items(), clean.state_dict().values()):
         assert torch.equal(got, want), name
 
@@ -342,24 +343,24 @@ def test_two_restarts_in_one_epoch_lower_the_rate_twice():
     start = mlp()
     loader = DataLoader(blobs(48), batch_size=8)
     flaky = _NanOnCall(copy_of(start), at=(3, 9))  # batch 2 of the first try, batch 2 of the second (6 per try)
-    history = fit(flaky, loader, epochs=2, lr=0.2, device=CPU, show_progress=False)
+    history = fit(flaky, loader, recipe=Recipe(epochs=2, lr=0.2), device=CPU, show_progress=False)
     assert [r["restarts"] for r in history] == [2, 0]
     clean = copy_of(start)
-    fit(clean, loader, epochs=2, lr=0.2 * finetune.NONFINITE_LR_FACTOR ** 2, device=CPU, show_progress=False,
-        max_restarts=0)
+    fit(clean, loader, recipe=Recipe(epochs=2, lr=0.2 * finetune.NONFINITE_LR_FACTOR ** 2, max_restarts=0), device=CPU,
+        show_progress=False)
     for (name, got), want in zip(flaky.inner.state_dict().items(), clean.state_dict().values()):
         assert torch.equal(got, want), name
     with pytest.raises(NonFiniteLossError, match=r"restarted 2 time\(s\), down to 0.01x"):
-        fit(_NanOnCall(mlp(), at=(1, 2, 3)), loader, epochs=1, lr=0.2, device=CPU, show_progress=False)
+        fit(_NanOnCall(mlp(), at=(1, 2, 3)), loader, recipe=Recipe(epochs=1, lr=0.2), device=CPU, show_progress=False)
 
 
 def test_fit_without_restarts_stops_at_once():
     flaky = _NanOnCall(mlp(), at=2)
     with pytest.raises(NonFiniteLossError, match="lower learning rate"):
-        fit(flaky, DataLoader(blobs(32), batch_size=8), epochs=1, lr=0.1, device=CPU, show_progress=False,
-            max_restarts=0)
+        fit(flaky, DataLoader(blobs(32), batch_size=8), recipe=Recipe(epochs=1, lr=0.1, max_restarts=0), device=CPU,
+            show_progress=False)
     with pytest.raises(UserError, match="max_restarts"):
-        fit(mlp(), DataLoader(blobs(32), batch_size=8), epochs=1, lr=0.1, device=CPU, max_restarts=-1)
+        fit(mlp(), DataLoader(blobs(32), batch_size=8), recipe=Recipe(epochs=1, lr=0.1, max_restarts=-1), device=CPU)
 
 
 def test_fit_lr_scale_scales_the_named_parameters_step():
@@ -370,8 +371,8 @@ def test_fit_lr_scale_scales_the_named_parameters_step():
     deltas = []
     for scale in (None, {"0.weight": 0.5, "0.bias": 0.5}):
         model = copy_of(start)
-        fit(model, loader, epochs=1, lr=0.1, device=CPU, momentum=0.0, weight_decay=0.0, show_progress=False,
-            lr_scale=scale)
+        fit(model, loader, recipe=Recipe(epochs=1, lr=0.1, momentum=0.0, weight_decay=0.0, lr_scale=scale), device=CPU,
+            show_progress=False)
         deltas.append({n: p.detach() - start.state_dict()[n] for n, p in model.named_parameters()})
     full, scaled = deltas
     assert full["0.weight"].abs().sum() > 0
@@ -379,12 +380,99 @@ def test_fit_lr_scale_scales_the_named_parameters_step():
     torch.testing.assert_close(scaled["0.bias"], 0.5 * full["0.bias"])
     torch.testing.assert_close(scaled["2.weight"], full["2.weight"])  # not named: full rate
     with pytest.raises(ValueError, match="does not have: nope"):
-        fit(copy_of(start), loader, epochs=1, lr=0.1, device=CPU, lr_scale={"nope": 0.1})
+        fit(copy_of(start), loader, recipe=Recipe(epochs=1, lr=0.1, lr_scale={"nope": 0.1}), device=CPU)
     with pytest.raises(ValueError, match="finite and > 0"):
-        fit(copy_of(start), loader, epochs=1, lr=0.1, device=CPU, lr_scale={"0.weight": 0.0})
+        fit(copy_of(start), loader, recipe=Recipe(epochs=1, lr=0.1, lr_scale={"0.weight": 0.0}), device=CPU)
 
 
 def copy_of(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model)
+
+
+# ------------------------------------------------- divergence guard and best epoch
+
+
+def test_fit_rolls_back_a_loss_far_above_its_start(caplog):
+    """A rate far too high makes the loss explode while it is still finite: the guard restarts
+    the epoch at a lower rate before the weights are ruined; without it the run ends ruined."""
+    loader = DataLoader(blobs(96), batch_size=8)
+    test = DataLoader(blobs(60, seed=1), batch_size=30)
+    seed_everything(0)
+    start = mlp()
+    guarded, unguarded = copy_of(start), copy_of(start)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        history = fit(guarded, loader, recipe=Recipe(epochs=3, lr=10.0), device=CPU, show_progress=False)
+    assert [r["restarts"] for r in history] == [1, 0, 0]
+    assert any("diverged" in r.getMessage() and "restarting epoch 1" in r.getMessage() for r in caplog.records)
+    assert evaluate(guarded, test, device=CPU, show_progress=False)["acc"] == 1.0
+    history = fit(unguarded, loader, recipe=Recipe(epochs=3, lr=10.0, divergence=None), device=CPU,
+                  show_progress=False)
+    assert all(math.isfinite(r["train_loss"]) for r in history) and history[-1]["train_loss"] > 1e3
+
+
+def test_loss_guard_ignores_noise_and_catches_a_sustained_rise():
+    guard = finetune.LossGuard(4.0)
+    assert all(guard.update(0.05) is None for _ in range(finetune.GUARD_REFERENCE_BATCHES))
+    assert guard.reference == finetune.GUARD_MIN_REFERENCE  # near-zero start: the floor
+    assert guard.update(0.9) is None and guard.update(0.05) is None  # one bad batch is noise
+    reasons = [guard.update(2.0) for _ in range(30)]
+    assert reasons[0] is None and any(reasons)
+    assert "over 4x where the run started (0.25)" in next(r for r in reasons if r)
+    assert finetune.LossGuard(None).update(1e30) is None  # off
+    with pytest.raises(UserError, match="divergence must be"):
+        Recipe(epochs=1, lr=0.1, divergence=1.0).check()
+
+
+class _ScoreEpochs:
+    """An epoch hook that replaces the test accuracy by a script and keeps each epoch's weights."""
+
+    def __init__(self, model: nn.Module, scores: list[float]) -> None:
+        self.model, self.scores, self.weights = model, scores, []
+
+    def __call__(self, record: dict) -> None:
+        record["test_acc"] = self.scores[record["epoch"] - 1]
+        self.weights.append({k: v.clone() for k, v in self.model.state_dict().items()})
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_fit_ends_with_the_best_epoch_on_the_test_set(caplog, keep_best):
+    seed_everything(0)
+    model = mlp()
+    scores = _ScoreEpochs(model, [0.6, 0.9, 0.5, 0.7])
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        history = fit(model, DataLoader(blobs(48), batch_size=8), DataLoader(blobs(30, seed=1), batch_size=30),
+                      recipe=Recipe(epochs=4, lr=0.05, keep_best=keep_best), device=CPU, show_progress=False,
+                      epoch_hook=scores)
+    kept = 2 if keep_best else 4
+    assert [r["kept"] for r in history] == [e == kept for e in (1, 2, 3, 4)]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, scores.weights[kept - 1][name]), name
+    assert not torch.equal(scores.weights[1]["0.weight"], scores.weights[3]["0.weight"])
+    said = any("keeping epoch 2's weights" in r.getMessage() and "90.00%" in r.getMessage() for r in caplog.records)
+    assert said == keep_best
+
+
+def test_resumed_run_keeps_the_best_epoch_from_before_the_interruption():
+    """The best epoch's weights travel in the checkpoint: a run resumed after it ends with them."""
+    loader = DataLoader(blobs(48), batch_size=8)
+    test = DataLoader(blobs(30, seed=1), batch_size=30)
+    recipe = Recipe(epochs=4, lr=0.05)
+    seed_everything(0)
+    start = mlp()
+    whole = copy_of(start)
+    states = []
+    fit(whole, loader, test, recipe=recipe, device=CPU, show_progress=False,
+        epoch_hook=_ScoreEpochs(whole, [0.6, 0.9, 0.5, 0.7]),
+        checkpoint=lambda make: states.append(copy.deepcopy(make())))
+    after_third = states[2]
+    assert after_third["best"]["epoch"] == 2 and after_third["best"]["model"] is not None
+    resumed = copy_of(start)
+    fit(resumed, loader, test, recipe=recipe, device=CPU, show_progress=False,
+        epoch_hook=_ScoreEpochs(resumed, [0.6, 0.9, 0.5, 0.7]), resume=after_third)
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    damaged = dict(after_third, best=dict(after_third["best"], model={"0.weight": torch.zeros(2)}))
+    with pytest.raises(UserError, match="does not fit this run.*best epoch's weights"):
+        fit(copy_of(start), loader, test, recipe=recipe, device=CPU, show_progress=False, resume=damaged)

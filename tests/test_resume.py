@@ -102,7 +102,7 @@ def test_resume_refuses_other_options_and_a_missing_checkpoint(tmp_path, capsys,
     config = torch.load(tmp_path / "model.checkpoint", weights_only=True)["config"]
     config = {**config, "lr": main.DEFAULT_LR["train"], "epochs": 2, "batch_size": 8, "seed": 0, "step": "train",
               "arch": "alexnet", "weights": "none", "image_size": SIZE, "train_path": os.path.abspath(data[0]),
-              "workers": 0, "world_size": 1, "freeze_features": False,
+              "workers": 0, "world_size": 1, "freeze_features": False, "keep_last": False,
               "pretrained_lr_scale": main.DEFAULT_PRETRAINED_LR_SCALE, "test_path": None, "device": "cpu",
               "source_sha256": None}
     torch.save({"format": finetune.CHECKPOINT_FORMAT, "epoch": 1, "config": config, "model": {"x": torch.ones(1)}},
