@@ -969,8 +969,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=file or sys.stderr)
 
 
-class Terminated(Exception):
-    """SIGTERM arrived (a scheduler or ``kill`` stopping the run)."""
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler or ``kill`` stopping the run).
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: the ``except Exception`` handlers that
+    turn a bad image, file or backend into one line must not swallow it (it arrives at any
+    bytecode, inside them too)."""
 
 
 def _terminate(signum, frame) -> None:

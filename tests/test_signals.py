@@ -98,3 +98,96 @@ except KeyboardInterrupt:
     import torch
     assert torch.load(tmp_path / "model", weights_only=True)["w"].numel() == 8_000_000
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+# ------------------------------------------- SIGTERM inside the broad exception handlers
+
+
+def _raise_terminated(*args, **kwargs):
+    import main
+
+    raise main.Terminated()
+
+
+def _inside_image_load(tmp_path, monkeypatch):
+    import dataset
+
+    monkeypatch.setattr(dataset.Image, "open", _raise_terminated)
+    path = tmp_path / "x.png"
+    path.write_bytes(b"not read")
+    dataset.load_rgb(str(path))
+
+
+def _inside_folder_scan(tmp_path, monkeypatch):
+    import dataset
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"not read")
+    monkeypatch.setattr(dataset.Image, "open", _raise_terminated)
+    dataset._scan_folder(str(tmp_path), ["a"], role="train")
+
+
+def _inside_onnx_read(tmp_path, monkeypatch):
+    import onnx
+
+    import importers
+
+    monkeypatch.setattr(onnx, "load", _raise_terminated)
+    path = tmp_path / "w.onnx"
+    path.write_bytes(b"not read")
+    importers._read_onnx(str(path))
+
+
+def _inside_backend_choice(tmp_path, monkeypatch):
+    import torch
+
+    import inference
+
+    monkeypatch.setattr(inference, "_verified", _raise_terminated)
+    inference.prepare(torch.nn.Conv2d(3, 4, 3), torch.rand(1, 3, 8, 8))
+
+
+def _inside_forward_probe(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_probe_model", lambda arch: _Raising())
+    models._forward_works("alexnet", 64)
+
+
+def _inside_torch_load(tmp_path, monkeypatch):
+    monkeypatch.setattr(models.torch, "load", _raise_terminated)
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"not read")
+    models._torch_load(str(path), what="model file")
+
+
+class _Raising(__import__("torch").nn.Linear):
+    def __init__(self):
+        super().__init__(1, 1)
+
+    def forward(self, x):
+        _raise_terminated()
+
+
+@pytest.mark.parametrize("site", [_inside_image_load, _inside_folder_scan, _inside_onnx_read, _inside_backend_choice,
+                                  _inside_forward_probe, _inside_torch_load], ids=lambda f: f.__name__)
+def test_sigterm_inside_a_broad_handler_is_not_swallowed(tmp_path, monkeypatch, site):
+    """SIGTERM arrives at any bytecode, also inside the ``except Exception`` handlers that turn a
+    bad image, file or backend into one line: it must end the run (exit 143), not be reported as
+    a bad file or an unusable backend."""
+    import main
+
+    with pytest.raises(main.Terminated):
+        site(tmp_path, monkeypatch)
+
+
+def test_sigterm_during_eval_backend_choice_ends_with_143(tmp_path, monkeypatch, capsys):
+    import inference
+    import main
+
+    model = tmp_path / "model"
+    net, _ = models.build_pretrained("alexnet", 2, weights="none")
+    models.save_model(str(model), net, arch="alexnet", classes=["cat", "dog"], image_size=SIZE, meta={})
+    _, test = make_image_folder(tmp_path / "data", n_train=2, n_test=2, size=SIZE)
+    monkeypatch.setattr(inference, "_verified", _raise_terminated)
+    code = main.run(["--eval", "--model", str(model), "--test_path", str(test), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 143 and err.strip().splitlines()[-1] == "error: terminated" and "Traceback" not in err
