@@ -65,6 +65,9 @@ REQUIRED_KEYS = ("format", "version", "arch", "classes", "image_size", "plan", "
 # the file's own.  More than this many times the file (plus the slack) is a compressed
 # archive, possibly a zip bomb, refused before anything is inflated.
 MAX_ZIP_EXPANSION = 1.5
+#: The largest --weights file read: torchvision's largest weights here (VGG19, 548 MB) many
+#: times over, and ONNX's 2 GiB protobuf limit twice.
+MAX_WEIGHTS_BYTES = 4 << 30
 ZIP_SLACK_BYTES = 16 * 1024 * 1024
 
 
@@ -218,9 +221,13 @@ def build_pretrained(arch: str, num_classes: int, *, weights: str = "none") -> t
     if weights.lower() == "none":
         _replace_head(model, num_classes)
         return model, []
-    if os.path.exists(weights):
-        if os.path.isdir(weights):
-            raise UserError(f"weights file {weights} is a directory, not a file")
+    if os.path.lexists(weights):
+        # Before anything opens it: a FIFO blocks a reader forever, a link to /dev/zero never ends.
+        check_input_file(weights, what="weights file")
+        size = os.path.getsize(weights)
+        if size > MAX_WEIGHTS_BYTES:
+            raise UserError(f"weights file {weights} holds {size} bytes, more than any {arch} weights "
+                            f"({MAX_WEIGHTS_BYTES} at most); refused before reading")
         if importers.file_kind(weights) == "torch":
             _load_state_dict_file(model, weights, arch)
             loaded_modules = None  # everything

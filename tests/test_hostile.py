@@ -222,3 +222,36 @@ def test_a_file_of_another_format_is_named_not_called_pickled_code(tmp_path, cap
     code, _, err = run_cli(capsys, "--eval", "--model", path, "--test_path", folder[1], *FAST)
     line = one_line_error(code, err, needle)
     assert "code would run" not in line
+
+
+# ------------------------------------------------ --weights: the checks model files get
+@pytest.mark.parametrize("name", ["fifo.onnx", "fifo.pt"])
+def test_fifo_as_weights_is_refused_not_read(tmp_path, folder, name):
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "main.py"), "--train", "--arch", "alexnet", "--weights",
+                           str(fifo), "--train_path", str(folder[0]), "--image_size", str(SIZE), "--model",
+                           str(tmp_path / "model"), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: weights file {fifo} is not a regular file (a FIFO, "
+                                                    f"device or socket)")
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("case", ["dev_zero_link", "dangling_link", "huge_sparse"])
+def test_weights_that_are_no_file_or_too_large_are_refused_before_reading(tmp_path, capsys, folder, case):
+    path = tmp_path / "w.onnx"
+    if case == "dev_zero_link":  # read until memory ran out (4 GB in 7 s)
+        path.symlink_to("/dev/zero")
+        needle = "is not a regular file"
+    elif case == "dangling_link":
+        path.symlink_to(tmp_path / "nowhere.onnx")
+        needle = "does not exist"
+    else:  # a sparse file: no disk used
+        with open(path, "wb") as fh:
+            fh.truncate(models.MAX_WEIGHTS_BYTES + 1)
+        needle = "refused before reading"
+    code, _, err = run_cli(capsys, "--train", "--arch", "alexnet", "--weights", path, "--train_path", folder[0],
+                           "--image_size", SIZE, "--model", tmp_path / "model", *FAST)
+    one_line_error(code, err, needle)
+    assert not (tmp_path / "model").exists()
