@@ -1273,8 +1273,14 @@ def _fit_problem(name: str, entry: dict, layer: nn.Module | None) -> str | None:
                f"layer is larger than the original"
     elif method == "svd" and entry["rank"] > min(matrix_shape(layer)):
         return f"layer {name!r}: svd rank {entry['rank']} exceeds min(out, in) = {min(matrix_shape(layer))}"
-    elif method == "diagonal" and entry["bandwidth"] > layer.in_features:
-        return f"layer {name!r}: bandwidth {entry['bandwidth']} exceeds the layer's {layer.in_features} inputs"
+    elif method == "diagonal":
+        # max(M, N) x b weights (and as many gathered inputs per sample in the forward pass):
+        # only a band narrower than the dense layer's M x N is a compression.
+        length = max(layer.in_features, layer.out_features)
+        limit = (layer.in_features * layer.out_features - 1) // length
+        if entry["bandwidth"] > limit:
+            return (f"layer {name!r}: bandwidth {entry['bandwidth']} stores at least as many weights as the dense "
+                    f"{layer.out_features}x{layer.in_features} layer (at most {limit} here)")
     return None
 
 

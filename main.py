@@ -670,11 +670,17 @@ def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_s
     import ranks
 
     if args.plan:
+        import models
+
         plan = ranks.read_plan(args.plan)
         try:
             decompositions.check_plan(model, plan)
         except ValueError as exc:
             raise UserError(f"plan file {args.plan} does not fit {args.model}: {exc}") from None
+        head = models.head_name(model)
+        if plan.get(head, {}).get("method", "none") != "none":
+            raise UserError(f"plan file {args.plan} decomposes the classifier {head!r}, which stays dense (its "
+                            f"entry must be \"none\" or absent)")
         return plan
     convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     skip = {} if args.include_first_conv or not convs else {

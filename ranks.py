@@ -962,6 +962,32 @@ def write_plan(path: str, plan: Mapping[str, dict], *, arch: str | None = None,
     report.write_json(path, payload)
 
 
+#: The most digits an integer in a plan file may have (ranks are below a million; Python
+#: refuses to parse integers beyond 4300 digits with a traceback).
+MAX_PLAN_DIGITS = 9
+
+
+class _PlanValueError(ValueError):
+    """A value in a plan file that no plan holds (raised while parsing, turned into one line)."""
+
+
+def _plan_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_PLAN_DIGITS:
+        raise _PlanValueError(f"an integer of {len(text.lstrip('-'))} digits ({text[:12]}...); ranks have at most "
+                              f"{MAX_PLAN_DIGITS}")
+    return int(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key given twice (json keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _PlanValueError(f"the key {key[:60]!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def read_plan(path: str) -> dict[str, dict]:
     """Read a plan file written by :func:`write_plan` (or a bare ``{name: entry}`` JSON object).
 
@@ -976,9 +1002,11 @@ def read_plan(path: str) -> dict[str, dict]:
         raise UserError(f"plan file {path} is {size} bytes; a plan is far smaller (limit {MAX_PLAN_BYTES})")
     try:
         with open(path, encoding="utf-8") as fh:
-            payload = json.load(fh)
+            payload = json.load(fh, parse_int=_plan_int, object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
         raise UserError(f"plan file {path} is not text (UTF-8 JSON)") from None
+    except _PlanValueError as exc:
+        raise UserError(f"plan file {path}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"plan file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
                         f"{exc.msg})") from None
@@ -990,7 +1018,7 @@ def read_plan(path: str) -> dict[str, dict]:
         if payload.get("format") != PLAN_FORMAT:
             raise UserError(f"plan file {path} has format {str(payload.get('format'))[:40]!r}, not {PLAN_FORMAT!r}")
         version = payload.get("version")
-        if not _is_int(version) or version > PLAN_VERSION:
+        if not _is_int(version) or not 1 <= version <= PLAN_VERSION:
             raise UserError(f"plan file {path} has version {str(version)[:20]}; this tool reads up to "
                             f"{PLAN_VERSION}")
         payload = payload.get("layers")

@@ -527,6 +527,7 @@ def test_plan_with_diagonal_entries_moves_the_weights_first(tmp_path, capsys, ca
     ('{"classifier.1": {"method": "cp", "rank": 4}}', "cp applies to Conv2d layers"),
     ('{"features.3": {"method": "tucker", "ranks": [4, 4000]}}', "exceed the layer's channels"),
     ("[" * 100000 + "]" * 100000, "nests too deeply"),
+    ('{"classifier.6": {"method": "svd", "rank": 1}}', "decomposes the classifier 'classifier.6', which stays dense"),
 ])
 def test_malformed_plan_files(tmp_path, capsys, trained, content, needle):
     plan = tmp_path / "plan.json"

@@ -272,7 +272,9 @@ BAD_PLANS = [
     ({"stem.0": {"method": "tucker", "ranks": [17, 2]}}, r"exceed the layer's channels \[16, 3\]"),
     ({"stem.0": {"method": "cp", "rank": 0}}, "integer >= 1"),
     ({"head.1": {"method": "svd", "rank": 65}}, "exceeds min"),
-    ({"head.1": {"method": "diagonal", "bandwidth": 1000}}, "exceeds the layer's 512 inputs"),
+    ({"head.1": {"method": "diagonal", "bandwidth": 1000}}, "stores at least as many weights as the dense"),
+    # a band as wide as the layer: 512 x 512 weights and gathers instead of 64 x 512 (was accepted)
+    ({"head.1": {"method": "diagonal", "bandwidth": 64}}, r"at most 63 here"),
     ({"stem.0": {"method": "prune"}}, "method must be one of"),
     ({"stem.0": ["tucker", 2, 2]}, "must be an object"),
     ({"stem": {"method": "none"}}, "not a Conv2d or Linear"),

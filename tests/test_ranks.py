@@ -309,6 +309,11 @@ def test_plan_round_trips_through_json_and_a_model_file(tmp_path):
     ('{"features.3": {"method": "cp", "rank": -3}}', "cp rank must be an integer >= 1"),
     ('{"features.3": "tucker"}', "must be an object"),
     ('{"": {"method": "none"}}', "layer names must be non-empty"),
+    # were a traceback (Python's int-string limit), silently the last one, or accepted
+    ('{"features.3": {"method": "cp", "rank": 1' + "0" * 5000 + '}}', "an integer of 5001 digits"),
+    ('{"features.3": {"method": "cp", "rank": 2}, "features.3": {"method": "none"}}', "'features.3' appears twice"),
+    ('{"format": "lowrank-cnn-plan", "version": 0, "layers": {}}', "has version 0"),
+    ('{"format": "lowrank-cnn-plan", "version": -1, "layers": {}}', "has version -1"),
 ])
 def test_malformed_plan_files_give_one_line_errors(tmp_path, content, message):
     path = tmp_path / "plan.json"
