@@ -234,6 +234,14 @@ def _natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
+#: The largest kernel or bias read from a Keras file, in elements (VGG16's fc1 is 103M; about
+#: 1 GiB in float32), and how many times the file's size a compressed dataset may declare.
+MAX_KERAS_ELEMENTS = 1 << 28
+MAX_KERAS_EXPANSION = 8
+#: Groups and datasets visited in a Keras file at most (Keras VGG16 has about 100).
+MAX_KERAS_NODES = 100_000
+
+
 def _read_keras(path: str) -> tuple[list[Layer], list[Layer]]:
     try:
         import h5py
@@ -242,9 +250,11 @@ def _read_keras(path: str) -> tuple[list[Layer], list[Layer]]:
                         "pip install h5py") from None
     try:
         with h5py.File(path, "r") as fh:
-            groups = _keras_weight_groups(fh, h5py)
+            groups = _keras_weight_groups(fh, h5py, os.path.getsize(path))
     except OSError as exc:
         raise UserError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0][:200]})") from None
+    except _Refused as exc:
+        raise UserError(f"{path}: {exc}") from None
     convs: list[Layer] = []
     denses: list[Layer] = []
     for name, kernel, bias in groups:
@@ -257,24 +267,90 @@ def _read_keras(path: str) -> tuple[list[Layer], list[Layer]]:
     return convs, denses
 
 
-def _keras_weight_groups(fh, h5py) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(layer path, kernel, bias) of every layer with a 2-D or 4-D kernel, in network order."""
-    root = fh["model_weights"] if "model_weights" in fh else fh
+class _Refused(ValueError):
+    """A Keras file that is not plain weights data in this one file (turned into one line)."""
+
+
+def _keras_weight_groups(fh, h5py, file_size: int) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(layer path, kernel, bias) of every layer with a 2-D or 4-D kernel, in network order.
+
+    The file is data in a format, never a pointer to other files: only hard links are followed
+    (an external link, a soft link, a virtual dataset or a dataset stored in another file is
+    refused, naming it), the walk is iterative and bounded, and every dataset's dtype and size
+    are checked before it is read (:func:`_read_dataset`).
+    """
+    root = fh
+    if "model_weights" in _children(fh):
+        root = _child(fh, "model_weights", h5py)
+        if not isinstance(root, h5py.Group):
+            raise _Refused("'model_weights' is not a group")
+    if "layer_names" not in root.attrs:
+        return _kernels_below(root, h5py, file_size)
+    names = _layer_names(root.attrs["layer_names"])
     found: list[tuple[str, np.ndarray, np.ndarray | None]] = []
-    layer_names = root.attrs.get("layer_names")
-    if layer_names is not None:  # Keras 2: the file says the order
-        for raw in layer_names:
-            layer = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if layer in root:
-                found += _kernels_below(root[layer], h5py)
-        return found
-    return _kernels_below(root, h5py)
+    children = _children(root)
+    for layer in names:  # Keras 2: the file says the order
+        if layer in children:
+            group = _child(root, layer, h5py)
+            if not isinstance(group, h5py.Group):
+                raise _Refused(f"layer {layer[:60]!r} is a dataset, not a group of weights")
+            found += _kernels_below(group, h5py, file_size)
+    return found
 
 
-def _kernels_below(group, h5py) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+def _layer_names(raw) -> list[str]:
+    """Keras 2's ``layer_names`` attribute: distinct plain names of the root's children."""
+    values = np.asarray(raw)
+    if values.ndim != 1 or values.dtype.kind not in "SUO":
+        raise _Refused(f"attribute 'layer_names' must be a list of names, got {values.dtype} of shape "
+                       f"{values.shape}")
+    names = []
+    for value in values.tolist():
+        try:
+            name = value.decode("utf-8") if isinstance(value, bytes) else value
+        except UnicodeDecodeError:
+            raise _Refused("attribute 'layer_names' holds a name that is not UTF-8") from None
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise _Refused(f"attribute 'layer_names' holds {str(name)[:60]!r}, not a layer name")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _children(group) -> list[str]:
+    """The link names of ``group``, without resolving any link (``name in group`` would open an
+    external link's file to see whether its target exists)."""
+    return list(group.keys())
+
+
+def _child(group, name: str, h5py):
+    """``group[name]`` through a hard link only."""
+    link = group.get(name, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise _Refused(f"{group.name.rstrip('/')}/{name} is a link to another file ({link.filename[:80]}); "
+                       f"weights are read from the given file only")
+    if not isinstance(link, h5py.HardLink):
+        raise _Refused(f"{group.name.rstrip('/')}/{name} is a {type(link).__name__}; only plain groups and "
+                       f"datasets are read")
+    return group[name]
+
+
+def _kernels_below(group, h5py, file_size: int) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
     """Kernels (with their sibling bias) anywhere below ``group``, in natural path order."""
     datasets: list[tuple[str, Any]] = []
-    group.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    stack, visited = [("", group)], 0
+    while stack:  # iterative, hard links only, each group once
+        prefix, current = stack.pop()
+        for name in _children(current):
+            visited += 1
+            if visited > MAX_KERAS_NODES:
+                raise _Refused(f"more than {MAX_KERAS_NODES} groups and datasets: not a weights file")
+            obj = _child(current, name, h5py)
+            path = f"{prefix}/{name}".lstrip("/")
+            if isinstance(obj, h5py.Group):
+                stack.append((path, obj))
+            elif isinstance(obj, h5py.Dataset):
+                datasets.append((path, obj))
     by_parent: dict[str, dict[str, Any]] = {}
     for name, obj in datasets:
         parent, _, leaf = name.rpartition("/")
@@ -285,14 +361,39 @@ def _kernels_below(group, h5py) -> list[tuple[str, np.ndarray, np.ndarray | None
         kernel_key = next((k for k in ("kernel:0", "kernel", "0") if k in members), None)
         if kernel_key is None or members[kernel_key].ndim not in (2, 4):
             continue
-        kernel = np.asarray(members[kernel_key][()])
+        kernel = _read_dataset(members[kernel_key], file_size)
         bias_key = next((k for k in ("bias:0", "bias", "1") if k in members), None)
-        bias = np.asarray(members[bias_key][()]) if bias_key is not None else None
+        bias = _read_dataset(members[bias_key], file_size) if bias_key is not None else None
         if bias is not None and (bias.ndim != 1 or bias.shape[0] != kernel.shape[-1]):
             bias = None
         layer = f"{group.name.rstrip('/')}/{parent}".lstrip("/")
         out.append((layer, kernel, bias))
     return out
+
+
+def _read_dataset(dataset, file_size: int) -> np.ndarray:
+    """A dataset's values, after checking that they are real numbers stored in this file and of a
+    size this file can hold (a compressed dataset may declare gigabytes in a few kilobytes)."""
+    name = dataset.name
+    if dataset.is_virtual:
+        raise _Refused(f"dataset {name} is virtual (its data lives in other files); refused")
+    if dataset.external:
+        raise _Refused(f"dataset {name} is stored in an external file ({str(dataset.external[0][0])[:80]}); "
+                       f"weights are read from the given file only")
+    kind = dataset.dtype.kind
+    if kind not in "fiu" or dataset.dtype.fields is not None:
+        what = "complex" if kind == "c" else str(dataset.dtype)[:40]
+        raise _Refused(f"dataset {name} holds {what} values, not real numbers")
+    elements = int(np.prod(dataset.shape, dtype=np.float64))
+    declared = elements * dataset.dtype.itemsize
+    allowed = file_size * (MAX_KERAS_EXPANSION if dataset.compression else 1)
+    if elements > MAX_KERAS_ELEMENTS or declared > allowed:
+        raise _Refused(f"dataset {name} declares {elements} values ({declared} bytes) in a {file_size}-byte file; "
+                       f"refused before reading")
+    values = np.asarray(dataset[()])
+    if kind == "f" and not np.isfinite(values).all():
+        raise _Refused(f"dataset {name} holds NaN or infinite values")
+    return values
 
 
 def _tensor(array: np.ndarray | None) -> torch.Tensor | None:

@@ -1,6 +1,7 @@
 """Conv stacks (and FC layers) from ONNX and Keras files: exact weights, layouts, every mismatch."""
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,3 +318,124 @@ def test_onnx_gemm_with_a_broadcast_bias(tmp_path):
     assert torch.equal(model.features[0].bias, torch.zeros(4))  # no conv bias in the file
     assert torch.equal(model.classifier[1].weight, torch.from_numpy(gemm_w))
     assert torch.equal(model.classifier[1].bias, torch.from_numpy(gemm_b.reshape(5)))
+
+
+# ------------------------------------------------------------- hostile HDF5 files
+SECRET = np.full((3, 3, 3, 4), 7.25, np.float32)  # bytes of "another file" that must never become weights
+
+
+def _secret_file(tmp_path) -> Path:
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as fh:
+        fh["k"] = SECRET
+    return other
+
+
+def _hostile_h5(tmp_path, case: str) -> Path:
+    """A small Keras-2 style file, made hostile in one way."""
+    path = tmp_path / f"{case}.h5"
+    conv = np.zeros((3, 3, 3, 4), np.float32)
+    with h5py.File(path, "w") as fh:
+        fh.attrs["layer_names"] = [b"conv"]
+        group = fh.create_group("conv/conv")
+        if case == "external_link_relative":
+            _secret_file(tmp_path)
+            group["kernel:0"] = h5py.ExternalLink("other.h5", "/k")
+        elif case == "external_link_absolute":
+            group["kernel:0"] = h5py.ExternalLink(str(_secret_file(tmp_path)), "/k")
+        elif case == "external_group_link":
+            _secret_file(tmp_path)
+            fh["conv"]["linked"] = h5py.ExternalLink("other.h5", "/")
+        elif case == "soft_link":
+            group["kernel:0"] = conv
+            group["again"] = h5py.SoftLink("/conv/conv/kernel:0")
+        elif case == "external_storage":
+            raw = tmp_path / "raw.bin"
+            raw.write_bytes(SECRET.tobytes())
+            group.create_dataset("kernel:0", shape=SECRET.shape, dtype=np.float32,
+                                 external=[(str(raw), 0, SECRET.nbytes)])
+        elif case == "virtual":
+            other = _secret_file(tmp_path)
+            layout = h5py.VirtualLayout(shape=SECRET.shape, dtype=np.float32)
+            layout[...] = h5py.VirtualSource(str(other), "k", shape=SECRET.shape)
+            group.create_virtual_dataset("kernel:0", layout)
+        elif case == "huge_declared":  # 2^40 values, chunked and compressed, nothing written
+            group.create_dataset("kernel:0", shape=(1 << 10, 1 << 10, 1 << 10, 1 << 10), dtype=np.float32,
+                                 chunks=(1, 1, 64, 64), compression="gzip")
+        elif case == "compressed_gigabyte":  # 1 GiB of zeros in a few MB
+            group.create_dataset("kernel:0", shape=(16384, 16384), dtype=np.float32, chunks=(1024, 1024),
+                                 compression="gzip", fillvalue=0.0)
+        elif case in ("complex", "string", "compound", "bool"):
+            dtype = {"complex": np.complex64, "string": h5py.string_dtype(), "bool": np.bool_,
+                     "compound": np.dtype([("a", np.float32), ("b", np.int8)])}[case]
+            group.create_dataset("kernel:0", shape=(3, 3, 3, 4), dtype=dtype)
+        elif case in ("nan", "inf"):
+            bad = conv.copy()
+            bad[0, 0, 0, 0] = np.nan if case == "nan" else np.inf
+            group["kernel:0"] = bad
+        elif case == "layer_names_int":
+            group["kernel:0"] = conv
+            fh.attrs["layer_names"] = 5
+        elif case == "layer_names_not_utf8":
+            group["kernel:0"] = conv
+            fh.attrs["layer_names"] = np.array([b"\xff\xfe"], dtype="S2")
+        elif case == "layer_names_slash":
+            group["kernel:0"] = conv
+            fh.attrs["layer_names"] = [b"/"] * 100
+        elif case == "dataset_for_group":
+            del fh["conv"]
+            fh["conv"] = conv
+        else:
+            raise AssertionError(case)
+    return path
+
+
+HOSTILE_H5 = {
+    "external_link_relative": "is a link to another file (other.h5)",
+    "external_link_absolute": "is a link to another file",
+    "external_group_link": "is a link to another file",
+    "soft_link": "is a SoftLink; only plain groups and datasets are read",
+    "external_storage": "is stored in an external file",
+    "virtual": "is virtual",
+    "huge_declared": "declares 1099511627776 values",
+    "compressed_gigabyte": "declares 268435456 values",
+    "complex": "holds complex values",
+    "string": "not real numbers",
+    "compound": "not real numbers",
+    "bool": "not real numbers",
+    "nan": "holds NaN or infinite values",
+    "inf": "holds NaN or infinite values",
+    "layer_names_int": "'layer_names' must be a list of names",
+    "layer_names_not_utf8": "not UTF-8",
+    "layer_names_slash": "holds '/', not a layer name",
+    "dataset_for_group": "is a dataset, not a group of weights",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_H5))
+def test_hostile_keras_files_are_refused_with_one_line(tmp_path, case):
+    """Each was followed silently (weights from another file), a traceback, or accepted with bad values."""
+    path = _hostile_h5(tmp_path, case)
+    with pytest.raises(UserError) as info:
+        importers.read_layers(path)
+    message = str(info.value)
+    assert HOSTILE_H5[case] in message and "\n" not in message and str(path) in message
+
+
+def test_hostile_keras_file_through_the_cli_reads_nothing_else(tmp_path, capsys):
+    """End to end: exit 2, one line, no model written, and the other file's values never loaded."""
+    import main
+
+    path = _hostile_h5(tmp_path, "external_link_relative")
+    train = tmp_path / "data"
+    from conftest import make_image_folder
+
+    train_dir, _ = make_image_folder(train, n_train=2, n_test=1, size=models.MIN_IMAGE_SIZE["alexnet"])
+    code = main.run(["--train", "--arch", "alexnet", "--weights", str(path), "--train_path", str(train_dir),
+                     "--model", str(tmp_path / "model"), "--quiet", "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: {path}: /conv/conv/kernel:0 is a link to another file (other.h5); weights are read from the given "
+        f"file only"]
+    assert not (tmp_path / "model").exists()
