@@ -9,6 +9,7 @@ go through :func:`atomic_open`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import re
@@ -18,6 +19,11 @@ import threading
 import warnings
 from collections.abc import Iterator
 from typing import IO
+
+from errors import DiskFullError
+
+#: The errors of a write that found no room: a full disk, a quota, a file size limit.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 # Temporary files are named ".<target>.<pid>.<random>.tmp": the pid tells a file of a
 # process that died (kill -9, power loss) from one still being written.
@@ -91,7 +97,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+    except OSError as exc:
+        if exc.errno in _NO_ROOM:  # no inode left for the temporary file
+            raise DiskFullError(f"cannot write {path}: {os.strerror(exc.errno)} (nothing written)") from None
+        raise
     with deferred_signals():
         try:
             umask = os.umask(0)
@@ -102,7 +113,24 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            full = _no_room(exc)
+            if full is not None:
+                raise DiskFullError(f"cannot write {path}: {os.strerror(full.errno)} ("
+                                    f"{'the previous file is unchanged' if os.path.exists(path) else 'nothing written'}"
+                                    f")") from None
             raise
+
+
+def _no_room(exc: BaseException) -> OSError | None:
+    """The out-of-space OSError behind ``exc``, if any: raised directly by a write, or under the
+    RuntimeError torch's zip writer raises once a write failed ("unexpected pos")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None

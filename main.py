@@ -1006,7 +1006,7 @@ def run(argv: list[str] | None = None) -> int:
         return main(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

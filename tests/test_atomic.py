@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -56,3 +57,88 @@ def test_a_live_writers_temporary_and_other_files_are_left_alone(tmp_path, recwa
         fh.write(b"m")
     assert sorted(os.listdir(tmp_path)) == sorted(["model", live.name, foreign.name, other_target.name])
     assert not [w for w in recwarn if "temporary file" in str(w.message)]
+
+
+# ------------------------------------------------------------------- a full disk
+class _FullDisk:
+    """The file object ``atomic_open`` writes to, failing with ENOSPC once ``room`` bytes are written."""
+
+    def __init__(self, fh, room: int) -> None:
+        self._fh, self._room = fh, room
+
+    def write(self, data) -> int:
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(data)
+        return self._fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._fh.__exit__(*exc)
+
+
+def _fill_disk(monkeypatch, room: int) -> None:
+    import atomic
+
+    real = os.fdopen
+    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: _FullDisk(real(fd, mode), room))
+
+
+def _writers(tmp_path):
+    import torch
+
+    import inference
+    import models
+    import ranks
+    import report
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 2))
+    return {
+        "model file": lambda p: models.save_model(p, models.build_pretrained("alexnet", 2, weights="none")[0],
+                                                  arch="alexnet", classes=["a", "b"], image_size=63, meta={}),
+        "checkpoint": lambda p: models.save_checkpoint(p, {"model": net.state_dict()}, config={"lr": 0.1}),
+        "onnx export": lambda p: inference.export_onnx(net.eval(), p, torch.rand(2, 3, 8, 8)),
+        "report json": lambda p: report.write_json(p, {"rows": list(range(10000))}),
+        "plan": lambda p: ranks.write_plan(p, {f"layer{i}": {"method": "tucker", "ranks": [4, 2]} for i in range(50)}),
+    }
+
+
+@pytest.mark.parametrize("room", [0, 200])
+@pytest.mark.parametrize("what", ["model file", "checkpoint", "onnx export", "report json", "plan"])
+def test_a_full_disk_is_one_line_and_leaves_the_target_as_it_was(tmp_path, monkeypatch, what, room):
+    """ENOSPC from a write, or torch's writer failing after it ("unexpected pos"): DiskFullError
+    (exit 1 on the command line) naming the file; the old file intact; no temporary file left."""
+    from errors import DiskFullError
+
+    target = tmp_path / "target"
+    target.write_bytes(b"the previous file")
+    _fill_disk(monkeypatch, room)
+    with pytest.raises(DiskFullError) as info:
+        _writers(tmp_path)[what](str(target))
+    message = str(info.value)
+    assert message == f"cannot write {target}: No space left on device (the previous file is unchanged)"
+    assert info.value.exit_code == 1
+    assert target.read_bytes() == b"the previous file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+def test_a_full_disk_on_the_command_line_exits_1_with_one_line(tmp_path, monkeypatch, capsys):
+    import main
+    import models
+
+    trained = tmp_path / "model"
+    models.save_model(str(trained), models.build_pretrained("alexnet", 2, weights="none")[0], arch="alexnet",
+                      classes=["a", "b"], image_size=63, meta={})
+    _fill_disk(monkeypatch, 1000)
+    code = main.run(["--decompose", "--model", str(trained), "--decomposed_model", str(tmp_path / "small"),
+                     "--rank_ratio", "0.5", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: cannot write {tmp_path / 'small'}: No space left on device (nothing written)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
