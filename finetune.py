@@ -41,6 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -464,6 +465,9 @@ def _resume_from(state: dict, run: _Run, train_loader) -> None:
     epoch, epochs = state.get("epoch"), run.recipe.epochs
     if not isinstance(epoch, int) or not 0 < epoch < epochs:
         raise UserError(f"the checkpoint is after epoch {epoch!r}, outside 1..{epochs - 1} of this {epochs}-epoch run")
+    problem = _checkpoint_problem(state, run)
+    if problem:
+        raise UserError(f"the checkpoint is damaged: {problem}")
     try:
         _restore_training_state(state, run, reused=False)
         runtime.set_rng_state(state["rng"])
@@ -477,6 +481,82 @@ def _resume_from(state: dict, run: _Run, train_loader) -> None:
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
         detail = str(exc).strip().split("\n")[0][:200] or type(exc).__name__
         raise UserError(f"the checkpoint does not fit this run ({type(exc).__name__}: {detail})") from None
+
+
+def _form_problem(expected: Any, got: Any, where: str) -> str | None:
+    """How ``got`` differs in form from ``expected`` (what this run writes): types, keys, lengths,
+    tensor shapes and dtypes, finite numbers; None when it has the same form."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor) or got.shape != expected.shape or got.dtype != expected.dtype:
+            return f"{where} is not a {str(expected.dtype).removeprefix('torch.')} tensor of shape {list(expected.shape)}"
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            return f"{where} holds NaN or infinite values"
+        return None
+    if expected is None or isinstance(expected, (bool, str)):
+        return None if type(got) is type(expected) and (not isinstance(got, str) or len(got) < 1000) else \
+            f"{where} must be {type(expected).__name__}, got {type(got).__name__}"
+    if isinstance(expected, (int, float)):
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or (isinstance(expected, int) and
+                                                                            not isinstance(got, int)):
+            return f"{where} must be {type(expected).__name__}, got {type(got).__name__}"
+        return None if math.isfinite(got) else f"{where} is not finite ({got})"
+    if isinstance(expected, dict):
+        if not isinstance(got, dict) or set(got) != set(expected):
+            return f"{where} must have the fields {sorted(map(str, expected))[:8]}"
+        return next((p for k in expected if (p := _form_problem(expected[k], got[k], f"{where}.{k}"))), None)
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(expected):
+            return f"{where} must be a list of {len(expected)}"
+        return next((p for i, e in enumerate(expected) if (p := _form_problem(e, got[i], f"{where}[{i}]"))), None)
+    return None
+
+
+def _checkpoint_problem(state: dict, run: _Run) -> str | None:
+    """What in a checkpoint does not have the form this run writes (checked before anything is
+    restored; a damaged or edited file otherwise fails mid-training, or never ends)."""
+    missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "history", "restarts_left", "rate_factor",
+                           "guard", "rng") if k not in state]
+    if missing:
+        return f"no {missing[0]!r}"
+    model_state = runtime.unwrap(run.model).state_dict()
+    problem = _form_problem(dict(model_state), state["model"], "model")
+    if problem:
+        return problem
+    optimizer = state["optimizer"]
+    template = run.optimizer.state_dict()
+    if not isinstance(optimizer, dict) or set(optimizer) != {"state", "param_groups"}:
+        return "optimizer must have the fields ['param_groups', 'state']"
+    problem = _form_problem(template["param_groups"], optimizer["param_groups"], "optimizer.param_groups")
+    if problem:
+        return problem
+    if any(g["params"] != t["params"] for g, t in zip(optimizer["param_groups"], template["param_groups"])):
+        return "optimizer.param_groups name other parameters than this model's"
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    buffers = optimizer["state"]
+    if not isinstance(buffers, dict) or not all(isinstance(k, int) and 0 <= k < len(params) for k in buffers):
+        return "optimizer.state must map this model's parameter indices to their buffers"
+    for index, entry in buffers.items():
+        expected = {"momentum_buffer": params[index].detach()}
+        if not isinstance(entry, dict) or set(entry) - set(expected):
+            return f"optimizer.state[{index}] must hold a momentum buffer only"
+        if entry.get("momentum_buffer") is not None:
+            problem = _form_problem(expected["momentum_buffer"], entry["momentum_buffer"],
+                                    f"optimizer.state[{index}].momentum_buffer")
+            if problem:
+                return problem
+    problem = (_form_problem(run.scheduler.state_dict(), state["scheduler"], "scheduler")
+               or _form_problem(run.scaler.state_dict() if run.scaler is not None else None, state["scaler"], "scaler"))
+    if problem:
+        return problem
+    restarts, factor = state["restarts_left"], state["rate_factor"]
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or not 0 <= restarts <= run.recipe.max_restarts:
+        return f"restarts_left {str(restarts)[:20]} is outside 0..{run.recipe.max_restarts}"
+    if isinstance(factor, bool) or not isinstance(factor, float) or not 0 < factor <= 1:
+        return f"rate_factor {str(factor)[:20]} is outside (0, 1]"
+    if not isinstance(state["history"], list) or len(state["history"]) != state["epoch"] or not all(
+            isinstance(r, dict) for r in state["history"]):
+        return f"history must hold one record per epoch done ({state['epoch']})"
+    return None
 
 
 def _restored_best(best: dict | None, run: _Run) -> dict | None:

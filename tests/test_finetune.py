@@ -476,3 +476,53 @@ def test_resumed_run_keeps_the_best_epoch_from_before_the_interruption():
     damaged = dict(after_third, best=dict(after_third["best"], model={"0.weight": torch.zeros(2)}))
     with pytest.raises(UserError, match="does not fit this run.*best epoch's weights"):
         fit(copy_of(start), loader, test, recipe=recipe, device=CPU, show_progress=False, resume=damaged)
+
+
+def _set(*path_and_value):
+    """A function that sets ``state[k0][k1]...`` to the last argument in a checkpoint."""
+    *path, value = path_and_value
+
+    def apply(state):
+        target = state
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        return state
+    return apply
+
+
+TAMPERED = {
+    "lr as text": (_set("optimizer", "param_groups", 0, "lr", "0.1"), "optimizer.param_groups[0].lr must be float"),
+    "momentum buffer of another shape": (_set("optimizer", "state", 0, "momentum_buffer", torch.zeros(3)),
+                                         "optimizer.state[0].momentum_buffer is not a float32 tensor of shape [16, 8]"),
+    "buffer of a parameter that does not exist": (_set("optimizer", "state", 99, {"momentum_buffer": None}),
+                                                  "parameter indices"),
+    "scheduler field of another type": (_set("scheduler", "base_lrs", "fast"), "scheduler.base_lrs must be a list of 1"),
+    "scheduler step as float": (_set("scheduler", "last_epoch", 3.5), "scheduler.last_epoch must be int"),
+    "huge restart budget": (_set("restarts_left", 10 ** 9), "restarts_left 1000000000 is outside 0..2"),
+    "negative restart budget": (_set("restarts_left", -1), "restarts_left -1 is outside 0..2"),
+    "rate factor NaN": (_set("rate_factor", float("nan")), "rate_factor nan is outside (0, 1]"),
+    "NaN weights": (_set("model", "0.weight", torch.full((16, 8), float("nan"))), "model.0.weight holds NaN"),
+    "weights of another shape": (_set("model", "2.bias", torch.zeros(5)), "model.2.bias is not a float32 tensor"),
+    "history too short": (_set("history", []), "history must hold one record per epoch done (2)"),
+    "a scaler on CPU": (_set("scaler", {"scale": 1.0}), "scaler must be NoneType"),
+    "missing guard": (lambda s: {k: v for k, v in s.items() if k != "guard"}, "no 'guard'"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_checkpoints_are_refused_before_anything_is_restored(case):
+    """Each once ended in a traceback mid-training or a run that never ended."""
+    loader = DataLoader(blobs(24), batch_size=8)
+    recipe = Recipe(epochs=3, lr=0.05)
+    seed_everything(0)
+    states = []
+    fit(mlp(), loader, recipe=recipe, device=CPU, show_progress=False,
+        checkpoint=lambda make: states.append(copy.deepcopy(make())))
+    tamper, needle = TAMPERED[case]
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match="the checkpoint is damaged") as info:
+        fit(model, loader, recipe=recipe, device=CPU, show_progress=False, resume=tamper(states[1]))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing restored

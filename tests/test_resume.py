@@ -108,7 +108,7 @@ def test_resume_refuses_other_options_and_a_missing_checkpoint(tmp_path, capsys,
     torch.save({"format": finetune.CHECKPOINT_FORMAT, "epoch": 1, "config": config, "model": {"x": torch.ones(1)}},
                tmp_path / "model.checkpoint")
     code, err = run(capsys, *base, "--epochs", "2", "--resume")
-    assert code == 2 and "the checkpoint does not fit this run" in err and "Traceback" not in err
+    assert code == 2 and "the checkpoint is damaged: no 'optimizer'" in err and "Traceback" not in err
 
 
 def _decomposed(tmp_path: Path, trained: Path) -> Path:
