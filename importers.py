@@ -61,6 +61,10 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _LIST_LIMIT = 6
 #: Nodes that pass a weight through unchanged in value (Transpose is handled apart).
 _PASS_THROUGH_OPS = ("Identity", "Cast")
+#: ONNX element types read as weights (TensorProto: FLOAT, UINT8, INT8, UINT16, INT16, INT32,
+#: INT64, FLOAT16, DOUBLE, UINT32, UINT64, BFLOAT16); strings, booleans, complex numbers and
+#: unknown codes are refused.
+_ONNX_REAL_TYPES = (1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 16)
 #: ONNX permutation NCHW -> NHWC: a Keras flatten of a channels-last map.
 _TO_CHANNELS_LAST = (0, 2, 3, 1)
 _TO_CHANNELS_FIRST = (0, 3, 1, 2)
@@ -137,13 +141,59 @@ def _read_onnx(path: str) -> tuple[list[Layer], list[Layer]]:
     except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, missing external data, ...
         raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no detail'})") from None
-    graph = model.graph
-    constants: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    try:
+        return _onnx_layers(model.graph, numpy_helper)
+    except _Refused as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+#: The largest ONNX weight read, in elements (VGG16's fc6 is 103M).
+MAX_ONNX_ELEMENTS = 1 << 28
+
+
+def _onnx_array(tensor, numpy_helper) -> np.ndarray:
+    """An ONNX tensor as an array, after checking that it holds real numbers, declares a size
+    that is bounded, and carries exactly as much data as it declares (a hostile file declares
+    2^40 elements with no data, and numpy would try to allocate them)."""
+    from onnx import TensorProto, helper
+
+    name = tensor.name[:80] or "(unnamed)"
+    kind = tensor.data_type
+    if kind not in _ONNX_REAL_TYPES:
+        what = TensorProto.DataType.Name(kind) if kind in TensorProto.DataType.values() else f"type {kind}"
+        raise _Refused(f"tensor {name!r} holds {what} values, not real numbers")
+    dims = list(tensor.dims)
+    if any(d < 0 for d in dims):
+        raise _Refused(f"tensor {name!r} has a negative dimension {dims}")
+    elements = int(np.prod(dims, dtype=np.float64))
+    if elements > MAX_ONNX_ELEMENTS:
+        raise _Refused(f"tensor {name!r} declares {elements} values; refused before reading")
+    if tensor.HasField("raw_data"):
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(kind)).itemsize
+        if len(tensor.raw_data) != elements * itemsize:
+            raise _Refused(f"tensor {name!r} declares {elements} values but holds {len(tensor.raw_data)} bytes")
+    elif tensor.data_location != TensorProto.EXTERNAL:
+        field = helper.tensor_dtype_to_field(kind)
+        if len(getattr(tensor, field)) != elements:
+            raise _Refused(f"tensor {name!r} declares {elements} values but holds {len(getattr(tensor, field))}")
+    try:
+        values = numpy_helper.to_array(tensor)
+    except (ValueError, TypeError, MemoryError, OSError) as exc:
+        raise _Refused(f"tensor {name!r} cannot be read ({type(exc).__name__})") from None
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise _Refused(f"tensor {name!r} holds NaN or infinite values")
+    return values
+
+
+def _onnx_layers(graph, numpy_helper) -> tuple[list[Layer], list[Layer]]:
+    # Tensors are read only where a Conv or Gemm uses them, each once, after _onnx_array's checks.
+    tensors: dict[str, Any] = {t.name: t for t in graph.initializer}
     for node in graph.node:  # Constant nodes hold weights too in some exports
         if node.op_type == "Constant" and node.output:
             for attr in node.attribute:
                 if attr.name == "value":
-                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
+                    tensors[node.output[0]] = attr.t
+    arrays: dict[str, np.ndarray] = {}
     producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[Any]] = {}
     for node in graph.node:
@@ -151,21 +201,30 @@ def _read_onnx(path: str) -> tuple[list[Layer], list[Layer]]:
             consumers.setdefault(name, []).append(node)
 
     def constant(name: str) -> np.ndarray | None:
-        """The value of ``name`` if it is a weight (an initializer, possibly passed through)."""
-        if name in constants:
-            return constants[name]
-        node = producer.get(name)
-        if node is None or not node.input:
-            return None
-        value = constant(node.input[0])
-        if value is None:
-            return None
-        if node.op_type in _PASS_THROUGH_OPS:
-            return value
-        if node.op_type == "Transpose":
-            perm = _attr(node, "perm")
-            return np.transpose(value, perm) if perm is not None else value.T
-        return None
+        """The value of ``name`` if it is a weight (an initializer, possibly passed through
+        Identity-like ops and Transposes).  Iterative: a chain of 100,000 Identity nodes, or a
+        cycle, is walked without recursion."""
+        chain, seen = [], set()
+        while name not in tensors:
+            node = producer.get(name)
+            if node is None or not node.input or name in seen:
+                return None
+            if node.op_type not in _PASS_THROUGH_OPS and node.op_type != "Transpose":
+                return None
+            seen.add(name)
+            chain.append(node)
+            name = node.input[0]
+        if name not in arrays:
+            arrays[name] = _onnx_array(tensors[name], numpy_helper)
+        value = arrays[name]
+        for node in reversed(chain):
+            if node.op_type == "Transpose":
+                perm = _attr(node, "perm")
+                if perm is not None and sorted(perm) != list(range(value.ndim)):
+                    raise _Refused(f"Transpose {node.name[:60]!r}: perm {perm[:8]} is not a permutation of "
+                                   f"{value.ndim} axes")
+                value = np.transpose(value, perm) if perm is not None else value.T
+        return value
 
     def bias_after(output: str, channels: int) -> np.ndarray | None:
         """A constant of ``channels`` values added to ``output`` (a separate bias ``Add``)."""
@@ -184,6 +243,8 @@ def _read_onnx(path: str) -> tuple[list[Layer], list[Layer]]:
     denses: list[Layer] = []
     channels_last = False  # a Transpose to NHWC seen after the last conv
     for node in graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and not node.output:
+            raise _Refused(f"{node.op_type} node {node.name[:60]!r} has no output")
         if node.op_type == "Conv":
             weight = constant(node.input[1]) if len(node.input) > 1 else None
             if weight is None or weight.ndim != 4:

@@ -439,3 +439,97 @@ def test_hostile_keras_file_through_the_cli_reads_nothing_else(tmp_path, capsys)
         f"error: {path}: /conv/conv/kernel:0 is a link to another file (other.h5); weights are read from the given "
         f"file only"]
     assert not (tmp_path / "model").exists()
+
+
+# -------------------------------------------------------------- hostile ONNX files
+def _weight_tensor(name="W", dims=(4, 3, 3, 3), data_type=TensorProto.FLOAT, raw: bytes | None = None):
+    tensor = TensorProto(name=name, data_type=data_type)
+    tensor.dims.extend(dims)
+    if raw is None:
+        raw = np.zeros(dims, np.float32).tobytes()
+    tensor.raw_data = raw
+    return tensor
+
+
+def _hostile_onnx(tmp_path, case: str) -> Path:
+    """A graph x -> Conv(W) -> y, made hostile in one way."""
+    nodes, inits, weight = [], [], "W"
+    conv_outputs = ["y"]
+    if case == "huge_dims":
+        inits.append(_weight_tensor(dims=(1 << 10,) * 4, raw=bytes(16)))
+    elif case == "raw_short":
+        inits.append(_weight_tensor(raw=bytes(10)))
+    elif case == "raw_long":
+        inits.append(_weight_tensor(raw=bytes(4 * 108 + 4)))
+    elif case == "zero_dim_with_data":
+        inits.append(_weight_tensor(dims=(4, 0, 3, 3), raw=bytes(64)))
+    elif case in ("string", "undefined", "unknown", "complex", "bool"):
+        code = {"string": TensorProto.STRING, "undefined": 0, "unknown": 999, "complex": TensorProto.COMPLEX64,
+                "bool": TensorProto.BOOL}[case]
+        inits.append(_weight_tensor(data_type=code, raw=bytes(8 * 108)))
+    elif case == "nan":
+        values = np.zeros((4, 3, 3, 3), np.float32)
+        values[0, 0, 0, 0] = np.nan
+        inits.append(numpy_helper.from_array(values, "W"))
+    elif case in ("perm_repeats", "perm_too_short"):
+        inits.append(numpy_helper.from_array(np.zeros((3, 3, 3, 4), np.float32), "W_hwio"))
+        perm = [3, 3, 0, 1] if case == "perm_repeats" else [1, 0]
+        nodes.append(helper.make_node("Transpose", ["W_hwio"], ["W"], perm=perm, name="to_oihw"))
+    elif case == "no_output":
+        inits.append(_weight_tensor())
+        conv_outputs = []
+    else:
+        raise AssertionError(case)
+    nodes.append(helper.make_node("Conv", ["x", weight], conv_outputs, name="conv"))
+    graph = helper.make_graph(nodes, "hostile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    path = tmp_path / f"{case}.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    return path
+
+
+HOSTILE_ONNX = {
+    "huge_dims": "declares 1099511627776 values; refused before reading",
+    "raw_short": "declares 108 values but holds 10 bytes",
+    "raw_long": "declares 108 values but holds 436 bytes",
+    "zero_dim_with_data": "declares 0 values but holds 64 bytes",
+    "string": "holds STRING values, not real numbers",
+    "undefined": "holds UNDEFINED values",
+    "unknown": "holds type 999 values",
+    "complex": "holds COMPLEX64 values",
+    "bool": "holds BOOL values",
+    "nan": "holds NaN or infinite values",
+    "perm_repeats": "perm [3, 3, 0, 1] is not a permutation of 4 axes",
+    "perm_too_short": "perm [1, 0] is not a permutation of 4 axes",
+    "no_output": "Conv node 'conv' has no output",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_ONNX))
+def test_hostile_onnx_files_are_refused_with_one_line(tmp_path, case):
+    """Each was a Python traceback (numpy allocation, size or dtype errors, IndexError) or accepted."""
+    path = _hostile_onnx(tmp_path, case)
+    with pytest.raises(UserError) as info:
+        importers.read_layers(path)
+    assert HOSTILE_ONNX[case] in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["cycle", "identity_chain"])
+def test_onnx_graph_walks_are_iterative(tmp_path, case):
+    """A cycle between nodes and a chain of 100,000 Identity nodes were RecursionErrors."""
+    inits = [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "W0")]
+    if case == "cycle":
+        nodes = [helper.make_node("Identity", ["B"], ["W"]), helper.make_node("Identity", ["W"], ["B"])]
+    else:
+        nodes = [helper.make_node("Identity", [f"W{i}"], [f"W{i + 1}"]) for i in range(100_000)]
+        nodes[-1].output[0] = "W"
+    nodes.append(helper.make_node("Conv", ["x", "W"], ["y"], name="conv"))
+    graph = helper.make_graph(nodes, "walk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    path = tmp_path / f"{case}.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    convs = importers.read_layers(path).convs
+    if case == "cycle":
+        assert convs == []  # not a weight: no constant behind it
+    else:
+        assert len(convs) == 1 and torch.equal(convs[0].weight, torch.ones(4, 3, 3, 3))
