@@ -133,6 +133,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                "--test_path, when one is given; the log says which)")
     training.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--dist_timeout", "--dist-timeout", type=float, default=None, metavar="SECONDS",
+                          help="under torchrun: how long a rank waits in a collective for the others before it "
+                               "stops with one line (default 300)")
     training.add_argument("--resume", action="store_true",
                           help="continue an interrupted --train (or, without --train, --fine_tune) from its last "
                                "completed epoch, kept in MODEL_FILE.checkpoint; the other options must be the "
@@ -226,6 +229,8 @@ def _check_args(args: argparse.Namespace) -> None:
         if not os.path.isdir(folder):
             raise UserError(f"folder {folder} for the exported file does not exist")
     _check_decompose_args(args)
+    if args.dist_timeout is not None and not 0 < args.dist_timeout < float("inf"):
+        raise UserError(f"--dist_timeout must be a number of seconds > 0, got {args.dist_timeout!r}")
     if not 0 <= args.calibration <= MAX_CALIBRATION_IMAGES:
         raise UserError(f"--calibration must be a number of images in [0, {MAX_CALIBRATION_IMAGES}], "
                         f"got {args.calibration}")
@@ -415,6 +420,14 @@ def _data(args: argparse.Namespace, *, image_size: int, train: bool, test: bool,
         train_ds, test_ds, batch_size=args.batch_size, workers=args.workers, distributed=distributed,
         seed=args.seed, num_replicas=dist.world_size if distributed else None,
         rank=dist.rank if distributed else None)
+    if distributed:
+        import runtime
+
+        runtime.check_ranks_agree(dist, {
+            "training images": len(train_ds) if train_ds is not None else None,
+            "test images": len(test_ds) if test_ds is not None else None,
+            "classes": classes, "batches per epoch": len(train_loader) if train_loader is not None else None},
+            "data")
     return train_loader, test_loader, sampler, classes
 
 
@@ -901,7 +914,8 @@ def main(args: argparse.Namespace) -> int:
     _check_args(args)
     runtime.seed_everything(args.seed)
     device = runtime.resolve_device(args.device)
-    dist, device = runtime.init_distributed(device)
+    timeout_s = args.dist_timeout or runtime.DEFAULT_COLLECTIVE_TIMEOUT_S
+    dist, device = runtime.init_distributed(device, timeout_s=timeout_s)
     if not dist.is_main:  # one copy of each message: rank 0 speaks for the run (warnings and errors still show)
         logging.getLogger().setLevel(logging.WARNING)
     results: dict[str, Any] = {}
@@ -1010,6 +1024,14 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # gloo/NCCL: a peer rank was killed or is unreachable
+        import runtime
+
+        message = runtime.peer_failure(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     except Terminated:
         print("error: terminated", file=sys.stderr)
         return 143

@@ -49,6 +49,43 @@ T = TypeVar("T")
 class PeerFailed(UserError):
     """Rank 0 failed in work it did alone; the other ranks stop with this one line."""
 
+
+#: How long a training collective waits for the other ranks by default (``--dist_timeout``):
+#: a rank that died or hangs stops the others after this, instead of gloo's 30 minutes.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300
+
+#: Pieces of the errors gloo and NCCL raise when another rank died or cannot be reached.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+              "Timed out", "timed out", "NCCL communicator was aborted", "remote process exited")
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """One line for an error that means another rank stopped (killed, crashed, unreachable), or None."""
+    distributed_error = getattr(dist, "DistError", ())
+    text = str(exc).strip()
+    if not (isinstance(exc, distributed_error) or isinstance(exc, RuntimeError)
+            and any(piece in text for piece in _PEER_GONE)):
+        return None
+    detail = next((piece for piece in _PEER_GONE if piece in text), type(exc).__name__)
+    return f"another rank stopped or cannot be reached ({detail}); this rank stops too"
+
+
+def check_ranks_agree(dist_info: DistInfo, facts: dict, what: str) -> None:
+    """UserError on every rank, before any training collective, when the ranks' ``facts``
+    (e.g. their data's sizes and classes) differ: with different data they would wait in a
+    collective for a batch the other never sends."""
+    if not dist_info.enabled:
+        return
+    gathered: list = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, facts)
+    first = gathered[0]
+    for rank, other in enumerate(gathered):
+        if other != first:
+            differ = [k for k in first if first.get(k) != other.get(k)]
+            detail = "; ".join(f"{k} {str(first.get(k))[:60]} on rank 0, {str(other.get(k))[:60]} on rank {rank}"
+                               for k in differ[:3])
+            raise UserError(f"the ranks' {what} differ ({detail}); every rank must see the same files")
+
 # --------------------------------------------------------------------------- devices
 
 
@@ -161,7 +198,8 @@ class DistInfo:
 LOCAL = DistInfo(enabled=False, rank=0, world_size=1, local_rank=0)
 
 
-def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+def init_distributed(device: torch.device, *,
+                     timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple[DistInfo, torch.device]:
     """Join the process group described by torchrun's environment, if there is one.
 
     When ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` are all set and ``WORLD_SIZE > 1``,
@@ -174,6 +212,8 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     ----------
     device : torch.device
         The device chosen by :func:`resolve_device`.
+    timeout_s : float
+        How long a collective of the default group waits for the other ranks.
 
     Returns
     -------
@@ -229,6 +269,7 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
             init_method="env://",
             rank=rank,
             world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
             # Binding NCCL to this rank's GPU up front avoids guessing (and a warning).
             device_id=device if backend == "nccl" else None,
         )

@@ -125,3 +125,64 @@ def test_a_failure_on_rank_0_stops_both_ranks_with_one_line_each(pipeline, tmp_p
     # Our ranks print no traceback; torchrun's own report of the failed ranks follows theirs.
     ours = run.stderr.split("distributed/elastic")[0]
     assert "error: rank 0 stopped" in ours and "Traceback" not in ours
+
+
+# ------------------------------------------- ranks that disagree, ranks that die
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank(rank: int, port: int, cwd: Path, *argv) -> subprocess.Popen:
+    """One worker as torchrun starts it (its environment), so that each rank can be given its own
+    arguments, as two nodes with their own folders would have."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py"), *map(str, argv)], cwd=cwd, env=env,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _errors(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr[-2000:]
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_ranks_with_different_data_stop_with_one_line_before_training(tmp_path):
+    """Was: both ranks blocked in a collective for gloo's 30 minutes, deaf to SIGTERM."""
+    small, _ = make_image_folder(tmp_path / "small", n_train=4, n_test=1, size=SIZE)
+    large, _ = make_image_folder(tmp_path / "large", n_train=12, n_test=1, size=SIZE)
+    port = _free_port()
+    procs = [_rank(r, port, tmp_path, "--train", "--train_path", path, "--model", tmp_path / f"m{r}", *COMMON)
+             for r, path in enumerate((small, large))]
+    for proc in procs:
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+        assert proc.returncode == 2
+        errors = _errors(err)
+        assert len(errors) == 1 and "the ranks' data differ (training images 8 on rank 0, 24 on rank 1" in errors[0]
+    assert not list(tmp_path.glob("m*"))
+
+
+def test_a_killed_rank_stops_the_other_with_one_line(tmp_path):
+    """Was: the surviving rank ended with a gloo traceback ("Connection reset by peer")."""
+    import signal
+    import time
+
+    train, _ = make_image_folder(tmp_path / "data", n_train=16, n_test=1, size=SIZE)
+    port = _free_port()
+    argv = ["--train", "--train_path", train, *COMMON, "--epochs", "1000", "--batch_size", "4"]
+    procs = [_rank(r, port, tmp_path, *argv, "--model", tmp_path / f"m{r}") for r in (0, 1)]
+    try:
+        time.sleep(20)  # both ranks in the training loop
+        assert all(p.poll() is None for p in procs), [p.stderr.read()[-1000:] for p in procs if p.poll() is not None]
+        procs[1].send_signal(signal.SIGKILL)
+        _, err = procs[0].communicate(timeout=TIMEOUT_S)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert procs[0].returncode == 1
+    errors = _errors(err)
+    assert len(errors) == 1 and "another rank stopped or cannot be reached" in errors[0], errors
