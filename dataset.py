@@ -347,7 +347,8 @@ def _check_jpeg_end(f) -> None:
         raise OSError("truncated JPEG: no end-of-image marker")
 
 
-def _scan_folder(root: str, classes: Sequence[str], *, role: str) -> list[tuple[str, int]]:
+def _scan_folder(root: str, classes: Sequence[str], *, role: str, limit: int | None = None,
+                 seed: int = 0) -> list[tuple[str, int]]:
     """List the samples of ``root`` and drop the files Pillow cannot verify.
 
     ``Image.verify()`` reads the header and, for PNG, checks every chunk's CRC,
@@ -355,6 +356,10 @@ def _scan_folder(root: str, classes: Sequence[str], *, role: str) -> list[tuple[
     at a fraction of the cost of a decode; a JPEG must also end with its end-of-image
     marker (a truncated JPEG passes ``verify``).  What it still misses raises
     :class:`ImageLoadError` when loaded.
+
+    ``limit``: only that many samples, drawn in a seeded random order and verified until
+    that many pass (a calibration set of 256 images from a folder of a million files reads
+    about 256 files, not the folder); every class need not be among them.
     """
     candidates, skipped = [], []
     for idx, cls in enumerate(classes):
@@ -364,9 +369,14 @@ def _scan_folder(root: str, classes: Sequence[str], *, role: str) -> list[tuple[
     if skipped:
         warnings.warn(f"skipped {len(skipped)} linked folder(s) in {role} folder {root}: "
                       f"{_preview(skipped, quote=False)}", stacklevel=3)
+    if limit is not None:
+        order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
+        candidates = [candidates[i] for i in order]
     samples, bad = [], []
     for path, idx in tqdm(candidates, desc=f"checking {role} images", unit="img",
                           leave=False, disable=None):
+        if limit is not None and len(samples) >= limit:
+            break
         try:
             with open(path, "rb") as f:
                 image = Image.open(f)
@@ -383,6 +393,10 @@ def _scan_folder(root: str, classes: Sequence[str], *, role: str) -> list[tuple[
             f"skipped {len(bad)} unreadable image file(s) in {role} folder {root}: {_preview(bad, quote=False)}",
             stacklevel=3,
         )
+    if limit is not None:
+        if not samples:
+            raise UserError(f"{role} folder {root}: every image is unreadable")
+        return sorted(samples)  # folder order: batches do not depend on the draw's order
     present = {idx for _, idx in samples}
     emptied = [c for i, c in enumerate(classes) if i not in present]
     if emptied:
@@ -586,13 +600,11 @@ def build_calibration_loader(
     _check_positive_int("batch_size", batch_size)
     root = os.fspath(path)
     classes = check_image_folder(root, role="train")
-    samples = _scan_folder(root, classes, role="train")
+    # Only the drawn images are verified (and read): not the whole training folder.
+    samples = _scan_folder(root, classes, role="train", limit=images, seed=seed)
     dataset = ScannedImageFolder(root, classes=classes, samples=samples,
                                  transform=build_transforms(image_size, train=False))
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(len(dataset), generator=generator)[:images].tolist()
-    subset = torch.utils.data.Subset(dataset, sorted(chosen))
-    loader = DataLoader(subset, batch_size=min(batch_size, len(subset)), shuffle=False, num_workers=workers,
+    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, num_workers=workers,
                         worker_init_fn=_ignore_interrupts if workers > 0 else None)
-    logger.info("calibration: %d of the %d images in %s", len(subset), len(dataset), root)
+    logger.info("calibration: %d images drawn from %s", len(dataset), root)
     return loader, classes

@@ -416,16 +416,38 @@ def test_cli_without_train_path_says_it_falls_back_to_data_free(capsys, small_mo
 
 def test_cli_calibration_folder_with_unreadable_files_and_other_sizes(capsys, small_model, tmp_path):
     """Calibration images of another size are resized to the model's; unreadable files are skipped with
-    a warning; a single image works."""
+    a warning; a single image works; only the drawn images are read."""
     model, _, _ = small_model
     train, _ = make_image_folder(tmp_path / "other", n_train=3, n_test=1, size=48)
     (train / "cat" / "broken.png").write_bytes(b"not a png")
     code, out, err = _decompose(capsys, model, tmp_path / "d", "--train_path", train, "--calibration", "1")
     assert code == 0, err
-    assert "calibration: 1 images" in out and "broken.png" in err
+    assert "calibration: 1 images" in out
     code, out, err = _decompose(capsys, model, tmp_path / "d2", "--train_path", train, "--calibration", "100")
     assert code == 0, err
-    assert "calibration: 6 images" in out
+    assert "calibration: 6 images" in out and "broken.png" in err  # all 7 files drawn, the broken one skipped
+    # every file unreadable: one line
+    for path in (train / "cat").iterdir():
+        path.write_bytes(b"not an image")
+    for path in (train / "dog").iterdir():
+        path.write_bytes(b"not an image")
+    code, out, err = _decompose(capsys, model, tmp_path / "d3", "--train_path", train, "--calibration", "4")
+    assert code == 2 and "every image is unreadable" in err and "Traceback" not in err
+
+
+def test_calibration_reads_only_the_drawn_images(tmp_path, monkeypatch):
+    """A calibration set of a few images from a large folder opens about that many files."""
+    import dataset
+
+    train, _ = make_image_folder(tmp_path / "big", n_train=40, n_test=1, size=16)
+    opened = []
+    real_open = dataset.Image.open
+    monkeypatch.setattr(dataset.Image, "open", lambda f, *a, **k: opened.append(1) or real_open(f, *a, **k))
+    loader, classes = dataset.build_calibration_loader(train, image_size=16, images=5, batch_size=4, workers=0)
+    assert len(loader.dataset) == 5 and classes == ["cat", "dog"]
+    assert len(opened) == 5  # verified: the 5 drawn files of 80, not the folder
+    again, _ = dataset.build_calibration_loader(train, image_size=16, images=5, batch_size=4, workers=0)
+    assert again.dataset.samples == loader.dataset.samples  # seeded
 
 
 @pytest.mark.parametrize("value", ["-1", "100001"])
