@@ -1246,8 +1246,10 @@ def plan_entry_problem(name: Any, entry: Any) -> str | None:
     return None
 
 
-def _fit_problem(name: str, entry: dict, layer: nn.Module | None) -> str | None:
-    """What keeps a well-formed entry from fitting ``layer`` (None when it fits)."""
+def _fit_problem(name: str, entry: dict, layer: nn.Module | None, *, shrink: bool = True) -> str | None:
+    """What keeps a well-formed entry from fitting ``layer`` (None when it fits).  ``shrink``: a
+    diagonal band must store fewer weights than the layer (a plan to apply); without it, any band
+    the layer takes (a model file's structure, written by earlier versions too)."""
     if layer is None:
         return f"layer {name!r} is not in the model"
     method = entry["method"]
@@ -1274,18 +1276,25 @@ def _fit_problem(name: str, entry: dict, layer: nn.Module | None) -> str | None:
     elif method == "svd" and entry["rank"] > min(matrix_shape(layer)):
         return f"layer {name!r}: svd rank {entry['rank']} exceeds min(out, in) = {min(matrix_shape(layer))}"
     elif method == "diagonal":
-        # max(M, N) x b weights (and as many gathered inputs per sample in the forward pass):
-        # only a band narrower than the dense layer's M x N is a compression.
-        length = max(layer.in_features, layer.out_features)
-        limit = (layer.in_features * layer.out_features - 1) // length
+        limit = diagonal_bandwidth_limit(layer) if shrink else layer.in_features
         if entry["bandwidth"] > limit:
+            if not shrink:
+                return f"layer {name!r}: bandwidth {entry['bandwidth']} exceeds the layer's {layer.in_features} inputs"
             return (f"layer {name!r}: bandwidth {entry['bandwidth']} stores at least as many weights as the dense "
                     f"{layer.out_features}x{layer.in_features} layer (at most {limit} here)")
     return None
 
 
-def check_plan(model: nn.Module, plan: Any) -> None:
-    """Raise ValueError (one line, naming the layer) when ``plan`` does not fit ``model``."""
+def diagonal_bandwidth_limit(layer: nn.Linear) -> int:
+    """The widest band of a :class:`DiagonalLinear` that stores fewer weights than ``layer``:
+    ``max(M, N) x b`` weights (and as many gathered inputs per sample in the forward pass)
+    against the dense ``M x N`` (0 when no band does)."""
+    return (layer.in_features * layer.out_features - 1) // max(layer.in_features, layer.out_features)
+
+
+def check_plan(model: nn.Module, plan: Any, *, shrink: bool = True) -> None:
+    """Raise ValueError (one line, naming the layer) when ``plan`` does not fit ``model``
+    (``shrink``: see :func:`_fit_problem`)."""
     if not isinstance(plan, Mapping):
         raise ValueError(f"a plan must map layer names to entries, got {type(plan).__name__}")
     modules = dict(model.named_modules())
@@ -1301,7 +1310,7 @@ def check_plan(model: nn.Module, plan: Any) -> None:
             elif layer is not None and not isinstance(layer, (nn.Conv2d, nn.Linear, *DECOMPOSED_TYPES)):
                 problem = f"layer {name!r} is a {type(layer).__name__}, not a Conv2d or Linear layer"
             else:
-                problem = _fit_problem(name, entry, layer)
+                problem = _fit_problem(name, entry, layer, shrink=shrink)
         if problem:
             raise ValueError(problem)
 
@@ -1321,7 +1330,7 @@ def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
     The weights are then filled by ``load_state_dict``.  Raises ``ValueError`` (from
     :func:`check_plan`) when the plan does not fit the model; "none" entries are ignored.
     """
-    check_plan(model, plan)
+    check_plan(model, plan, shrink=False)  # a model file's structure, whatever made it
     for name, entry in plan.items():
         layer = model.get_submodule(name)
         method = entry["method"]

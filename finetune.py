@@ -478,7 +478,7 @@ def _resume_from(state: dict, run: _Run, train_loader) -> None:
         run.restarts_left, run.rate_factor = int(state["restarts_left"]), float(state["rate_factor"])
         run.best = _restored_best(state.get("best"), run)
     # A damaged or edited file:
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError) as exc:
         detail = str(exc).strip().split("\n")[0][:200] or type(exc).__name__
         raise UserError(f"the checkpoint does not fit this run ({type(exc).__name__}: {detail})") from None
 
@@ -499,6 +499,8 @@ def _form_problem(expected: Any, got: Any, where: str) -> str | None:
         if isinstance(got, bool) or not isinstance(got, (int, float)) or (isinstance(expected, int) and
                                                                             not isinstance(got, int)):
             return f"{where} must be {type(expected).__name__}, got {type(got).__name__}"
+        if isinstance(got, int):
+            return None if abs(got) < 2 ** 63 else f"{where} is out of range"
         return None if math.isfinite(got) else f"{where} is not finite ({got})"
     if isinstance(expected, dict):
         if not isinstance(got, dict) or set(got) != set(expected):
@@ -709,7 +711,10 @@ def _start_run(model: nn.Module, train_loader, recipe: Recipe, device: torch.dev
     """Check the recipe, move the model; the run's optimiser, schedule, precision and loss."""
     recipe.check()
     params, steps_per_epoch, train_sampler = _training_setup(model, train_loader, train_sampler, device)
-    optimizer = torch.optim.SGD(_param_groups(model, params, recipe.lr, recipe.lr_scale), lr=recipe.lr,
+    # Rates as floats: a checkpoint's rates (floats once a restart scaled them) then have the form
+    # of this run's (Recipe(lr=1) would make them ints; see _checkpoint_problem).
+    lr = float(recipe.lr)
+    optimizer = torch.optim.SGD(_param_groups(model, params, lr, recipe.lr_scale), lr=lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     schedule = _default_schedule if recipe.schedule is None else recipe.schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(

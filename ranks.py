@@ -322,7 +322,14 @@ def _rule_entry(site: _Site, policy: Policy, vbmf_cache: dict) -> dict:
     """The entry of a site under the fixed (non-budget) rules."""
     layer, k = site.layer, policy.vbmf_weaken
     if site.method == "diagonal":
-        return {"method": "diagonal", "bandwidth": min(policy.fc_bandwidth, layer.in_features)}
+        limit = D.diagonal_bandwidth_limit(layer)
+        if limit < 1:
+            return {"method": "none", "reason": f"no diagonal band is smaller than the {layer.out_features}x"
+                                                f"{layer.in_features} layer"}
+        if policy.fc_bandwidth > limit:
+            return {"method": "none", "reason": f"a band of {policy.fc_bandwidth} would store at least as many "
+                                                f"weights as the dense layer (at most {limit})"}
+        return {"method": "diagonal", "bandwidth": policy.fc_bandwidth}
     if site.kind == "conv" and site.method == "svd":  # a 1x1 conv: the conv rules, one rank
         return _svd_entry(site, policy, vbmf_cache, ratio=policy.rank_ratio)
     if site.kind == "conv":

@@ -61,6 +61,8 @@ _PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken p
 
 def peer_failure(exc: BaseException) -> str | None:
     """One line for an error that means another rank stopped (killed, crashed, unreachable), or None."""
+    if not _torchrun_world_size() > 1:  # a single process has no peers: its errors keep their tracebacks
+        return None
     distributed_error = getattr(dist, "DistError", ())
     text = str(exc).strip()
     if not (isinstance(exc, distributed_error) or isinstance(exc, RuntimeError)
@@ -68,6 +70,13 @@ def peer_failure(exc: BaseException) -> str | None:
         return None
     detail = next((piece for piece in _PEER_GONE if piece in text), type(exc).__name__)
     return f"another rank stopped or cannot be reached ({detail}); this rank stops too"
+
+
+def _torchrun_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) if all(v in os.environ for v in _TORCHRUN_VARS) else 1
+    except ValueError:
+        return 1
 
 
 def check_ranks_agree(dist_info: DistInfo, facts: dict, what: str) -> None:

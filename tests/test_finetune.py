@@ -507,6 +507,8 @@ TAMPERED = {
     "history too short": (_set("history", []), "history must hold one record per epoch done (2)"),
     "a scaler on CPU": (_set("scaler", {"scale": 1.0}), "scaler must be NoneType"),
     "missing guard": (lambda s: {k: v for k, v in s.items() if k != "guard"}, "no 'guard'"),
+    "an integer beyond 64 bits": (_set("optimizer", "param_groups", 0, "dampening", 10 ** 400),
+                                  "optimizer.param_groups[0].dampening is out of range"),
 }
 
 
@@ -526,3 +528,17 @@ def test_tampered_checkpoints_are_refused_before_anything_is_restored(case):
         fit(model, loader, recipe=recipe, device=CPU, show_progress=False, resume=tamper(states[1]))
     assert needle in str(info.value) and "\n" not in str(info.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing restored
+
+
+def test_a_run_with_an_integer_rate_resumes_after_a_restart_made_it_a_float():
+    """Recipe(lr=1): the run's own checkpoint, with the rates a restart lowered, is not 'damaged'."""
+    loader = DataLoader(blobs(24), batch_size=8)
+    recipe = Recipe(epochs=3, lr=1)
+    seed_everything(0)
+    states = []
+    fit(mlp(), loader, recipe=recipe, device=CPU, show_progress=False,
+        checkpoint=lambda make: states.append(copy.deepcopy(make())))
+    state = states[0]
+    state["optimizer"]["param_groups"][0]["lr"] = state["optimizer"]["param_groups"][0]["initial_lr"] = 0.1
+    state["scheduler"]["base_lrs"] = [0.1]
+    fit(mlp(), loader, recipe=recipe, device=CPU, show_progress=False, resume=state)

@@ -399,3 +399,18 @@ def test_method_per_layer_with_calibration_measures_cp_in_the_data_metric():
     plan = ranks.plan_decomposition(model, policy, (3, 8, 8), calibration=images, spectra=cache)
     assert ("cp", "metric") in cache and ("tucker", "metric") in cache
     assert plan["cp"]["method"] == "cp" and plan["tucker"]["method"] == "tucker", plan
+
+
+def test_diagonal_bands_that_would_not_shrink_a_layer_are_planned_as_kept():
+    """The planner never writes a diagonal entry that check_plan refuses (it did, and the run then
+    failed after the FC annealing); a model file with such a band, written before, still loads."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 3), nn.ReLU(), nn.Linear(3, 2))
+    plan = ranks.plan_decomposition(net, ranks.Policy(conv="none", fc="diagonal", fc_bandwidth=8), (3, 4, 4))
+    assert plan["1"] == {"method": "diagonal", "bandwidth": 8}
+    assert plan["3"]["method"] == "none" and "at most 2" in plan["3"]["reason"]
+    D.check_plan(net, plan)
+    old_file_plan = {"3": {"method": "diagonal", "bandwidth": 16}}  # as wide as the layer: accepted before
+    with pytest.raises(ValueError, match="stores at least as many weights"):
+        D.check_plan(net, old_file_plan)
+    D.apply_plan(net, old_file_plan)  # a model file's structure: rebuilt as written
+    assert isinstance(net[3], D.DiagonalLinear) and net[3].bandwidth == 16
