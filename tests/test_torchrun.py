@@ -175,8 +175,10 @@ def test_a_killed_rank_stops_the_other_with_one_line(tmp_path):
     argv = ["--train", "--train_path", train, *COMMON, "--epochs", "1000", "--batch_size", "4"]
     procs = [_rank(r, port, tmp_path, *argv, "--model", tmp_path / f"m{r}") for r in (0, 1)]
     try:
-        time.sleep(20)  # both ranks in the training loop
-        assert all(p.poll() is None for p in procs), [p.stderr.read()[-1000:] for p in procs if p.poll() is not None]
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (tmp_path / "m0.checkpoint").exists():  # rank 0 wrote epoch 1's: both ranks are training
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the ranks did not train"
+            time.sleep(0.5)
         procs[1].send_signal(signal.SIGKILL)
         _, err = procs[0].communicate(timeout=TIMEOUT_S)
     finally:
