@@ -570,7 +570,7 @@ def _restored_best(best: dict | None, run: _Run) -> dict | None:
     weights = best["model"]
     current = runtime.unwrap(run.model).state_dict()
     if weights is None:  # the checkpoint's own epoch was the best: its weights are the current ones
-        weights = {k: v.detach().clone() for k, v in current.items()}
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in current.items()}
     elif not isinstance(weights, dict) or weights.keys() != current.keys() or any(
             not isinstance(weights[k], torch.Tensor) or weights[k].shape != current[k].shape for k in current):
         raise ValueError("the best epoch's weights do not fit the model")
@@ -877,8 +877,8 @@ def _track_best(run: _Run, record: dict) -> None:
     # Ties in accuracy (small test sets) go to the lower test loss, then to the later epoch.
     if run.best is None or (record["test_acc"], -record["test_loss"]) >= (run.best["acc"], -run.best["loss"]):
         weights = None
-        if run.epoch < run.recipe.epochs:
-            weights = {k: v.detach().clone() for k, v in runtime.unwrap(run.model).state_dict().items()}
+        if run.epoch < run.recipe.epochs:  # kept in host memory: a GPU holds the live weights only
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in runtime.unwrap(run.model).state_dict().items()}
         run.best = {"epoch": record["epoch"], "acc": record["test_acc"], "loss": record["test_loss"],
                     "model": weights}
 
