@@ -512,15 +512,21 @@ TAMPERED = {
 }
 
 
+def _checkpoints(loader, recipe: Recipe) -> list[dict]:
+    """The checkpoints (copies) a seeded MLP run by ``recipe`` writes after each epoch but the last."""
+    seed_everything(0)
+    states = []
+    fit(mlp(), loader, recipe=recipe, device=CPU, show_progress=False,
+        checkpoint=lambda make: states.append(copy.deepcopy(make())))
+    return states
+
+
 @pytest.mark.parametrize("case", list(TAMPERED))
 def test_tampered_checkpoints_are_refused_before_anything_is_restored(case):
     """Each once ended in a traceback mid-training or a run that never ended."""
     loader = DataLoader(blobs(24), batch_size=8)
     recipe = Recipe(epochs=3, lr=0.05)
-    seed_everything(0)
-    states = []
-    fit(mlp(), loader, recipe=recipe, device=CPU, show_progress=False,
-        checkpoint=lambda make: states.append(copy.deepcopy(make())))
+    states = _checkpoints(loader, recipe)
     tamper, needle = TAMPERED[case]
     model = mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -534,11 +540,7 @@ def test_a_run_with_an_integer_rate_resumes_after_a_restart_made_it_a_float():
     """Recipe(lr=1): the run's own checkpoint, with the rates a restart lowered, is not 'damaged'."""
     loader = DataLoader(blobs(24), batch_size=8)
     recipe = Recipe(epochs=3, lr=1)
-    seed_everything(0)
-    states = []
-    fit(mlp(), loader, recipe=recipe, device=CPU, show_progress=False,
-        checkpoint=lambda make: states.append(copy.deepcopy(make())))
-    state = states[0]
+    state = _checkpoints(loader, recipe)[0]
     state["optimizer"]["param_groups"][0]["lr"] = state["optimizer"]["param_groups"][0]["initial_lr"] = 0.1
     state["scheduler"]["base_lrs"] = [0.1]
     fit(mlp(), loader, recipe=recipe, device=CPU, show_progress=False, resume=state)
