@@ -33,7 +33,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["collect", "LayerInputs", "LayerStats", "layer_stats", "patches", "positions", "reestimate_batchnorm", "DEFAULT_IMAGES",
+__all__ = ["collect", "channel_stats", "LayerData", "LayerInputs", "LayerStats", "layer_stats", "patches", "positions",
+           "reestimate_batchnorm", "response_means", "DEFAULT_IMAGES",
            "MAX_STAT_DIM"]
 
 #: Calibration images taken from --train_path by default (benchmarks/RESULTS.md, "Data-aware").
@@ -421,9 +422,112 @@ def output_space(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) and layer.in_features > MAX_STAT_DIM
 
 
+def _response(layer: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
+    """``W x`` at every output position, ``(B*L, T)`` in :func:`patches`' row order (no bias)."""
+    out = layer._conv_forward(inputs.to(layer.weight.dtype), layer.weight, None)  # (B, T, H', W')
+    return out.float().permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+
+
+def _sampler(dim: int, batches: int) -> Callable[[int], torch.Tensor | None]:
+    """Which of a batch's ``count`` positions enter moments of ``dim`` dimensions: all while they
+    are within the batch's share of :data:`MAX_SAMPLES_PER_DIM` per dimension, else a random
+    subset, seeded so that every pass over the same batches (both networks, every statistic of
+    one layer) draws the same positions."""
+    keep = -(-MAX_SAMPLES_PER_DIM * dim // batches)  # each batch's share of the samples, rounded up
+    gen = torch.Generator().manual_seed(0)
+
+    def rows(count: int) -> torch.Tensor | None:
+        return torch.randperm(count, generator=gen)[:keep] if count > keep else None
+    return rows
+
+
+@torch.no_grad()
+def channel_stats(model: nn.Module, name: str, batches: Sequence[torch.Tensor], *,
+                  inputs: LayerInputs | None = None) -> LayerStats:
+    """Moments of the input channels of conv ``name`` in ``model``, as its kernel sees them.
+
+    Every patch's ``S``-vector at each of the ``kh*kw`` kernel offsets is one sample, so that
+    ``xx_hat`` is the average over the offsets of the diagonal ``S x S`` blocks of the patch
+    moment :func:`layer_stats` would give (the input-channel metric of data-aware Tucker-2,
+    :func:`decompositions.tucker2_data_aware`) at ``1/(kh*kw)`` of its cost.  The same positions
+    at most :data:`MAX_SAMPLES_PER_DIM` samples per channel (positions drawn as
+    :func:`layer_stats` draws them); ``cross_y`` and ``mean_y`` are empty.
+    """
+    layer = model.get_submodule(name)
+    if not isinstance(layer, nn.Conv2d):
+        raise TypeError(f"channel moments are those of a conv's input, {name!r} is {type(layer).__name__}")
+    _check_patchable(layer)
+    channels, kernel = layer.in_channels, math.prod(layer.kernel_size)
+    acc = _Accumulator()
+    # Each position gives `kernel` samples of `channels` values: the per-dimension budget in positions.
+    rows_of = _sampler(-(-channels // kernel), len(batches))
+    inputs = inputs or LayerInputs(model, batches)
+    with _modes_kept(model):
+        model.eval()
+        for x_in in inputs(name):
+            x = patches(layer, x_in, rows_of(positions(layer, x_in)))   # (N, S*K), column s*K + k
+            x = x.reshape(len(x), channels, kernel).transpose(1, 2).reshape(-1, channels)  # (N*K, S)
+            acc.add(x.new_zeros(len(x), 0), x)
+    stats = acc.result("input")
+    if not math.isfinite(float(stats.xx_hat.abs().max())):
+        raise ValueError(f"layer {name!r}: non-finite activations on the calibration set")
+    return stats
+
+
+@torch.no_grad()
+def response_means(original: nn.Module, current: nn.Module, name: str, replacement: nn.Module,
+                   batches: Sequence[torch.Tensor], *, inputs: tuple[LayerInputs, LayerInputs] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output channel, the mean of ``original.<name>``'s output on its inputs in ``original``
+    and that of ``replacement`` on the layer's inputs in ``current`` (float64): what a bias must
+    add for the replacement to keep the layer's mean response (channel dim 1 for a conv, the last
+    for a Linear layer).  One pass of both networks, or of the kept inputs."""
+    layer = original.get_submodule(name)
+    inputs = inputs or (LayerInputs(original, batches), LayerInputs(current, batches))
+    sums: list[torch.Tensor | float] = [0.0, 0.0]
+    count = 0
+    with _modes_kept(original, current, replacement):
+        for model in (original, current, replacement):
+            model.eval()
+        for x, x_hat in zip(inputs[0](name), inputs[1](name), strict=True):
+            for i, (module, value) in enumerate(((layer, x), (replacement, x_hat))):
+                out = module(value).double()
+                out = out.movedim(1, -1) if isinstance(layer, nn.Conv2d) else out
+                sums[i] = sums[i] + out.reshape(-1, out.shape[-1]).sum(0)
+            count += out.numel() // out.shape[-1]
+    means = tuple(total / max(count, 1) for total in sums)
+    if not all(torch.isfinite(m).all() for m in means):
+        raise ValueError(f"layer {name!r}: non-finite activations on the calibration set")
+    return means
+
+
+@dataclass
+class LayerData:
+    """One layer's calibration inputs in the original and in the current (partly decomposed)
+    network, for fits that look at them more than once: the input channels' moments first
+    (:func:`channel_stats`, of ``current``), then the responses on features chosen from them
+    (:func:`layer_stats` with ``features``).  With :class:`LayerInputs` kept between layers, the
+    second look reads the kept inputs instead of running the networks again."""
+
+    original: nn.Module
+    current: nn.Module
+    name: str
+    batches: Sequence[torch.Tensor]
+    inputs: tuple[LayerInputs, LayerInputs] | None = None
+
+    def channels(self) -> LayerStats:
+        return channel_stats(self.current, self.name, self.batches, inputs=self.inputs[1] if self.inputs else None)
+
+    def responses(self, features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  dim: int | None = None) -> LayerStats:
+        return layer_stats(self.original, self.current, self.name, self.batches, inputs=self.inputs,
+                           features=features, dim=dim)
+
+
 @torch.no_grad()
 def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Sequence[torch.Tensor], *,
-                inputs: tuple[LayerInputs, LayerInputs] | None = None) -> LayerStats:
+                inputs: tuple[LayerInputs, LayerInputs] | None = None,
+                features: Callable[[torch.Tensor], torch.Tensor] | None = None, dim: int | None = None) -> LayerStats:
     """Stream :class:`LayerStats` of layer ``name``: ``x`` from ``original``, ``x^`` from ``current``.
 
     Both models are run in eval mode on the same batches, each stopped at the layer (its
@@ -433,15 +537,20 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
     ``W`` (Zhang et al. 2016 [1]_), which is also all that a few hundred samples can estimate.
     ``inputs``: the :class:`LayerInputs` of ``original`` and ``current`` on ``batches``, kept
     across calls for layers in forward order; without it, each network runs from the images.
+    ``features``: a map applied to the layer's input in ``current`` before it is unfolded, with
+    ``dim`` the patch dimension it gives (a conv only): the samples ``x^`` are then the patches
+    of ``features(input)`` at the same positions -- e.g. a Tucker-2 input factor as a 1x1 conv,
+    ``(B, S, H, W) -> (B, R, H, W)``, whose ``(R*kh*kw)``-dimensional moments cost a fraction of
+    the ``(S*kh*kw)``-dimensional ones (:func:`decompositions.tucker_decompose_conv`).
     """
     layer = original.get_submodule(name)
     out_space = output_space(layer)
+    if features is not None and not isinstance(layer, nn.Conv2d):
+        raise TypeError(f"features apply to a conv's input, {name!r} is {type(layer).__name__}")
     weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
     acc = _Accumulator()
-    gen = torch.Generator().manual_seed(0)  # which positions a subsampled layer keeps: repeatable
-    budget = MAX_SAMPLES_PER_DIM * (layer.weight.shape[0] if out_space else layer.weight[0].numel())
-    keep = -(-budget // len(batches))  # each batch's share of the samples, rounded up
-    same = current is original
+    rows_of = _sampler(dim or (layer.weight.shape[0] if out_space else layer.weight[0].numel()), len(batches))
+    same = current is original and features is None
     if inputs is None:
         inputs = (LayerInputs(original, batches),) * 2 if same else (LayerInputs(original, batches),
                                                                      LayerInputs(current, batches))
@@ -451,12 +560,19 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
         # The same network twice (the moments of the original alone, as a plan needs): one pass.
         pairs = ((x, x) for x in inputs[0](name)) if same else zip(inputs[0](name), inputs[1](name), strict=True)
         for x_in, x_hat_in in pairs:
-            count = positions(layer, x_in)
-            rows = torch.randperm(count, generator=gen)[:keep] if count > keep else None
-            x = patches(layer, x_in, rows)
+            rows = rows_of(positions(layer, x_in))
+            if features is not None and rows is None:
+                # x itself is not needed, only y = W x at every position: the conv computes it
+                # without unfolding x ((N, S*kh*kw) values) first.
+                x = None
+                y = _response(layer, x_in)
+            else:
+                x = patches(layer, x_in, rows)
+                # The response y = W x (T values) instead of x: E[y x^^T] is T x D, a fraction of E[x x^^T].
+                y = x.float() @ weight.T
+            if features is not None:
+                x_hat_in = features(x_hat_in)
             x_hat = x if x_hat_in is x_in else patches(layer, x_hat_in, rows)
-            # The response y = W x (T values) instead of x: E[y x^^T] is T x D, a fraction of E[x x^^T].
-            y = x.float() @ weight.T
             if out_space:  # the samples are the responses, W x^
                 x_hat = y if x_hat is x else x_hat.float() @ weight.T
             acc.add(y, x_hat)

@@ -150,6 +150,64 @@ def test_data_aware_tucker_at_full_rank_reproduces_the_conv(cfg):
     assert _output_error(conv, new, _inputs(cfg["in_channels"], seed=1)) < 1e-4
 
 
+def _data(layer: nn.Module, batches: list[torch.Tensor]) -> C.LayerData:
+    net = nn.Sequential(layer)
+    return C.LayerData(net, net, "0", batches)
+
+
+@pytest.mark.parametrize("cfg", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_two_look_tucker_at_full_rank_reproduces_the_conv(cfg):
+    """The fit decompose_model makes (channel moments, then the core's inputs) is exact at full rank
+    for every geometry: the 1x1 input factor commutes with each padding mode."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**cfg)
+    batches = _inputs(cfg["in_channels"])
+    new = D.tucker_decompose_conv(conv, (conv.out_channels, conv.in_channels), data=_data(conv, batches))
+    assert _output_error(conv, new, batches) < 1e-4
+    assert _output_error(conv, new, _inputs(cfg["in_channels"], seed=1)) < 1e-4
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_channel_stats_are_the_patch_moments_diagonal_blocks(monkeypatch, bias):
+    """channel_stats equals the average of the S x S diagonal blocks of layer_stats' patch moment
+    (the input-channel metric the full-moment fit uses), centered or not, when both see every
+    position; with the default budget it takes at most MAX_SAMPLES_PER_DIM samples per channel."""
+    conv = nn.Conv2d(5, 7, 3, padding=1, bias=bias)
+    batches = _inputs(5, seed=3)
+    net = nn.Sequential(conv)
+    # 5 channels, 9 offsets: one position's samples cover a channel's budget 9/5 times over.
+    assert C.channel_stats(net, "0", batches).n == 6 * 9 * -(-C.MAX_SAMPLES_PER_DIM // 6) < 9 * 6 * 4 * 100
+    monkeypatch.setattr(C, "MAX_SAMPLES_PER_DIM", 10 ** 6)
+    full, chan = C.layer_stats(net, net, "0", batches), C.channel_stats(net, "0", batches)
+    for centered in (True, False):
+        blocks = torch.einsum("akbk->ab", full.moments(False)[0].reshape(5, 9, 5, 9)) / 9
+        if centered:  # the mean pooled over the offsets, not each offset's own
+            blocks = blocks - torch.outer(chan.mean_hat, chan.mean_hat)
+        assert torch.allclose(chan.moments(centered)[0], blocks, atol=1e-4 * float(blocks.abs().max()))  # float32 sums
+    assert chan.n == 9 * full.n == 9 * 6 * 4 * 100 and chan.cross_y.shape == (0, 5)
+
+
+def test_two_look_tucker_without_alternation_is_the_full_moment_fit(monkeypatch):
+    """With every position sampled, without shrinkage (each path estimates its own) and without
+    alternation, the two-look fit and the full-moment fit are the same computation: the same input
+    subspace, the same layer up to float rounding.  (Without a bias: centered, the channel moment
+    subtracts the mean pooled over the kernel offsets, not each offset's.)"""
+    monkeypatch.setattr(C, "MAX_SAMPLES_PER_DIM", 10 ** 6)
+    monkeypatch.setattr(C.LayerStats, "shrinkage", lambda self, centered, target=None: 0.0)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+    batches = _inputs(6, batches=12, size=12)
+    full = D.tucker_decompose_conv(conv, (5, 3), n_iter=0, stats=_stats(conv, batches))
+    two = D.tucker_decompose_conv(conv, (5, 3), n_iter=0, data=_data(conv, batches))
+    cosines = torch.linalg.svdvals(full[0].weight.flatten(1) @ two[0].weight.flatten(1).T)
+    assert torch.allclose(cosines, torch.ones(3), atol=1e-5)
+    x = torch.cat(_inputs(6, seed=5))
+    with torch.no_grad():
+        assert torch.allclose(full(x), two(x), atol=1e-4 * float(full(x).abs().max()))
+    with pytest.raises(ValueError, match="not both"):
+        D.tucker_decompose_conv(conv, (5, 3), stats=_stats(conv, batches), data=_data(conv, batches))
+
+
 @pytest.mark.parametrize("cfg", [dict(stride=1), dict(stride=2, padding=1), dict(bias=False)])
 def test_data_aware_svd_conv1x1_at_full_rank_reproduces_the_conv(cfg):
     torch.manual_seed(0)
@@ -174,7 +232,7 @@ def test_data_aware_svd_linear_at_full_rank_reproduces_the_layer(monkeypatch, wi
     assert _output_error(lin, new, batches) < 1e-4
 
 
-@pytest.mark.parametrize("method", ["tucker", "cp", "svd-conv", "svd-linear"])
+@pytest.mark.parametrize("method", ["tucker", "tucker-two-look", "cp", "svd-conv", "svd-linear"])
 def test_inputs_in_a_subspace_data_aware_error_far_below_data_free(method):
     """Inputs that live in a 4-dimensional subspace: at the same rank, the factors fitted to them
     reproduce the layer there far better than the weight's own best approximation."""
@@ -186,8 +244,9 @@ def test_inputs_in_a_subspace_data_aware_error_far_below_data_free(method):
     else:
         layer, batches = nn.Conv2d(24, 24, 3, padding=1), _inputs(24, subspace=4)
     stats = _stats(layer, batches)
-    if method == "tucker":
-        aware = D.tucker_decompose_conv(layer, (24, 4), stats=stats)
+    if method in ("tucker", "tucker-two-look"):
+        aware = D.tucker_decompose_conv(layer, (24, 4), **({"stats": stats} if method == "tucker" else
+                                                           {"data": _data(layer, batches)}))
         free = D.tucker_decompose_conv(layer, (24, 4))
     elif method == "cp":
         aware, free = D.cp_decompose_conv(layer, 40, stats=stats), D.cp_decompose_conv(layer, 40)
@@ -204,6 +263,31 @@ def test_inputs_in_a_subspace_data_aware_error_far_below_data_free(method):
     assert e_free > 0.3
     assert e_aware < factor * e_free, (e_aware, e_free)
     assert _output_error(layer, aware, held_out) < factor * _output_error(layer, free, held_out)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_with_too_few_samples_keeps_data_free_factors_and_the_mean_response(bias):
+    """A Linear layer given fewer calibration samples than MIN_SAMPLES_PER_DIM per input keeps its
+    data-free factors (the report says why) and, with a bias, its bias is shifted so that the layer's
+    mean output on the calibration inputs is the original's; without one nothing is added."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 48, bias=bias), nn.ReLU(), nn.Linear(48, 10)).eval()
+    batches = [torch.randn(4, 64) + 1.0 for _ in range(2)]  # 8 samples < 0.25 * 64
+    plan = {"0": {"method": "svd", "rank": 3}, "2": {"method": "none", "reason": "classifier"}}
+    free, aware = copy.deepcopy(base), copy.deepcopy(base)
+    D.decompose_model(free, plan, input_size=(64,))
+    rows = D.decompose_model(aware, plan, input_size=(64,), calibration=batches)
+    assert "data-free: 8 calibration samples" in rows[0].reason
+    assert ("bias matched to the mean response" in rows[0].reason) == bias
+    x = torch.cat(batches)
+    with torch.no_grad():
+        want, got, before = base[0](x).mean(0), aware[0](x).mean(0), free[0](x).mean(0)
+        assert torch.equal(aware[0][0].weight, free[0][0].weight)  # the same factors
+        if bias:
+            assert (before - want).abs().max() > 0.1
+            assert torch.allclose(got, want, atol=1e-5)
+        else:
+            assert torch.equal(got, before)
 
 
 def test_shrinkage_goes_to_data_free_with_few_samples():
