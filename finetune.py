@@ -104,6 +104,11 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
+def _layout(inputs: torch.Tensor, channels_last: bool) -> torch.memory_format:
+    """channels_last for a batch of images when asked; anything else as it is."""
+    return torch.channels_last if channels_last and inputs.dim() == 4 else torch.preserve_format
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -119,6 +124,7 @@ def train_one_epoch(
     group=None,
     step_hook: Callable[[], None] | None = None,
     guard: LossGuard | None = None,
+    channels_last: bool = False,
 ) -> dict:
     """Train ``model`` for one pass over ``loader``.
 
@@ -156,6 +162,9 @@ def train_one_epoch(
     guard : LossGuard, optional
         Fed every batch's loss; when it says the run diverged, no update is made from the
         batch and :class:`NonFiniteLossError` is raised (on every rank together).
+    channels_last : bool, default False
+        Give the model its batches in the channels_last memory format (a model converted
+        with ``model.to(memory_format=torch.channels_last)`` then never converts them).
 
     Returns
     -------
@@ -179,7 +188,7 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, dynamic_ncols=True,
                disable=not show_progress or not runtime.is_main_process())
     for step, (inputs, targets) in enumerate(bar):
-        inputs = inputs.to(device, non_blocking=True)
+        inputs = inputs.to(device, non_blocking=True, memory_format=_layout(inputs, channels_last))
         targets = targets.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             logits = model(inputs)  # (B, num_classes)
@@ -233,6 +242,7 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     show_progress: bool = True,
     group=None,
+    channels_last: bool = False,
 ) -> dict:
     """Loss and top-1 accuracy of ``model`` over ``loader``.
 
@@ -263,6 +273,8 @@ def evaluate(
     group : process group, optional
         Reduce the sums over these ranks; ``None`` (default): this process's loader only.
         A caller running on rank 0 alone must leave it ``None``.
+    channels_last : bool, default False
+        Batches in the channels_last memory format (see :func:`train_one_epoch`).
 
     Returns
     -------
@@ -288,7 +300,7 @@ def evaluate(
             bar = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
                        disable=not show_progress or not runtime.is_main_process())
             for inputs, targets in bar:
-                inputs = inputs.to(device, non_blocking=True)
+                inputs = inputs.to(device, non_blocking=True, memory_format=_layout(inputs, channels_last))
                 targets = targets.to(device, non_blocking=True)
                 with _autocast(device, amp_dtype):
                     logits = net(inputs)  # (B, num_classes)
@@ -376,9 +388,9 @@ def _training_setup(model: nn.Module, train_loader, train_sampler, device: torch
     return params, steps_per_epoch, train_sampler
 
 
-def _amp_and_criterion(device: torch.device, *, amp: bool, label_smoothing: float):
+def _amp_and_criterion(device: torch.device, *, amp: bool, label_smoothing: float, cpu_bf16: bool = False):
     """Mixed-precision dtype, gradient scaler and training loss for a run on ``device``."""
-    amp_dtype = runtime.autocast_dtype_for(device) if amp else None
+    amp_dtype = runtime.autocast_dtype_for(device, cpu_bf16=cpu_bf16) if amp else None
     # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     return amp_dtype, scaler, nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -386,7 +398,8 @@ def _amp_and_criterion(device: torch.device, *, amp: bool, label_smoothing: floa
 
 def _train_and_evaluate_epoch(model: nn.Module, train_loader, test_loader, optimizer, *, epoch: int,
                               train_sampler, scheduler, scaler, criterion, amp_dtype, device: torch.device,
-                              show_progress: bool, group, step_hook, guard: LossGuard | None = None) -> dict:
+                              show_progress: bool, group, step_hook, guard: LossGuard | None = None,
+                              channels_last: bool = False) -> dict:
     """One training epoch (0-based ``epoch``) then evaluation: the epoch's history record."""
     if train_sampler is not None:
         train_sampler.set_epoch(epoch)
@@ -394,10 +407,10 @@ def _train_and_evaluate_epoch(model: nn.Module, train_loader, test_loader, optim
     train = train_one_epoch(
         model, train_loader, optimizer, device=device, epoch=epoch + 1, scaler=scaler, scheduler=scheduler,
         criterion=criterion, amp_dtype=amp_dtype, show_progress=show_progress, group=group, step_hook=step_hook,
-        guard=guard,
+        guard=guard, channels_last=channels_last,
     )
     test = (evaluate(model, test_loader, device=device, amp_dtype=amp_dtype, show_progress=show_progress,
-                     group=group) if test_loader is not None else None)
+                     group=group, channels_last=channels_last) if test_loader is not None else None)
     return {
         "epoch": epoch + 1,
         "lr": epoch_lr,
@@ -598,7 +611,14 @@ class Recipe:
         unwrapped model); parameters not named train at ``lr``.  Fine-tuning recipes give
         pretrained layers a smaller rate than freshly initialised ones.
     amp : bool, default True
-        Mixed precision where :func:`runtime.autocast_dtype_for` allows it (CUDA only).
+        Mixed precision where :func:`runtime.autocast_dtype_for` allows it: on CUDA, and on a CPU
+        with native bfloat16 when ``cpu_bf16``.
+    cpu_bf16 : bool, default False
+        On a CPU with AVX512-BF16 or AMX: forward passes under bfloat16 autocast (the weights
+        and the optimiser stay float32).
+    channels_last : bool, default False
+        Train and evaluate in the channels_last memory format (the model is given back in the
+        default format).
     schedule : callable ``(step, total_steps) -> factor``, optional
         The learning-rate multiplier at each optimiser step; default
         :func:`warmup_cosine_factor` with a :data:`WARMUP_FRACTION` warm-up.
@@ -624,6 +644,8 @@ class Recipe:
     label_smoothing: float = 0.0
     lr_scale: dict[str, float] | None = None
     amp: bool = True
+    cpu_bf16: bool = False
+    channels_last: bool = False
     schedule: Callable[[int, int], float] | None = None
     max_restarts: int = MAX_NONFINITE_RESTARTS
     divergence: float | None = DIVERGENCE_FACTOR
@@ -719,7 +741,10 @@ def _start_run(model: nn.Module, train_loader, recipe: Recipe, device: torch.dev
     schedule = _default_schedule if recipe.schedule is None else recipe.schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(_at_step, schedule, total_steps=recipe.epochs * steps_per_epoch))
-    amp_dtype, scaler, criterion = _amp_and_criterion(device, amp=recipe.amp, label_smoothing=recipe.label_smoothing)
+    amp_dtype, scaler, criterion = _amp_and_criterion(device, amp=recipe.amp, label_smoothing=recipe.label_smoothing,
+                                                      cpu_bf16=recipe.cpu_bf16)
+    if recipe.channels_last:
+        model.to(memory_format=torch.channels_last)
     run = _Run(model, recipe, optimizer, scheduler, scaler, criterion, amp_dtype, LossGuard(recipe.divergence),
                restarts_left=recipe.max_restarts)
     return run, train_sampler
@@ -833,6 +858,8 @@ def fit(
                      run.epoch, recipe.epochs, record["lr"], record["train_loss"],
                      100 * record["train_acc"], _test_part(record), record["seconds"])
     _end_with_best(run, log if is_main else None)
+    if recipe.channels_last:
+        model.to(memory_format=torch.contiguous_format)
     return run.history
 
 
@@ -848,7 +875,8 @@ def _epoch_with_restarts(run: _Run, train_loader, test_loader, *, train_sampler,
             record = _train_and_evaluate_epoch(
                 run.model, train_loader, test_loader, run.optimizer, epoch=run.epoch, train_sampler=train_sampler,
                 scheduler=run.scheduler, scaler=run.scaler, criterion=run.criterion, amp_dtype=run.amp_dtype,
-                device=device, show_progress=show_progress, group=group, step_hook=step_hook, guard=run.guard)
+                device=device, show_progress=show_progress, group=group, step_hook=step_hook, guard=run.guard,
+                channels_last=run.recipe.channels_last)
             record["restarts"] = restarts
             return record
         except NonFiniteLossError as exc:

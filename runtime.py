@@ -157,12 +157,23 @@ def _mps_available() -> bool:
     return backend is not None and backend.is_available()
 
 
-def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX): elsewhere autocast to
+    bfloat16 emulates it, slower than float32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, present in torch >= 2.1
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def autocast_dtype_for(device: torch.device, *, cpu_bf16: bool = False) -> torch.dtype | None:
     """The mixed-precision dtype to use on ``device``, or ``None`` for full precision.
 
     bfloat16 on CUDA GPUs that support it (no loss scaling needed), float16 on older
-    CUDA GPUs (pair it with a :class:`torch.amp.GradScaler`), ``None`` on CPU and MPS.
+    CUDA GPUs (pair it with a :class:`torch.amp.GradScaler`); on a CPU bfloat16 when
+    ``cpu_bf16`` and the CPU has it natively (:func:`cpu_bf16_supported`); ``None`` otherwise
+    (and on MPS).
     """
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16 and cpu_bf16_supported() else None
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -12,7 +12,15 @@ and 8x by the budget (the tool's default sum rule) -- one plan, applied twice:
   (the tool's default with ``--train_path``; VGG16 has no BatchNorm to correct).
 
 Accuracy on the test folder straight after decomposition (no fine-tuning), the seconds each
-decomposition took.  One JSON per seed in ``--out_dir``; ``--summarize`` tabulates them.
+decomposition took, and with ``--ft_after N`` the accuracy after N fine-tuning epochs (of
+``--ft_images`` augmented training images, at the rate ``--fine_tune`` would use).  One JSON
+per seed in ``--out_dir``; ``--summarize`` tabulates them.  ``--size``, ``--train_images`` and
+``--test_images`` run the same protocol on other folders, e.g. CIFAR-10 at 32 px (the shared
+JPEG folders, extracted with ``tar xzf``); ``--cache_dir`` keeps each seed's trained model.
+
+    python benchmarks/bench_calibration_vgg.py /tmp/cifar --weights "$(python -c 'import main; print(main.demo_weights())')" \
+        --size 32 --train_images 10000 --test_images 2000 --epochs 1 --methods tucker --targets vbmf,2,3,5 \
+        --cache_dir /tmp --out_dir benchmarks/results/calibration/vgg16_cifar32
 
     python benchmarks/make_fashion_mnist.py /tmp/fmnist-shirt
     python benchmarks/bench_calibration_vgg.py /tmp/fmnist-shirt --weights "$(python -c 'import main; print(main.demo_weights())')" --seeds 0,1,2
@@ -58,28 +66,51 @@ SIZE = 64
 DEFAULT_OUT = BENCH_DIR / "results" / "calibration" / "vgg16_fmnist"
 
 
+def _subset(ds, images: int, seed: int):
+    """A seeded subset of ``images`` items of ``ds`` (0: all of it)."""
+    if not images or images >= len(ds):
+        return ds
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:images]
+    return torch.utils.data.Subset(ds, order.tolist())
+
+
+def _loader(ds, args: argparse.Namespace, seed: int, *, train: bool):
+    loaders = dataset.build_loaders(ds if train else None, None if train else ds, batch_size=args.batch_size,
+                                    workers=args.workers, seed=seed)
+    return loaders[0] if train else loaders[1]
+
+
 def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[str, Any]:
     progress = not args.quiet
-    input_size = (3, SIZE, SIZE)
+    size = args.size
+    input_size = (3, size, size)
     runtime.seed_everything(seed)
     train_dir, test_dir = os.path.join(args.data, "train"), os.path.join(args.data, "test")
-    train_ds, test_ds, classes = dataset.build_datasets(train_dir, test_dir, image_size=SIZE)
-    train_loader, test_loader, _ = dataset.build_loaders(train_ds, test_ds, batch_size=args.batch_size,
-                                                         workers=args.workers, seed=seed)
+    train_ds, test_ds, classes = dataset.build_datasets(train_dir, test_dir, image_size=size)
+    train_ds, test_ds = _subset(train_ds, args.train_images, seed), _subset(test_ds, args.test_images, seed)
+    train_loader, test_loader = _loader(train_ds, args, seed, train=True), _loader(test_ds, args, seed, train=False)
     model, pretrained = models.build_pretrained(ARCH, len(classes), weights=args.weights)
     model.to(device)
     start = time.perf_counter()
-    finetune.fit(model, train_loader, None,
-                 recipe=finetune.Recipe(epochs=args.epochs, lr=main_cli.DEFAULT_LR["train"],
-                                        lr_scale={n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained}),
-                 device=device, show_progress=progress, log=logger)
+    cached = os.path.join(args.cache_dir, f"{ARCH}-{size}px-{len(train_ds)}img-{args.epochs}ep-seed{seed}.pt") \
+        if args.cache_dir else None
+    if cached and os.path.exists(cached):
+        model.load_state_dict(torch.load(cached, map_location=device, weights_only=True))
+    else:
+        finetune.fit(model, train_loader, None,
+                     recipe=finetune.Recipe(epochs=args.epochs, lr=main_cli.DEFAULT_LR["train"],
+                                            lr_scale={n: main_cli.DEFAULT_PRETRAINED_LR_SCALE for n in pretrained}),
+                     device=device, show_progress=progress, log=logger)
+        if cached:
+            os.makedirs(args.cache_dir, exist_ok=True)
+            torch.save(model.state_dict(), cached)
     model.eval()
     acc_original = finetune.evaluate(model, test_loader, device=device, show_progress=progress)["acc"]
     result: dict[str, Any] = {"seed": seed, "acc_original": acc_original, "train_s": time.perf_counter() - start,
                               "n_train": len(train_ds), "n_test": len(test_ds), "rows": []}
     logger.info("seed %d: original %.2f%%", seed, 100 * acc_original)
     # The calibration images as --decompose takes them: test-time transforms, a seeded subset.
-    loader, _ = dataset.build_calibration_loader(train_dir, image_size=SIZE, images=args.calibration,
+    loader, _ = dataset.build_calibration_loader(train_dir, image_size=size, images=args.calibration,
                                                  batch_size=args.batch_size, workers=args.workers, seed=seed)
     batches = calibration.collect(loader, device=device)
     first = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
@@ -100,6 +131,17 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[
                 row = {"method": method, "target": target, "variant": variant,
                        "macs_ratio": macs0 / report.count_macs(net, input_size), "acc": acc, "seconds": seconds,
                        "data_free_layers": [r.name for r in rows if "data-free" in (r.reason or "")]}
+                if args.ft_after:
+                    # At the rate --fine_tune uses for this model (benchmarks: one short epoch of the
+                    # training images, augmented).
+                    runtime.seed_everything(seed)
+                    lr = main_cli.DEFAULT_LR["cp" if any(r.method == "cp" for r in rows) else "tucker"]
+                    finetune.fit(net, _loader(_subset(train_ds, args.ft_images, seed + 1), args, seed, train=True),
+                                 None, recipe=finetune.Recipe(epochs=args.ft_after, lr=lr), device=device,
+                                 show_progress=progress, log=logger)
+                    net.eval()
+                    row["acc_ft"] = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
+                    row["ft_epochs"], row["ft_images"] = args.ft_after, args.ft_images
                 result["rows"].append(row)
                 logger.info("seed %d %s %s %s: %.2fx MACs, %.2f%% (original %.2f%%), %.1f s", seed, method, target,
                             variant, row["macs_ratio"], 100 * acc, 100 * acc_original, seconds)
@@ -116,8 +158,8 @@ def summarize(runs: list[dict[str, Any]]) -> str:
     """Per method, target and variant: accuracy straight after and its drop from each seed's original."""
     originals = [100 * r["acc_original"] for r in runs]
     lines = [f"seeds {', '.join(str(r['seed']) for r in runs)}; original (fine-tuned) {_mean_sd(originals)}%", "",
-             "| method | target | variant | MACs ratio | straight after | drop (paired) | seconds |",
-             "|---|---|---|--:|--:|--:|--:|"]
+             "| method | target | variant | MACs ratio | straight after | drop (paired) | after fine-tuning "
+             "| drop (paired) | seconds |", "|---|---|---|--:|--:|--:|--:|--:|--:|"]
     keys = list(dict.fromkeys((row["method"], row["target"], row["variant"]) for r in runs for row in r["rows"]))
     for method, target, variant in keys:
         pairs = [(r, row) for r in runs for row in r["rows"]
@@ -126,6 +168,8 @@ def summarize(runs: list[dict[str, Any]]) -> str:
         lines.append(f"| {method} | {target} | {variant} | {min(ratios):.2f}-{max(ratios):.2f}x | "
                      f"{_mean_sd([100 * row['acc'] for _, row in pairs])} | "
                      f"{_mean_sd([100 * (r['acc_original'] - row['acc']) for r, row in pairs])} | "
+                     f"{_mean_sd(tuned) if (tuned := [100 * row['acc_ft'] for _, row in pairs if 'acc_ft' in row]) else '-'} | "
+                     f"{_mean_sd(d) if (d := [100 * (r['acc_original'] - row['acc_ft']) for r, row in pairs if 'acc_ft' in row]) else '-'} | "
                      f"{statistics.fmean(row['seconds'] for _, row in pairs):.1f} |")
     return "\n".join(lines)
 
@@ -140,6 +184,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--targets", type=bench_real._csv(str), default=["vbmf", "5", "8"],
                         help="'vbmf' (plain VBMF's ratio) or MACs ratios for the budget")
     parser.add_argument("--calibration", type=int, default=calibration.DEFAULT_IMAGES)
+    parser.add_argument("--size", type=int, default=SIZE, help="image size (the model's, for training and tests)")
+    parser.add_argument("--train_images", type=int, default=0, help="seeded subset of train/ for training (0: all)")
+    parser.add_argument("--test_images", type=int, default=0, help="seeded subset of test/ (0: all)")
+    parser.add_argument("--cache_dir", help="keep each seed's trained model here and reuse it")
+    parser.add_argument("--ft_after", type=int, default=0, help="fine-tuning epochs after each decomposition")
+    parser.add_argument("--ft_images", type=int, default=0, help="seeded subset of train/ per fine-tuning epoch")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--fc_rank_ratio", type=float, default=bench_real.DEFAULT_FC_RANK_RATIO)
     parser.add_argument("--batch_size", type=int, default=32)

@@ -576,3 +576,27 @@ def test_subprocess_error_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: model file {tmp_path / 'nope'} does not exist "
                                                 f"(run --train first, or pass --model)"]
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("flag, native, want", [("auto", True, True), ("auto", False, False), ("off", True, False),
+                                                ("on", False, False)])
+def test_cpu_bf16_flag_fills_the_recipe(tmp_path, capsys, monkeypatch, flag, native, want):
+    """--cpu_bf16: auto and on turn bfloat16 autocast and channels_last on together where the CPU has
+    native bfloat16; on without it says so and trains in float32; off never."""
+    monkeypatch.setattr(main.runtime, "cpu_bf16_supported", lambda: native)
+    recipes = []
+    import finetune
+
+    real_fit = finetune.fit
+
+    def fit(*args, recipe, **kwargs):
+        recipes.append(recipe)
+        return real_fit(*args, recipe=recipe, **kwargs)
+
+    monkeypatch.setattr(finetune, "fit", fit)
+    train, test = make_image_folder(tmp_path / "data", n_train=2, n_test=1, size=ALEXNET_SIZE)
+    code, _, err = run_cli(capsys, "--train", "--train_path", train, "--test_path", test, "--arch", "alexnet",
+                           "--image_size", ALEXNET_SIZE, "--model", tmp_path / "model", "--cpu_bf16", flag, *FAST)
+    assert code == 0, err
+    assert [(r.cpu_bf16, r.channels_last) for r in recipes] == [(want, want)]
+    assert ("no native bfloat16" in err) == (flag == "on" and not native)

@@ -155,6 +155,33 @@ def test_non_finite_loss_raises_and_skips_the_update():
     assert issubclass(NonFiniteLossError, FloatingPointError)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: native)
+    assert runtime.autocast_dtype_for(CPU, cpu_bf16=True) == (torch.bfloat16 if native else None)
+    assert runtime.autocast_dtype_for(CPU) is None
+
+
+def test_fit_in_cpu_bf16_and_channels_last(monkeypatch):
+    """Recipe(cpu_bf16, channels_last): the convs compute in bfloat16 on channels_last batches, the
+    weights stay float32, the run learns, and the model comes back in the default layout."""
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
+    seed_everything(0)
+    images = TensorDataset(torch.randn(32, 3, 8, 8) + torch.arange(2).repeat(16)[:, None, None, None] * 2,
+                           torch.arange(2).repeat(16))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 2))
+    seen = []
+    model[0].register_forward_hook(lambda m, a, out: seen.append((out.dtype, a[0].is_contiguous(
+        memory_format=torch.channels_last), m.weight.is_contiguous(memory_format=torch.channels_last))))
+    loader = DataLoader(images, batch_size=8, shuffle=True)
+    history = fit(model, loader, loader, recipe=Recipe(epochs=3, lr=0.1, cpu_bf16=True, channels_last=True),
+                  device=CPU, show_progress=False)
+    assert seen and all(s == (torch.bfloat16, True, True) for s in seen)
+    assert history[-1]["test_acc"] == 1.0
+    assert model[0].weight.dtype == torch.float32 and model[0].weight.is_contiguous()
+
+
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
 def test_train_one_epoch_mixed_precision_path(amp_dtype):
     # The CUDA code path (autocast, GradScaler for float16) exercised on CPU.
