@@ -422,9 +422,22 @@ def output_space(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) and layer.in_features > MAX_STAT_DIM
 
 
+@contextlib.contextmanager
+def exact_convs():
+    """Convolutions in full float32 inside: cuDNN's default TF32 (on Ampere and later GPUs) would
+    put ~1e-3 relative errors into moments that matmuls and gathers compute exactly."""
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                     allow_tf32=False):
+        yield
+
+
 def _response(layer: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
-    """``W x`` at every output position, ``(B*L, T)`` in :func:`patches`' row order (no bias)."""
-    out = layer._conv_forward(inputs.to(layer.weight.dtype), layer.weight, None)  # (B, T, H', W')
+    """``W x`` at every output position, ``(B*L, T)`` in :func:`patches`' row order (no bias),
+    in float32 (or the inputs' float64) whatever the layer's dtype."""
+    dtype = torch.promote_types(inputs.dtype, torch.float32)
+    with exact_convs():
+        out = layer._conv_forward(inputs.to(dtype), layer.weight.to(dtype), None)  # (B, T, H', W')
     return out.float().permute(0, 2, 3, 1).reshape(-1, out.shape[1])
 
 
@@ -450,8 +463,10 @@ def channel_stats(model: nn.Module, name: str, batches: Sequence[torch.Tensor], 
     ``xx_hat`` is the average over the offsets of the diagonal ``S x S`` blocks of the patch
     moment :func:`layer_stats` would give (the input-channel metric of data-aware Tucker-2,
     :func:`decompositions.tucker2_data_aware`) at ``1/(kh*kw)`` of its cost.  The same positions
-    at most :data:`MAX_SAMPLES_PER_DIM` samples per channel (positions drawn as
-    :func:`layer_stats` draws them); ``cross_y`` and ``mean_y`` are empty.
+    positions drawn as :func:`layer_stats` draws them, about :data:`MAX_SAMPLES_PER_DIM` samples
+    per channel (the position budget is rounded up to whole positions of ``kh*kw`` samples);
+    ``cross_y`` and ``mean_y`` are empty.  ``n`` counts every offset as a sample, though those of
+    one patch are correlated: the OAS shrinkage it gives is a lower bound, as for any patch moment.
     """
     layer = model.get_submodule(name)
     if not isinstance(layer, nn.Conv2d):

@@ -761,8 +761,10 @@ def _input_factor(projected: torch.Tensor, chol: torch.Tensor, rank_in: int) -> 
 def _output_factor(weight: torch.Tensor, u_in: torch.Tensor, sigma_s: torch.Tensor, rank_out: int) -> torch.Tensor:
     """``U_out (T, R_out)`` for a given ``U_in``, from the weight and the channels' moment alone:
     the leading left singular vectors of ``W (U_in L_z (x) I_k)`` with ``L_z L_z^T = U_in^T Sigma_S
-    U_in``, the reduced-rank fit's choice if the inputs were uncorrelated across kernel offsets
-    (the alternation of :func:`tucker2_data_aware` without another look at the data)."""
+    U_in``, i.e. the output subspace that keeps the most of the *projected* response
+    ``W (U_in U_in^T (x) I_k) x`` if the inputs were uncorrelated across kernel offsets (a surrogate
+    for the alternation of :func:`tucker2_data_aware` that needs no other look at the data; the
+    final ``U_out`` is the exact fit of :func:`tucker2_on_data`'s second look)."""
     chol_z = cholesky_psd(u_in.T @ sigma_s @ u_in)
     mapped = torch.einsum("tshw,si,ij->tjhw", weight, u_in, chol_z)    # (T, R_in, kh, kw)
     return _leading_eigvecs(_unfold(mapped, 0), rank_out)
@@ -806,7 +808,13 @@ def tucker2_on_data(conv: nn.Conv2d, ranks: Sequence[int], data: "calibration_da
         if step < n_iter:
             u_out = _output_factor(weight, u_in, sigma_s, rank_out)
     first = u_in.T[:, :, None, None]                                     # (R_in, S, 1, 1)
-    stats = data.responses(lambda x: F.conv2d(x, first.to(x.dtype)), dim=rank_in * K)
+
+    def features(x: torch.Tensor) -> torch.Tensor:  # the core's inputs, exactly (no TF32, no half)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with calibration_data.exact_convs():
+            return F.conv2d(x.to(dtype), first.to(dtype))
+
+    stats = data.responses(features, dim=rank_in * K)
     # The layer's map on z: W (U_in (x) I_k), (T, R_in*K), columns i*K + k as z's.
     w_z = torch.einsum("tsk,si->tik", weight.reshape(T, S, K), u_in).reshape(T, rank_in * K)
     cov, cross = fit_moments(conv, stats, weight=w_z)
@@ -1134,9 +1142,10 @@ def decompose_model(
         Input batches (tensors, or ``(inputs, labels)`` pairs as a DataLoader yields them),
         a few hundred images without augmentation.  Each Tucker-2, CP and SVD layer is then
         fitted, in forward order, to the original layer's response on these images, taking
-        its inputs from the network decomposed so far (:func:`tucker2_data_aware`,
+        its inputs from the network decomposed so far (:func:`tucker2_on_data`,
         :func:`cp_refit_output`, :func:`svd_data_aware`; moments from
-        :func:`calibration.layer_stats`).  None: the data-free factorizations.
+        :func:`calibration.channel_stats` and :func:`calibration.layer_stats`).  None: the
+        data-free factorizations.
     data_aware : bool, default True
         With ``calibration``: False keeps the data-free factors and uses the data only for
         the BatchNorm correction.

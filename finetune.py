@@ -618,7 +618,10 @@ class Recipe:
         and the optimiser stay float32).
     channels_last : bool, default False
         Train and evaluate in the channels_last memory format (the model is given back in the
-        default format).
+        default format, also when the run fails).  A caller that wraps the model in
+        ``DistributedDataParallel`` converts it first (``model.to(memory_format=
+        torch.channels_last)``, as ``main`` does): DDP's gradient buckets follow the layout
+        the parameters had when it wrapped them.
     schedule : callable ``(step, total_steps) -> factor``, optional
         The learning-rate multiplier at each optimiser step; default
         :func:`warmup_cosine_factor` with a :data:`WARMUP_FRACTION` warm-up.
@@ -832,7 +835,18 @@ def fit(
     NonFiniteLossError
         If training still diverges after ``recipe.max_restarts`` restarts.
     """
-    log = logger if log is None else log
+    try:
+        return _fit(model, train_loader, test_loader, recipe=recipe, device=device, train_sampler=train_sampler,
+                    show_progress=show_progress, log=logger if log is None else log, group=group,
+                    step_hook=step_hook, epoch_hook=epoch_hook, checkpoint=checkpoint, resume=resume)
+    finally:
+        if recipe.channels_last:  # the caller's model back in the default layout, whatever happened
+            model.to(memory_format=torch.contiguous_format)
+
+
+def _fit(model, train_loader, test_loader, *, recipe, device, train_sampler, show_progress, log, group, step_hook,
+         epoch_hook, checkpoint, resume) -> list[dict]:
+    """:func:`fit`'s steps (see there)."""
     is_main = runtime.is_main_process()
     run, train_sampler = _start_run(model, train_loader, recipe, device, train_sampler)
     if resume is not None:
@@ -858,8 +872,6 @@ def fit(
                      run.epoch, recipe.epochs, record["lr"], record["train_loss"],
                      100 * record["train_acc"], _test_part(record), record["seconds"])
     _end_with_best(run, log if is_main else None)
-    if recipe.channels_last:
-        model.to(memory_format=torch.contiguous_format)
     return run.history
 
 

@@ -132,8 +132,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                           help="save the last epoch's weights (default: the epoch with the best accuracy on "
                                "--test_path, when one is given; the log says which)")
     training.add_argument("--cpu_bf16", "--cpu-bf16", default="auto", choices=("auto", "on", "off"),
-                          help="train on a CPU in bfloat16 autocast and channels_last (float32 weights); auto: on "
-                               "where the CPU computes bfloat16 natively (AVX512-BF16 or AMX), where it measured "
+                          help="train (and evaluate each epoch) on a CPU in bfloat16 autocast and channels_last "
+                               "(float32 weights); auto: on where the CPU computes bfloat16 natively (AVX512-BF16 "
+                               "or AMX), where it measured "
                                "1.4x (VGG16) to 2.4x (its Tucker-2 model) faster per step at 64 px "
                                "(benchmarks/RESULTS.md); CUDA keeps its own mixed precision")
     training.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -454,7 +455,8 @@ def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, cl
               "batch_size": args.batch_size, "seed": args.seed, "image_size": image_size,
               "train_path": os.path.abspath(args.train_path), "workers": args.workers,
               "world_size": dist.world_size, "freeze_features": args.freeze_features, "keep_last": args.keep_last,
-              "cpu_bf16": _cpu_speed(args, device)["cpu_bf16"],
+              # Only when on: a float32 run's checkpoint has the form it had before the option.
+              **({"cpu_bf16": True} if _cpu_speed(args, device)["cpu_bf16"] else {}),
               "pretrained_lr_scale": args.pretrained_lr_scale if step == "train" else None,
               # The test loader draws from the same RNG as the augmentation: it shapes the run too.
               "test_path": os.path.abspath(args.test_path) if args.test_path else None, "device": str(device),

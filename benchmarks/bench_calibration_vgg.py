@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -92,8 +93,10 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[
     model, pretrained = models.build_pretrained(ARCH, len(classes), weights=args.weights)
     model.to(device)
     start = time.perf_counter()
-    cached = os.path.join(args.cache_dir, f"{ARCH}-{size}px-{len(train_ds)}img-{args.epochs}ep-seed{seed}.pt") \
-        if args.cache_dir else None
+    # Named by everything the training depends on, so that another folder or weights never match.
+    key = hashlib.sha256(repr((os.path.abspath(args.data), os.path.abspath(args.weights), size, len(train_ds),
+                               args.epochs, args.batch_size, seed, main_cli.DEFAULT_LR["train"])).encode()).hexdigest()
+    cached = os.path.join(args.cache_dir, f"{ARCH}-{key[:16]}.pt") if args.cache_dir else None
     if cached and os.path.exists(cached):
         model.load_state_dict(torch.load(cached, map_location=device, weights_only=True))
     else:
@@ -189,7 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test_images", type=int, default=0, help="seeded subset of test/ (0: all)")
     parser.add_argument("--cache_dir", help="keep each seed's trained model here and reuse it")
     parser.add_argument("--ft_after", type=int, default=0, help="fine-tuning epochs after each decomposition")
-    parser.add_argument("--ft_images", type=int, default=0, help="seeded subset of train/ per fine-tuning epoch")
+    parser.add_argument("--ft_images", type=int, default=0, help="seeded subset of train/ that the fine-tuning epochs go through (0: all)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--fc_rank_ratio", type=float, default=bench_real.DEFAULT_FC_RANK_RATIO)
     parser.add_argument("--batch_size", type=int, default=32)

@@ -139,31 +139,24 @@ def test_layer_inputs_recompute_after_an_earlier_layer_changes():
     assert not torch.equal(before[0], want[0])
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
-@pytest.mark.parametrize("cfg", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_data_aware_tucker_at_full_rank_reproduces_the_conv(cfg):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(**cfg)
-    batches = _inputs(cfg["in_channels"])
-    new = D.tucker_decompose_conv(conv, (conv.out_channels, conv.in_channels), stats=_stats(conv, batches))
-    assert _output_error(conv, new, batches) < 1e-4
-    # and on inputs it never saw
-    assert _output_error(conv, new, _inputs(cfg["in_channels"], seed=1)) < 1e-4
-
-
 def _data(layer: nn.Module, batches: list[torch.Tensor]) -> C.LayerData:
     net = nn.Sequential(layer)
     return C.LayerData(net, net, "0", batches)
 
 
+@pytest.mark.parametrize("path", ["moments", "two looks"])
 @pytest.mark.parametrize("cfg", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_two_look_tucker_at_full_rank_reproduces_the_conv(cfg):
-    """The fit decompose_model makes (channel moments, then the core's inputs) is exact at full rank
-    for every geometry: the 1x1 input factor commutes with each padding mode."""
+def test_data_aware_tucker_at_full_rank_reproduces_the_conv(cfg, path):
+    """Both fits are exact at full rank for every geometry: the full patch moments (stats=), and
+    the fit decompose_model makes (data=: channel moments, then the core's inputs; the 1x1 input
+    factor commutes with each padding mode)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(**cfg)
     batches = _inputs(cfg["in_channels"])
-    new = D.tucker_decompose_conv(conv, (conv.out_channels, conv.in_channels), data=_data(conv, batches))
+    source = {"stats": _stats(conv, batches)} if path == "moments" else {"data": _data(conv, batches)}
+    new = D.tucker_decompose_conv(conv, (conv.out_channels, conv.in_channels), **source)
     assert _output_error(conv, new, batches) < 1e-4
+    # and on inputs it never saw
     assert _output_error(conv, new, _inputs(cfg["in_channels"], seed=1)) < 1e-4
 
 

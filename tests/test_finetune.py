@@ -180,6 +180,15 @@ def test_fit_in_cpu_bf16_and_channels_last(monkeypatch):
     assert seen and all(s == (torch.bfloat16, True, True) for s in seen)
     assert history[-1]["test_acc"] == 1.0
     assert model[0].weight.dtype == torch.float32 and model[0].weight.is_contiguous()
+    # A run that fails gives the model back in the default layout too.
+    x, y = next(iter(loader))
+    with pytest.raises(AttributeError):  # the second batch is not a tensor
+        fit(model, [(x, y), ("not a batch", y)], None, device=CPU, show_progress=False,
+            recipe=Recipe(epochs=1, lr=0.1, cpu_bf16=True, channels_last=True))
+    assert model[0].weight.is_contiguous()
+    # Batches that are not images (an MLP's) keep their layout.
+    assert len(fit(mlp(), DataLoader(blobs(16), batch_size=8), None, device=CPU, show_progress=False,
+                   recipe=Recipe(epochs=1, lr=0.1, cpu_bf16=True, channels_last=True))) == 1
 
 
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
