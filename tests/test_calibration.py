@@ -261,16 +261,20 @@ def test_inputs_in_a_subspace_data_aware_error_far_below_data_free(method):
 @pytest.mark.parametrize("bias", [True, False])
 def test_layer_with_too_few_samples_keeps_data_free_factors_and_the_mean_response(bias):
     """A Linear layer given fewer calibration samples than MIN_SAMPLES_PER_DIM per input keeps its
-    data-free factors (the report says why) and, with a bias, its bias is shifted so that the layer's
-    mean output on the calibration inputs is the original's; without one nothing is added."""
+    data-free factors (the report says why); with mean_correction and a bias, its bias is shifted so
+    that the layer's mean output on the calibration inputs is the original's; without a bias, or by
+    default, nothing is added."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(64, 48, bias=bias), nn.ReLU(), nn.Linear(48, 10)).eval()
     batches = [torch.randn(4, 64) + 1.0 for _ in range(2)]  # 8 samples < 0.25 * 64
     plan = {"0": {"method": "svd", "rank": 3}, "2": {"method": "none", "reason": "classifier"}}
     free, aware = copy.deepcopy(base), copy.deepcopy(base)
     D.decompose_model(free, plan, input_size=(64,))
-    rows = D.decompose_model(aware, plan, input_size=(64,), calibration=batches)
+    default = copy.deepcopy(base)
+    D.decompose_model(default, plan, input_size=(64,), calibration=batches)
+    rows = D.decompose_model(aware, plan, input_size=(64,), calibration=batches, mean_correction=True)
     assert "data-free: 8 calibration samples" in rows[0].reason
+    assert all(torch.equal(a, b) for a, b in zip(default.parameters(), free.parameters()))
     assert ("bias matched to the mean response" in rows[0].reason) == bias
     x = torch.cat(batches)
     with torch.no_grad():
