@@ -267,7 +267,7 @@ def test_two_layers_and_a_wide_band(trained, data):
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
 def test_mixed_precision_path(trained, data, monkeypatch, amp_dtype):
     """The autocast (+ GradScaler for float16) path that CUDA takes, run on the CPU."""
-    monkeypatch.setattr(runtime, "autocast_dtype_for", lambda device: amp_dtype)
+    monkeypatch.setattr(runtime, "autocast_dtype_for", lambda device, **options: amp_dtype)
     model = copy.deepcopy(trained)
     result = anneal_to_masks(model, loader(data), layers=[FIRST], bandwidth=2, epochs=1, lr=LR,
                              device=CPU, show_progress=False)
