@@ -455,13 +455,14 @@ def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, cl
     if classes_expected is not None and classes != classes_expected:
         raise _classes_differ("the data's", classes, classes_expected)
     output = args.model if step == "train" else args.decomposed_model
+    speed = _cpu_speed(args, device)
     config = {"step": step, "arch": args.arch if step == "train" else None,
               "weights": args.weights if step == "train" else None, "lr": lr, "epochs": args.epochs,
               "batch_size": args.batch_size, "seed": args.seed, "image_size": image_size,
               "train_path": os.path.abspath(args.train_path), "workers": args.workers,
               "world_size": dist.world_size, "freeze_features": args.freeze_features, "keep_last": args.keep_last,
               # Only when on: a float32 run's checkpoint has the form it had before the option.
-              **({"cpu_bf16": True} if _cpu_speed(args, device)["cpu_bf16"] else {}),
+              **({"cpu_bf16": True} if speed["cpu_bf16"] else {}),
               "pretrained_lr_scale": args.pretrained_lr_scale if step == "train" else None,
               # The test loader draws from the same RNG as the augmentation: it shapes the run too.
               "test_path": os.path.abspath(args.test_path) if args.test_path else None, "device": str(device),
@@ -480,7 +481,7 @@ def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, cl
         runtime.on_main(dist, lambda: models.save_checkpoint(checkpoint, make_state(), config=config))
 
     recipe = finetune.Recipe(epochs=args.epochs, lr=lr, lr_scale=lr_scale, keep_best=not args.keep_last,
-                             **_cpu_speed(args, device))
+                             **speed)
     # The memory format before DDP wraps the model: its gradient buckets follow the parameters' layout.
     model.to(device, memory_format=torch.channels_last if recipe.channels_last else torch.preserve_format)
     wrapped = model
