@@ -422,22 +422,22 @@ def output_space(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) and layer.in_features > MAX_STAT_DIM
 
 
-@contextlib.contextmanager
-def exact_convs():
-    """Convolutions in full float32 inside: cuDNN's default TF32 (on Ampere and later GPUs) would
+def exact_conv(inputs: torch.Tensor, weight: torch.Tensor,
+               forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.conv2d) -> torch.Tensor:
+    """``forward(inputs, weight)`` (a plain conv by default) in float32, or the inputs' float64,
+    whatever their dtypes, and without cuDNN's default TF32 (on Ampere and later GPUs): it would
     put ~1e-3 relative errors into moments that matmuls and gathers compute exactly."""
+    dtype = torch.promote_types(inputs.dtype, torch.float32)
     cudnn = torch.backends.cudnn
     with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
                      allow_tf32=False):
-        yield
+        return forward(inputs.to(dtype), weight.to(dtype))
 
 
 def _response(layer: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
     """``W x`` at every output position, ``(B*L, T)`` in :func:`patches`' row order (no bias),
-    in float32 (or the inputs' float64) whatever the layer's dtype."""
-    dtype = torch.promote_types(inputs.dtype, torch.float32)
-    with exact_convs():
-        out = layer._conv_forward(inputs.to(dtype), layer.weight.to(dtype), None)  # (B, T, H', W')
+    by :func:`exact_conv` (the layer's own padding mode)."""
+    out = exact_conv(inputs, layer.weight, lambda x, w: layer._conv_forward(x, w, None))  # (B, T, H', W')
     return out.float().permute(0, 2, 3, 1).reshape(-1, out.shape[1])
 
 
@@ -462,8 +462,8 @@ def channel_stats(model: nn.Module, name: str, batches: Sequence[torch.Tensor], 
     Every patch's ``S``-vector at each of the ``kh*kw`` kernel offsets is one sample, so that
     ``xx_hat`` is the average over the offsets of the diagonal ``S x S`` blocks of the patch
     moment :func:`layer_stats` would give (the input-channel metric of data-aware Tucker-2,
-    :func:`decompositions.tucker2_data_aware`) at ``1/(kh*kw)`` of its cost.  The same positions
-    positions drawn as :func:`layer_stats` draws them, about :data:`MAX_SAMPLES_PER_DIM` samples
+    :func:`decompositions.tucker2_data_aware`) at ``1/(kh*kw)`` of its cost.  Positions are
+    drawn as :func:`layer_stats` draws them, about :data:`MAX_SAMPLES_PER_DIM` samples
     per channel (the position budget is rounded up to whole positions of ``kh*kw`` samples);
     ``cross_y`` and ``mean_y`` are empty.  ``n`` counts every offset as a sample, though those of
     one patch are correlated: the OAS shrinkage it gives is a lower bound, as for any patch moment.

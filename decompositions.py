@@ -61,7 +61,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import calibration as calibration_data
@@ -808,13 +807,8 @@ def tucker2_on_data(conv: nn.Conv2d, ranks: Sequence[int], data: "calibration_da
         if step < n_iter:
             u_out = _output_factor(weight, u_in, sigma_s, rank_out)
     first = u_in.T[:, :, None, None]                                     # (R_in, S, 1, 1)
-
-    def features(x: torch.Tensor) -> torch.Tensor:  # the core's inputs, exactly (no TF32, no half)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        with calibration_data.exact_convs():
-            return F.conv2d(x.to(dtype), first.to(dtype))
-
-    stats = data.responses(features, dim=rank_in * K)
+    # The core's inputs, exactly (no TF32, no half precision).
+    stats = data.responses(lambda x: calibration_data.exact_conv(x, first), dim=rank_in * K)
     # The layer's map on z: W (U_in (x) I_k), (T, R_in*K), columns i*K + k as z's.
     w_z = torch.einsum("tsk,si->tik", weight.reshape(T, S, K), u_in).reshape(T, rank_in * K)
     cov, cross = fit_moments(conv, stats, weight=w_z)

@@ -72,11 +72,30 @@ def peer_failure(exc: BaseException) -> str | None:
     return f"another rank stopped or cannot be reached ({detail}); this rank stops too"
 
 
+def _torchrun_env() -> tuple[int, int, int] | None:
+    """``(RANK, WORLD_SIZE, LOCAL_RANK)`` from torchrun's environment; None when any is unset.
+
+    Raises
+    ------
+    errors.UserError
+        When they are not integers.
+    """
+    if not all(var in os.environ for var in _TORCHRUN_VARS):
+        return None
+    try:
+        rank, world_size, local_rank = (int(os.environ[var]) for var in _TORCHRUN_VARS)
+    except ValueError:
+        values = ", ".join(f"{var}={os.environ[var]!r}" for var in _TORCHRUN_VARS)
+        raise UserError(f"torchrun variables must be integers, got {values}") from None
+    return rank, world_size, local_rank
+
+
 def _torchrun_world_size() -> int:
     try:
-        return int(os.environ.get("WORLD_SIZE", "1")) if all(v in os.environ for v in _TORCHRUN_VARS) else 1
-    except ValueError:
+        env = _torchrun_env()
+    except UserError:
         return 1
+    return 1 if env is None else env[1]
 
 
 def check_ranks_agree(dist_info: DistInfo, facts: dict, what: str) -> None:
@@ -246,13 +265,10 @@ def init_distributed(device: torch.device, *,
         For malformed torchrun variables, a missing ``MASTER_ADDR``/``MASTER_PORT``,
         an MPS device (no distributed backend), or a LOCAL_RANK without a matching GPU.
     """
-    if not all(var in os.environ for var in _TORCHRUN_VARS):
+    env = _torchrun_env()
+    if env is None:
         return LOCAL, device
-    try:
-        rank, world_size, local_rank = (int(os.environ[var]) for var in _TORCHRUN_VARS)
-    except ValueError:
-        values = ", ".join(f"{var}={os.environ[var]!r}" for var in _TORCHRUN_VARS)
-        raise UserError(f"torchrun variables must be integers, got {values}") from None
+    rank, world_size, local_rank = env
     if world_size <= 1:
         return LOCAL, device
     if not 0 <= rank < world_size:
