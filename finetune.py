@@ -36,6 +36,7 @@ References
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -753,6 +754,17 @@ def _start_run(model: nn.Module, train_loader, recipe: Recipe, device: torch.dev
     return run, train_sampler
 
 
+@contextlib.contextmanager
+def _default_layout_after(model: nn.Module, channels_last: bool):
+    """The caller's model back in the default memory format when a channels_last run ends,
+    whatever happened in it."""
+    try:
+        yield
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -835,44 +847,34 @@ def fit(
     NonFiniteLossError
         If training still diverges after ``recipe.max_restarts`` restarts.
     """
-    try:
-        return _fit(model, train_loader, test_loader, recipe=recipe, device=device, train_sampler=train_sampler,
-                    show_progress=show_progress, log=logger if log is None else log, group=group,
-                    step_hook=step_hook, epoch_hook=epoch_hook, checkpoint=checkpoint, resume=resume)
-    finally:
-        if recipe.channels_last:  # the caller's model back in the default layout, whatever happened
-            model.to(memory_format=torch.contiguous_format)
-
-
-def _fit(model, train_loader, test_loader, *, recipe, device, train_sampler, show_progress, log, group, step_hook,
-         epoch_hook, checkpoint, resume) -> list[dict]:
-    """:func:`fit`'s steps (see there)."""
+    log = logger if log is None else log
     is_main = runtime.is_main_process()
-    run, train_sampler = _start_run(model, train_loader, recipe, device, train_sampler)
-    if resume is not None:
-        _resume_from(resume, run, train_loader)
-        if is_main:
-            log.info("resuming after epoch %d/%d", run.epoch, recipe.epochs)
-    while run.epoch < recipe.epochs:
-        start = time.perf_counter()
-        record = _epoch_with_restarts(run, train_loader, test_loader, train_sampler=train_sampler, device=device,
-                                      show_progress=show_progress, group=group, step_hook=step_hook,
-                                      log=log if is_main else None)
-        record["seconds"] = time.perf_counter() - start
-        if epoch_hook is not None:
-            epoch_hook(record)
-        run.history.append(record)
-        run.epoch += 1
-        _track_best(run, record)
-        # Checkpoint first, then log: once "epoch k" is printed, --resume can continue after it.
-        if checkpoint is not None and run.epoch < recipe.epochs:  # the last epoch's result is the model itself
-            checkpoint(partial(training_checkpoint, run, train_loader))
-        if is_main:
-            log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%%s  (%.1f s)",
-                     run.epoch, recipe.epochs, record["lr"], record["train_loss"],
-                     100 * record["train_acc"], _test_part(record), record["seconds"])
-    _end_with_best(run, log if is_main else None)
-    return run.history
+    with _default_layout_after(model, recipe.channels_last):
+        run, train_sampler = _start_run(model, train_loader, recipe, device, train_sampler)
+        if resume is not None:
+            _resume_from(resume, run, train_loader)
+            if is_main:
+                log.info("resuming after epoch %d/%d", run.epoch, recipe.epochs)
+        while run.epoch < recipe.epochs:
+            start = time.perf_counter()
+            record = _epoch_with_restarts(run, train_loader, test_loader, train_sampler=train_sampler, device=device,
+                                          show_progress=show_progress, group=group, step_hook=step_hook,
+                                          log=log if is_main else None)
+            record["seconds"] = time.perf_counter() - start
+            if epoch_hook is not None:
+                epoch_hook(record)
+            run.history.append(record)
+            run.epoch += 1
+            _track_best(run, record)
+            # Checkpoint first, then log: once "epoch k" is printed, --resume can continue after it.
+            if checkpoint is not None and run.epoch < recipe.epochs:  # the last epoch's result is the model itself
+                checkpoint(partial(training_checkpoint, run, train_loader))
+            if is_main:
+                log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%%s  (%.1f s)",
+                         run.epoch, recipe.epochs, record["lr"], record["train_loss"],
+                         100 * record["train_acc"], _test_part(record), record["seconds"])
+        _end_with_best(run, log if is_main else None)
+        return run.history
 
 
 def _epoch_with_restarts(run: _Run, train_loader, test_loader, *, train_sampler, device, show_progress, group,
