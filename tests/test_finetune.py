@@ -580,3 +580,65 @@ def test_a_run_with_an_integer_rate_resumes_after_a_restart_made_it_a_float():
     state["optimizer"]["param_groups"][0]["lr"] = state["optimizer"]["param_groups"][0]["initial_lr"] = 0.1
     state["scheduler"]["base_lrs"] = [0.1]
     fit(mlp(), loader, recipe=recipe, device=CPU, show_progress=False, resume=state)
+
+
+# ------------------------------------------------------- rates from the start's scale
+
+
+def test_input_scaled_rates_is_the_normalised_lms_factor():
+    """A head on inputs 5x larger than unit scale gets 1/25 of the rate (the mean square of
+    its inputs' entries); inputs at or below unit scale keep their rate."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, FEATURES, generator=gen)
+    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, NUM_CLASSES))
+    big = finetune.input_scaled_rates(model, [5 * x[:32], (5 * x[32:],)], ["0"])
+    assert big["0"] == pytest.approx(1 / float((5 * x).square().mean()), rel=1e-6)
+    assert 1 / 30 < big["0"] < 1 / 20
+    assert finetune.input_scaled_rates(model, [0.2 * x], ["0"]) == {"0": 1.0}
+    assert model.training  # the mode is given back
+    with pytest.raises(ValueError, match="Linear or Conv2d"):
+        finetune.input_scaled_rates(model, [x], ["1"])
+
+
+def test_rate_probe_finds_a_stable_rate_and_starts_from_the_same_weights(caplog):
+    """At a rate far too high (10: the loss explodes) the probe goes down the candidates and the
+    run trains at a lower one without any restart; the probe's own steps leave no trace."""
+    loader = DataLoader(blobs(96), batch_size=8)
+    test = DataLoader(blobs(60, seed=1), batch_size=30)
+    seed_everything(0)
+    model = mlp()
+    recipe = Recipe(epochs=3, lr=10.0, rate_probe=finetune.DEFAULT_RATE_PROBE)
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        history = fit(model, loader, test, recipe=recipe, device=CPU, show_progress=False)
+    probe = [r.getMessage() for r in caplog.records if "rate probe" in r.getMessage()]
+    assert len(probe) == 1 and "training at x1 " not in probe[0]
+    assert [r["restarts"] for r in history] == [0, 0, 0]
+    assert history[-1]["test_acc"] == 1.0
+
+    # The probe's steps are undone: the run starts from the caller's weights and optimiser state.
+    seed_everything(0)
+    start = mlp()
+    run, _ = finetune._start_run(copy_of(start), loader, recipe, CPU, None)
+    factor = finetune._probe_rates(run, loader, device=CPU, group=None, log=None)
+    assert factor < 1 and run.rate_factor == factor
+    for name, value in start.state_dict().items():
+        assert torch.equal(run.model.state_dict()[name], value)
+    assert run.optimizer.state == {} or all(not s for s in run.optimizer.state.values())
+    assert run.scheduler.base_lrs == [pytest.approx(10.0 * factor)]
+
+
+def test_rate_probe_keeps_a_rate_that_trains():
+    """At a rate that trains well, the probe keeps x1 and the run equals one without the probe
+    but for the probe's batches drawn from the same generator (so compare the rates only)."""
+    loader = DataLoader(blobs(96), batch_size=8)
+    seed_everything(0)
+    model = mlp()
+    run, _ = finetune._start_run(model, loader, Recipe(epochs=1, lr=0.05, rate_probe=(1.0, 0.3, 0.1)), CPU, None)
+    assert finetune._probe_rates(run, loader, device=CPU, group=None, log=None) == 1.0
+    assert run.scheduler.base_lrs == [pytest.approx(0.05)]
+
+
+@pytest.mark.parametrize("probe", [(0.3, 1.0), (1.0, 1.0), (1.5,), (0.0,)])
+def test_recipe_refuses_a_bad_rate_probe(probe):
+    with pytest.raises(UserError, match="rate_probe"):
+        Recipe(epochs=1, lr=0.1, rate_probe=probe).check()
