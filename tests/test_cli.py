@@ -600,3 +600,51 @@ def test_cpu_bf16_flag_fills_the_recipe(tmp_path, capsys, monkeypatch, flag, nat
     assert code == 0, err
     assert [(r.cpu_bf16, r.channels_last) for r in recipes] == [(want, want)]
     assert ("no native bfloat16" in err) == (flag == "on" and not native)
+
+
+# ------------------------------------------------------------------------ --quantize int8
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory, data):
+    """A resnet18 at 32 px trained one epoch: small enough to export and quantize in seconds."""
+    train, test = data
+    path = tmp_path_factory.mktemp("small") / "model"
+    code = main.run(["--train", "--arch", "resnet18", "--image_size", "32", "--train_path", str(train),
+                     "--test_path", str(test), "--model", str(path), *FAST])
+    assert code == 0
+    return path
+
+
+def test_export_and_eval_in_int8(capsys, tmp_path, data, small_model):
+    train, test = data
+    out = tmp_path / "model_int8.onnx"
+    code, stdout, err = run_cli(capsys, "--export", "onnx", out, "--model", small_model, "--quantize", "int8",
+                                "--train_path", train, "--workers", "0", "--quiet")
+    assert code == 0, err
+    assert "int8 (QDQ, per-channel weights, calibrated on 16 images)" in stdout and "x smaller" in stdout
+    import onnx
+
+    graph = onnx.load(str(out)).graph
+    assert any(n.op_type == "DequantizeLinear" for n in graph.node)
+    float_out = tmp_path / "model.onnx"
+    assert run_cli(capsys, "--export", "onnx", float_out, "--model", small_model, "--quiet")[0] == 0
+    assert out.stat().st_size < float_out.stat().st_size / 3  # int8 weights: about 4x smaller
+
+    report = tmp_path / "eval.json"
+    code, stdout, err = run_cli(capsys, "--eval", "--model", small_model, "--quantize", "int8", "--train_path", train,
+                                "--test_path", test, "--json", report, "--workers", "0", "--quiet",
+                                "--latency_repeats", "1", "--latency_batch", "2")
+    assert code == 0, err
+    q = json.loads(report.read_text())["int8"]
+    assert 0 <= q["int8"]["accuracy"] <= 1 and q["int8"]["bytes"] < q["float32"]["bytes"] / 3
+    assert q["top1_agreement"] >= 0.5 and "int8 (onnxruntime (CPU)" in stdout
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--eval", "--quantize", "int8"], "--quantize int8 calibrates on training images: give --train_path"),
+    (["--train", "--quantize", "int8", "--train_path", "x"], "--quantize int8 applies to --export onnx and --eval"),
+])
+def test_quantize_without_what_it_needs_is_one_line(capsys, tmp_path, argv, needle):
+    code, _, err = run_cli(capsys, *argv, "--model", tmp_path / "m")
+    assert_one_line_error(code, err, needle)
