@@ -177,6 +177,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                           "image size, within 3%%, with the least error (--budget_rule)")
     dec.add_argument("--target_params", "--target-params", type=float, default=None, metavar="R",
                      help="a budget: the whole model R times fewer parameters (as --target_macs)")
+    dec.add_argument("--rank_multiple", "--rank-multiple", type=int, default=None, metavar="N",
+                     help="ranks in blocks of N channels (16: onnxruntime's blocks on AVX-512 CPUs; 8: tensor "
+                          "cores) wherever a layer has at least 2N: VBMF and fixed ranks round up, a budget "
+                          "chooses among such ranks only (default: any rank)")
     dec.add_argument("--budget_rule", "--budget-rule", default="sum", choices=("sum", "minimax"),
                      help="how a budget spreads over the layers: the smallest sum of squared error bounds (sum; "
                           "more accurate before fine-tuning in benchmarks/RESULTS.md) or the smallest worst-layer "
@@ -408,6 +412,8 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
     targets = [f"--{n}" for n in ("target_macs", "target_params") if getattr(args, n) is not None]
     if len(targets) > 1:
         raise UserError("give --target_macs or --target_params, not both")
+    if args.rank_multiple is not None and args.rank_multiple < 2:
+        raise UserError(f"--rank_multiple must be a block size >= 2 (e.g. 16), got {args.rank_multiple}")
     if args.ranks_from == "data" and (args.data_free or args.calibration == 0 or not args.train_path):
         raise UserError("--ranks_from data reads the layers' responses on calibration images: give --train_path "
                         "and --calibration > 0, without --data_free")
@@ -430,7 +436,7 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
         explicit = getattr(args, "explicit", None)
         choosers = {"rank_ratio", "fc_rank", "fc_rank_ratio", "vbmf_weaken", "target_macs", "target_params",
                     "budget_rule", "cp", "fc", "fc_bandwidth", "include_first_conv", "method_per_layer",
-                    "ranks_from"}
+                    "ranks_from", "rank_multiple"}
         parser_defaults = get_args_parser().parse_args([])
         given = [n for n in sorted(choosers) if (n in explicit if explicit is not None
                                                  else getattr(args, n) != getattr(parser_defaults, n))]
@@ -790,7 +796,8 @@ def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_s
         policy = ranks.Policy(conv=method, fc=args.fc, rank_ratio=args.rank_ratio, vbmf_weaken=args.vbmf_weaken,
                               fc_rank=args.fc_rank, fc_rank_ratio=args.fc_rank_ratio,
                               fc_bandwidth=args.fc_bandwidth, target_macs=args.target_macs,
-                              target_params=args.target_params, skip=skip, budget_rule=args.budget_rule)
+                              target_params=args.target_params, skip=skip, budget_rule=args.budget_rule,
+                              rank_multiple=args.rank_multiple)
     except ValueError as exc:  # a combination the parser cannot see (e.g. --vbmf_weaken with nothing to weaken)
         raise UserError(str(exc).replace("vbmf_weaken", "--vbmf_weaken")) from None
     return ranks.plan_decomposition(model, policy, input_size, calibration=calibration,

@@ -180,6 +180,12 @@ class Policy:
     budget_rule : {"sum", "minimax"}
         How a budget spreads over the layers (see :func:`_budget_plan`): the smallest sum
         of squared error bounds (default) or the smallest worst-layer bound.
+    rank_multiple : int >= 2, optional
+        Ranks the kernels like: every rank of a mode with at least two blocks of this many
+        channels is a multiple of it (onnxruntime's NCHWc blocks are 16 channels on AVX-512,
+        tensor cores like multiples of 8).  Fixed rules (VBMF, ratios, fixed FC ranks) round
+        up, which costs no accuracy; a budget chooses among the aligned ranks only, so the
+        plan's MACs are the ones the model runs (no zero padding at export).
     """
 
     conv: str = "tucker"
@@ -194,6 +200,7 @@ class Policy:
     skip: Mapping[str, str] = field(default_factory=dict)
     keep_last_linear: bool = True
     budget_rule: str = "sum"
+    rank_multiple: int | None = None
 
     def __post_init__(self) -> None:
         if self.conv not in (*D.CONV_METHODS, "auto"):
@@ -215,6 +222,9 @@ class Policy:
         for what, value in (("target_macs", self.target_macs), ("target_params", self.target_params)):
             if value is not None and not (math.isfinite(value) and value > 1):
                 raise ValueError(f"{what} must be a finite ratio > 1, got {value}")
+        if self.rank_multiple is not None and (isinstance(self.rank_multiple, bool) or not isinstance(
+                self.rank_multiple, int) or self.rank_multiple < 2):
+            raise ValueError(f"rank_multiple must be an integer >= 2 or None, got {self.rank_multiple!r}")
         if self.budget_rule not in BUDGET_RULES:
             raise ValueError(f"budget_rule must be one of {BUDGET_RULES}, got {self.budget_rule!r}")
         if self.target_macs is not None and self.target_params is not None:
@@ -312,6 +322,34 @@ def _entry(site: _Site, ranks: Sequence[int], why: str) -> dict:
                      f"({params} >= {site.params} params)")
     entry["why"] = why
     return entry
+
+
+def _mode_sizes(site: _Site) -> tuple[int, ...]:
+    """The channel count each of a site's ranks cuts: Tucker-2 (out, in), CP the larger of the
+    two, an SVD the smaller side of its matrix."""
+    if site.method == "tucker":
+        return site.layer.weight.shape[0], site.layer.weight.shape[1]
+    if site.method == "cp":
+        return (max(site.layer.weight.shape[:2]),)
+    return (min(D.matrix_shape(site.layer)),)
+
+
+def _blocked(size: int, multiple: int | None) -> bool:
+    """Whether a mode of ``size`` channels takes ranks in blocks: at least two of them."""
+    return multiple is not None and size >= 2 * multiple
+
+
+def _aligned(site: _Site, entry: dict, multiple: int | None) -> dict:
+    """``entry`` with its ranks rounded up to multiples of ``multiple`` (``Policy.rank_multiple``),
+    re-checked: a layer that would no longer shrink is kept."""
+    if multiple is None or entry["method"] not in ("tucker", "cp", "svd"):
+        return entry
+    ranks = entry["ranks"] if entry["method"] == "tucker" else [entry["rank"]]
+    rounded = [min(n, -(-r // multiple) * multiple) if _blocked(n, multiple) else r
+               for r, n in zip(ranks, _mode_sizes(site))]
+    if rounded == list(ranks):
+        return entry
+    return _entry(site, rounded, f"{entry['why']}, rounded up to multiples of {multiple}")
 
 
 def _ratio_rank(ratio: float, size: int) -> int:
@@ -504,6 +542,7 @@ class _BudgetSite:
     tails: list[np.ndarray]
     metric: str
     cp_errors2: np.ndarray | None = None  # measured CP errors by rank (conv="auto"), instead of the proxy
+    multiple: int | None = None  # Policy.rank_multiple: only ranks in blocks are options
 
     def __post_init__(self) -> None:
         site = self.site
@@ -526,6 +565,9 @@ class _BudgetSite:
         value = (self.costs.macs(ranks) if self.metric == "macs" else params).astype(float)
         self.keep = site_cost(site, self.metric)
         useful = (params < site.params) & (value < self.keep)
+        for r, size in zip(ranks, _mode_sizes(site)):
+            if _blocked(size, self.multiple):
+                useful &= r % self.multiple == 0
         self.ranks, self.bound2s, self.values = _pareto_front(tuple(r[useful] for r in ranks), bound2[useful],
                                                               value[useful])
 
@@ -641,18 +683,19 @@ class _MixedBudgetSite(_BudgetSite):
         return ("cp", (ranks[0],)) if ranks[1] == 0 else ("tucker", ranks)
 
 
-def _budget_site(site: _Site, cache: dict, metric: str) -> _BudgetSite:
+def _budget_site(site: _Site, cache: dict, metric: str, multiple: int | None = None) -> _BudgetSite:
     """A movable layer's options under a budget."""
     if site.method == "auto":
         tucker, cp = (_Site(site.name, site.layer, site.kind, m, site.in_shape, site.macs, site.params)
                       for m in ("tucker", "cp"))
-        tucker_site = _budget_site(tucker, cache, metric)
-        cp_site = _BudgetSite(cp, _cost_model(cp), tucker_site.tails, metric, cp_errors2=_cp_errors2(cp, cache))
+        tucker_site = _budget_site(tucker, cache, metric, multiple)
+        cp_site = _BudgetSite(cp, _cost_model(cp), tucker_site.tails, metric, cp_errors2=_cp_errors2(cp, cache),
+                              multiple=multiple)
         return _MixedBudgetSite(tucker_site, cp_site)
     full = [site.layer.weight.shape[0], site.layer.weight.shape[1]] if site.method in ("tucker", "cp") else \
         [min(D.matrix_shape(site.layer))]
     tails = [_tails(r, f) for r, f in zip(_spectra(site, cache), full)]
-    return _BudgetSite(site, _cost_model(site), tails, metric)
+    return _BudgetSite(site, _cost_model(site), tails, metric, multiple=multiple)
 
 
 def site_cost(site: _Site, metric: str) -> float:
@@ -702,7 +745,7 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
                 continue
             fixed += (macs if metric == "macs" else params) - site_cost(site, metric)
             continue
-        movable.append(_budget_site(site, cache, metric))
+        movable.append(_budget_site(site, cache, metric, policy.rank_multiple))
         fixed -= site_cost(site, metric)
     allowed = total / target
     rule = policy.budget_rule
@@ -910,7 +953,7 @@ def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[in
         if reason is not None:
             plan[site.name] = _none(reason)
         elif policy.budget is None or site.method == "diagonal" or (site.kind == "linear" and fixed_fc):
-            plan[site.name] = _rule_entry(site, policy, cache)
+            plan[site.name] = _aligned(site, _rule_entry(site, policy, cache), policy.rank_multiple)
     if policy.budget is not None:
         _budget_plan(model, sites, policy, input_size, cache, plan)
     return {site.name: plan[site.name] for site in sites}

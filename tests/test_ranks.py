@@ -90,6 +90,8 @@ def _meta_twin_counts(build, plan, input_size) -> tuple[int, int]:
     ({"rank_ratio": 0.5, "vbmf_weaken": 0}, "these settings choose none by VBMF"),
     ({"conv": "none", "fc": "svd", "fc_rank": 3, "vbmf_weaken": 2}, "these settings choose none by VBMF"),
     ({"budget_rule": "greedy"}, "budget_rule must be one of"),
+    ({"rank_multiple": 1}, "rank_multiple must be an integer >= 2"),
+    ({"rank_multiple": 8.0}, "rank_multiple must be an integer >= 2"),
 ])
 def test_policy_refuses_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -414,3 +416,32 @@ def test_diagonal_bands_that_would_not_shrink_a_layer_are_planned_as_kept():
         D.check_plan(net, old_file_plan)
     D.apply_plan(net, old_file_plan)  # a model file's structure: rebuilt as written
     assert isinstance(net[3], D.DiagonalLinear) and net[3].bandwidth == 16
+
+
+# ------------------------------------------------------------------ ranks in blocks
+
+
+def test_rank_multiple_rounds_fixed_ranks_up_where_a_layer_has_two_blocks():
+    """VBMF (planted ranks 6x5, 4x7) and fixed ranks round up to multiples of 16 on modes of at
+    least 32 channels; the 3-channel input of the first conv and smaller modes stay free."""
+    net = _planted_net()
+    free = ranks.plan_decomposition(net, ranks.Policy(fc="svd", skip={"0": "kept"}), INPUT)
+    plan = ranks.plan_decomposition(net, ranks.Policy(fc="svd", skip={"0": "kept"}, rank_multiple=16), INPUT)
+    for name in ("2", "4"):
+        assert all(r % 16 == 0 and r >= f for r, f in zip(plan[name]["ranks"], free[name]["ranks"]))
+        assert "rounded up to multiples of 16" in plan[name]["why"]
+    assert plan["6"]["rank"] == 16  # VBMF's 5 for the 64-wide Linear, in one block
+    small = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.Conv2d(24, 20, 3, padding=1))
+    ratio = ranks.plan_decomposition(small, ranks.Policy(rank_ratio=0.3, rank_multiple=16), (3, 8, 8))
+    assert ratio["1"]["ranks"] == [6, 7]  # below two blocks: as the ratio says
+
+
+def test_budget_with_rank_multiple_chooses_among_aligned_ranks_and_meets_the_budget(zoo):
+    model, spectra = zoo("vgg16")
+    input_size = (3, 64, 64)
+    policy = ranks.Policy(skip={"features.0": "first conv kept"}, target_macs=5.0, rank_multiple=16)
+    plan = ranks.plan_decomposition(model, policy, input_size, spectra=spectra)
+    tucker = [e for e in plan.values() if e["method"] == "tucker"]
+    assert len(tucker) >= 8 and all(r % 16 == 0 for e in tucker for r in e["ranks"])
+    cost = ranks.plan_cost(model, plan, input_size)
+    assert 5.0 <= cost["macs_ratio"] <= 5.0 * (1 + TOLERANCE)
