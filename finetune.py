@@ -729,8 +729,9 @@ class Recipe:
         Multipliers of every rate, in (0, 1] and decreasing (e.g. :data:`DEFAULT_RATE_PROBE`):
         before the first epoch of a fresh run, each trains :data:`PROBE_STEPS` batches from
         the run's start at its peak rates, going down the list while the loss on those
-        batches afterwards keeps falling; the run then starts again from the same weights
-        at the best one (a short learning-rate range test, Smith 2017).  Empty: off.
+        batches afterwards keeps falling (or has not yet fallen below the start's); the run
+        then starts again from the same weights at the best one (a short learning-rate range
+        test, Smith 2017; a warning when no rate lowered the loss).  Empty: off.
     """
 
     epochs: int
@@ -1070,7 +1071,9 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
         tried.append(f"x{factor:g}: {loss:.4g}")
         if loss < best_loss:
             best_factor, best_loss = factor, loss
-        elif math.isfinite(best_loss):  # past the best (a diverged candidate only sends the probe lower)
+        elif best_loss < reference:
+            # Past a best that lowered the loss.  A candidate that diverged or ended above the
+            # start only sends the probe lower: a rate that made things worse is never kept.
             break
     _restore_training_state(start, run)
     if best_factor != 1:
@@ -1080,6 +1083,10 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
         log.info("rate probe (loss on %d batches after training on them): %s; training at x%g of the rates (%s)",
                  PROBE_STEPS, ", ".join(tried), best_factor,
                  ", ".join(f"{lr_:.3g}" for lr_ in run.scheduler.base_lrs))
+        if not best_loss < reference:
+            log.warning("rate probe: no rate tried lowered the loss below the start's (%s); training at x%g, the %s",
+                        ", ".join(tried), best_factor,
+                        "lowest tried" if not math.isfinite(best_loss) else "one that left the lowest loss")
     return best_factor
 
 

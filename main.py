@@ -266,6 +266,9 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--quantize {args.quantize} applies to --export onnx and --eval: give one of them")
         if not args.train_path:
             raise UserError(f"--quantize {args.quantize} calibrates on training images: give --train_path")
+        import dataset
+
+        dataset.check_image_folder(args.train_path, role="train")  # names only: fails before any step runs
     _check_decompose_args(args)
     if args.dist_timeout is not None and not 0 < args.dist_timeout < float("inf"):
         raise UserError(f"--dist_timeout must be a number of seconds > 0, got {args.dist_timeout!r}")
@@ -493,8 +496,10 @@ def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, cl
               # Only when on: a float32 run's checkpoint has the form it had before the option.
               **({"cpu_bf16": True} if speed["cpu_bf16"] else {}),
               "pretrained_lr_scale": args.pretrained_lr_scale if step == "train" else None,
-              "fresh_lr": args.fresh_lr if step == "train" else None,
-              "rate_probe": rate_probe,
+              # Only when on (as cpu_bf16): a run of the recipe before them resumes with --fresh_lr
+              # fixed --lr_probe off.
+              **({"fresh_lr": args.fresh_lr} if step == "train" and args.fresh_lr != "fixed" else {}),
+              **({"rate_probe": True} if rate_probe else {}),
               # The test loader draws from the same RNG as the augmentation: it shapes the run too.
               "test_path": os.path.abspath(args.test_path) if args.test_path else None, "device": str(device),
               "source_sha256": _sha256(args.decomposed_model) if step == "fine_tune" else None}
@@ -586,11 +591,13 @@ def step_train(args, device, dist) -> dict:
                     len(trained_fresh), short_list(trained_fresh), lr * args.pretrained_lr_scale, len(pretrained))
     rate_factors = {}
     if pretrained and args.fresh_lr == "scaled":
-        rate_factors = _fresh_rate_factors(args, model, fresh, image_size=image_size, device=device)
+        rate_factors = _fresh_rate_factors(args, model, fresh, image_size=image_size, device=device, dist=dist)
         lr_scale.update({n: rate_factors[n.rsplit(".", 1)[0]] for n in fresh
                          if n.rsplit(".", 1)[0] in rate_factors})
     # The probe by default only where the rates are the defaults and the start is pretrained:
-    # a rate given by hand is the user's, and from scratch (the demo) has its own (DEMO_LR).
+    # a rate given by hand is the user's (the input scaling above still applies to it, as the
+    # rate of unit-scale inputs: --fresh_lr fixed keeps it as given), and from scratch (the
+    # demo) has its own (DEMO_LR).
     rate_probe = args.lr_probe == "on" or (args.lr_probe == "auto" and args.lr is None and bool(pretrained))
     history, classes = _fit(args, model, lr=lr, image_size=image_size, device=device, dist=dist,
                             step="train", lr_scale=lr_scale, rate_probe=rate_probe)
@@ -604,7 +611,7 @@ def step_train(args, device, dist) -> dict:
     return {"history": history, "fresh_layers": fresh_layers}
 
 
-def _fresh_rate_factors(args, model, fresh: list[str], *, image_size: int, device) -> dict[str, float]:
+def _fresh_rate_factors(args, model, fresh: list[str], *, image_size: int, device, dist) -> dict[str, float]:
     """--fresh_lr scaled: each fresh Linear/Conv2d layer's rate multiplier from the scale of its
     inputs on a few training images (finetune.input_scaled_rates), logged where below 1."""
     import dataset
@@ -619,9 +626,15 @@ def _fresh_rate_factors(args, model, fresh: list[str], *, image_size: int, devic
     loader, _ = dataset.build_calibration_loader(args.train_path, image_size=image_size, images=RATE_PROBE_IMAGES,
                                                  batch_size=args.batch_size, workers=0, seed=args.seed)
     model.to(device)
-    factors = finetune.input_scaled_rates(model, loader, layers, device=device)
-    # Three significant digits: every torchrun rank computes them and must reach the same rates.
+    try:
+        factors = finetune.input_scaled_rates(model, loader, layers, device=device)
+    except ValueError as exc:  # inputs that are not finite: weights no training can start from
+        raise UserError(f"--weights {args.weights}: {exc}") from None
     factors = {name: float(f"{f:.3g}") for name, f in factors.items()}
+    if dist.enabled:  # every rank must train at rank 0's rates (DDP averages gradients, not rates)
+        shared = [factors]
+        torch.distributed.broadcast_object_list(shared, src=0, group=dist.group)
+        factors = shared[0]
     lowered = {name: f for name, f in factors.items() if f < 1}
     if lowered:
         logger.info("fresh layers with inputs above unit scale train at a lower rate (--fresh_lr scaled): %s",
@@ -939,7 +952,8 @@ def step_export(path: str, args, device) -> dict:
         raise UserError(f"the ONNX export of {path} does not match PyTorch's outputs, nothing written: "
                         f"{str(exc).splitlines()[0]}") from None
     print(f"exported {path} to {out} ({result['bytes'] / 1e6:.1f} MB, onnxruntime max relative difference "
-          f"{result['max_rel_diff']:.1e} on batches of {result.get('batch_sizes')})")
+          f"{result['max_rel_diff']:.1e} on batches of {result.get('batch_sizes')}"
+          f"{' in float32, before quantization' if int8 is not None else ''})")
     if int8 is not None:
         q = result["int8"]
         print(f"  int8 (QDQ, per-channel weights, calibrated on {q['calibration_images']} images): "
@@ -961,7 +975,8 @@ def _int8_calibration(args, image_size: int, classes: list[str]) -> list[torch.T
     return calibration.collect(loader, device="cpu")
 
 
-def evaluate_int8(model, args, test_loader, image_size: int, classes: list[str]) -> dict:
+def evaluate_int8(model: torch.nn.Module, args: argparse.Namespace, test_loader, image_size: int,
+                  classes: list[str]) -> dict:
     """--eval --quantize int8: the model through onnxruntime in float32 and in int8 -- accuracy
     on the test images, file size, and latency timed interleaved on the CPU."""
     import statistics

@@ -185,7 +185,8 @@ class Policy:
         channels is a multiple of it (onnxruntime's NCHWc blocks are 16 channels on AVX-512,
         tensor cores like multiples of 8).  Fixed rules (VBMF, ratios, fixed FC ranks) round
         up, which costs no accuracy; a budget chooses among the aligned ranks only, so the
-        plan's MACs are the ones the model runs (no zero padding at export).
+        plan's MACs are the ones the model runs (with 16, the ONNX export's
+        ``inference.ONNX_RANK_MULTIPLE``, those ranks need no zero padding there).
     """
 
     conv: str = "tucker"

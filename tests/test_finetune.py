@@ -615,9 +615,10 @@ def test_rate_probe_finds_a_stable_rate_and_starts_from_the_same_weights(caplog)
     assert [r["restarts"] for r in history] == [0, 0, 0]
     assert history[-1]["test_acc"] == 1.0
 
-    # The probe's steps are undone: the run starts from the caller's weights and optimiser state.
+    # The probe's steps are undone: the run starts from the caller's weights, BatchNorm
+    # statistics and optimiser state.
     seed_everything(0)
-    start = mlp()
+    start = nn.Sequential(nn.Linear(FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, NUM_CLASSES))
     run, _ = finetune._start_run(copy_of(start), loader, recipe, CPU, None)
     factor = finetune._probe_rates(run, loader, device=CPU, group=None, log=None)
     assert factor < 1 and run.rate_factor == factor
@@ -642,3 +643,15 @@ def test_rate_probe_keeps_a_rate_that_trains():
 def test_recipe_refuses_a_bad_rate_probe(probe):
     with pytest.raises(UserError, match="rate_probe"):
         Recipe(epochs=1, lr=0.1, rate_probe=probe).check()
+
+
+def test_rate_probe_says_when_no_rate_lowered_the_loss(caplog):
+    """Every candidate diverges: the run goes on at the lowest one and a warning says so."""
+    loader = DataLoader(blobs(96), batch_size=8)
+    seed_everything(0)
+    run, _ = finetune._start_run(mlp(), loader, Recipe(epochs=1, lr=1e4, rate_probe=(1.0, 0.5)), CPU, None)
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        factor = finetune._probe_rates(run, loader, device=CPU, group=None, log=finetune.logger)
+    assert factor == 0.5
+    assert any(r.levelno == logging.WARNING and "no rate tried lowered the loss" in r.getMessage()
+               for r in caplog.records)

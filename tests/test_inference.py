@@ -305,9 +305,12 @@ def test_int8_export_of_every_decomposed_type(model, tmp_path):
     import onnx
 
     graph = onnx.load(str(path)).graph
-    int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     weighted = [n for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
-    assert len(int8) >= len(weighted) >= 10
+    assert len(weighted) >= 10
+    # ... each one's weight (input 1) dequantized from an int8 initializer.
+    assert all(dequantized.get(n.input[1]) in int8 for n in weighted), [n.name for n in weighted]
     run = inference.onnx_runner(path.read_bytes())
     x = _example(OTHER_BATCH, seed=4)
     assert _rel(run(x), _eager(model, x)) < 0.1

@@ -59,8 +59,11 @@ def test_train_defaults_from_weights_of_another_scale(tmp_path, capsys, caplog, 
     log = "\n".join(r.getMessage() for r in caplog.records)
     # The defaults measured the start (the probe ran) and never had to roll an epoch back.
     assert "rate probe" in log and "restarting" not in log, log
-    history = models.load_model(str(out))[1]["meta"]["history"]
-    assert all(math.isfinite(r["train_loss"]) and r["restarts"] == 0 for r in history)
+    meta = models.load_model(str(out))[1]["meta"]
+    assert all(math.isfinite(r["train_loss"]) and r["restarts"] == 0 for r in meta["history"])
+    # The fresh head's input scale was measured (what it does is test_finetune's to show).
+    factors = meta["fresh_rate_factors"]
+    assert list(factors) == [models.head_name(models.load_model(str(out))[0])] and 0 < factors[list(factors)[0]] <= 1
 
 
 def test_a_rate_given_by_hand_is_kept(tmp_path, capsys, caplog, folders):
