@@ -284,7 +284,7 @@ def test_demo_plumbing_with_small_overrides(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(capsys, "--demo", "--train_path", train, "--test_path", test, "--epochs", "1",
                              "--workers", "0", "--quiet", "--latency_repeats", "1", "--latency_batch", "1",
-                             "--backend", "eager")
+                             "--backend", "eager", "--lr_probe", "off")  # the probe's 16-40 VGG16 steps: not wiring
     assert code == 0, err
     assert "demo summary" in out and "x smaller" in out and "straight after decomposition" in out
     assert (tmp_path / "runs" / "demo" / "model").is_file()
@@ -627,9 +627,6 @@ def test_export_and_eval_in_int8(capsys, tmp_path, data, small_model):
 
     graph = onnx.load(str(out)).graph
     assert any(n.op_type == "DequantizeLinear" for n in graph.node)
-    float_out = tmp_path / "model.onnx"
-    assert run_cli(capsys, "--export", "onnx", float_out, "--model", small_model, "--quiet")[0] == 0
-    assert out.stat().st_size < float_out.stat().st_size / 3  # int8 weights: about 4x smaller
 
     report = tmp_path / "eval.json"
     code, stdout, err = run_cli(capsys, "--eval", "--model", small_model, "--quantize", "int8", "--train_path", train,
