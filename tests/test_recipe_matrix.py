@@ -5,8 +5,8 @@ saved as a state_dict: as other weights files' features are larger) on a tiny fo
 defaults measure the start and never diverge. Random convs learn little in one epoch, so
 accuracy is not asserted here: the matrix on real images and trained convs against a rate
 sweep (scales 0.2, 1 and 5, two folder sizes) is ``benchmarks/bench_recipe.py`` (RESULTS.md);
-vgg16 and alexnet are there only: their 138M / 57M parameters make each run with the probe's
-steps 20 s to over a minute on two cores, more than this suite can take.
+vgg16 and alexnet belong there (``--archs``; alexnet has not been run yet): their 138M / 57M
+parameters make each run with the probe's steps 20 s to over a minute on two cores.
 """
 
 from __future__ import annotations
