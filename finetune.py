@@ -1025,25 +1025,16 @@ def _probe_batches(train_loader, count: int) -> list:
     return batches
 
 
-@torch.no_grad()
 def _probe_loss(run: _Run, batches: list, *, device, group) -> float:
-    """The model's mean eval-mode loss on ``batches`` (reduced over ``group``)."""
-    run.model.eval()
-    total, seen = 0.0, 0
-    for inputs, targets in batches:
-        inputs = inputs.to(device, memory_format=_layout(inputs, run.recipe.channels_last))
-        targets = targets.to(device)
-        with _autocast(device, run.amp_dtype):
-            total += float(run.criterion(run.model(inputs), targets)) * len(targets)
-        seen += len(targets)
-    total, seen = runtime.all_reduce_sum([total, seen], device, group)
-    return total / seen
+    """The model's mean eval-mode loss on ``batches`` (reduced over ``group``), by :func:`evaluate`."""
+    return evaluate(run.model, batches, device=device, criterion=run.criterion, amp_dtype=run.amp_dtype,
+                    show_progress=False, group=group, channels_last=run.recipe.channels_last)["loss"]
 
 
 def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
     """``recipe.rate_probe``: try its multipliers of the run's rates from the start's weights
-    and keep the one whose last probe steps had the lowest loss (stopping at the first that
-    does no better than the one before it); the run's rates are scaled by it.
+    and keep the one that left the lowest loss on the probe's batches (going down while the
+    loss falls or is still above the start's); the run's rates are scaled by it.
 
     Why: the rate a pretrained network tolerates depends on its weights' scale (a VGG16 whose
     last conv is 5x larger needs rates ~25x smaller: every layer below it sees its gradient

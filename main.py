@@ -758,20 +758,13 @@ def _calibration_failed(args: argparse.Namespace, calibration, exc: ValueError):
 
 def _calibration(args: argparse.Namespace, image_size: int, classes: list[str], device) -> tuple[list | None, dict]:
     """The calibration batches for --decompose (None: data-free) and what the model file records of them."""
-    import dataset
-
     if args.calibration == 0 or not args.train_path:
         if not args.data_free:
             why = "--calibration 0" if args.calibration == 0 else "no --train_path"
             logger.warning("%s: data-free decomposition (factors from the weights alone; give --train_path for "
                            "data-aware factors that keep far more accuracy)", why)
         return None, {"images": 0, "data_aware": False}
-    loader, found = dataset.build_calibration_loader(args.train_path, image_size=image_size, images=args.calibration,
-                                                     batch_size=args.batch_size, workers=args.workers,
-                                                     seed=args.seed)
-    if found != classes:
-        raise _classes_differ("the calibration folder's", found, classes)
-    batches = calibration.collect(loader, device=device)
+    batches = _calibration_batches(args, image_size, classes, images=args.calibration, device=device)
     count = sum(len(b) for b in batches)
     what = "BatchNorm correction only (--data_free)" if args.data_free else "data-aware factors"
     print(f"calibration: {count} images from {args.train_path} ({what})")
@@ -968,14 +961,20 @@ def step_export(path: str, args, device) -> dict:
 
 def _int8_calibration(args, image_size: int, classes: list[str]) -> list[torch.Tensor]:
     """--quantize int8: the calibration images (no augmentation, the model's size) as CPU batches."""
+    return _calibration_batches(args, image_size, classes, images=INT8_CALIBRATION_IMAGES, device="cpu")
+
+
+def _calibration_batches(args, image_size: int, classes: list[str], *, images: int, device) -> list[torch.Tensor]:
+    """``images`` seeded images of --train_path without augmentation, as batches on ``device``;
+    a folder whose classes differ from the model's is one line."""
     import dataset
 
-    loader, found = dataset.build_calibration_loader(args.train_path, image_size=image_size,
-                                                     images=INT8_CALIBRATION_IMAGES, batch_size=args.batch_size,
-                                                     workers=args.workers, seed=args.seed)
+    loader, found = dataset.build_calibration_loader(args.train_path, image_size=image_size, images=images,
+                                                     batch_size=args.batch_size, workers=args.workers,
+                                                     seed=args.seed)
     if found != classes:
         raise _classes_differ("the calibration folder's", found, classes)
-    return calibration.collect(loader, device="cpu")
+    return calibration.collect(loader, device=device)
 
 
 def evaluate_int8(model: torch.nn.Module, args: argparse.Namespace, test_loader, image_size: int,
