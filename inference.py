@@ -421,6 +421,13 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int | None) -
     return buffer.getvalue()
 
 
+def _model_onnx_bytes(model: nn.Module, example: torch.Tensor, device: torch.device, *,
+                      rank_multiple: int | None, opset: int | None) -> bytes:
+    """The ONNX bytes of ``model`` as the tool exports it: an eval-mode copy, ranks padded to
+    ``rank_multiple``, DiagonalLinear rewritten (the caller's model untouched)."""
+    return _onnx_bytes(_exportable(_padded(_frozen_copy(model, device), rank_multiple)), example, opset=opset)
+
+
 def _ort_session(model_bytes: bytes, device: torch.device):
     """An onnxruntime session on ``device`` using as many CPU threads as torch."""
     ort = _import_onnxruntime()
@@ -521,8 +528,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
     device = _model_device(model, example)
     example = example.to(device)
     start = time.perf_counter()
-    model_bytes = _onnx_bytes(_exportable(_padded(_frozen_copy(model, device), rank_multiple)), example,
-                              opset=opset)
+    model_bytes = _model_onnx_bytes(model, example, device, rank_multiple=rank_multiple, opset=opset)
     export_s = time.perf_counter() - start
     result = {"path": path, "bytes": len(model_bytes), "opset": opset, "exporter": "torchscript (dynamo=False)",
               "export_s": export_s, "checked": check, "batch_sizes": None, "max_abs_diff": None,
@@ -652,8 +658,7 @@ def onnx_float_and_int8(model: nn.Module, example: torch.Tensor, batches: Sequen
     int8 quantization calibrated on ``batches`` (:func:`quantize_int8`)."""
     _check_rank_multiple(rank_multiple)
     device = _model_device(model, example)
-    float_bytes = _onnx_bytes(_exportable(_padded(_frozen_copy(model, device), rank_multiple)), example.to(device),
-                              opset=None)
+    float_bytes = _model_onnx_bytes(model, example.to(device), device, rank_multiple=rank_multiple, opset=None)
     return float_bytes, quantize_int8(float_bytes, batches)
 
 
