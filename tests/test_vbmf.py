@@ -353,3 +353,31 @@ def test_noise_variance_is_the_global_minimiser_on_a_wide_grid(seed):
 
     found = math.log(vbmf.vbmf(matrix, cacb=cacb).sigma2)
     assert vb_objective(np.array([found]))[0] <= vb_objective(log_grid).min() + 1e-10
+
+
+@pytest.mark.parametrize("orientation", ["wide", "tall"])
+def test_large_float32_singular_values_from_the_gram_matrix_match_the_svd(orientation, monkeypatch):
+    # From GRAM_MIN_SIDE on, float32 singular values come from the float64 Gram matrix. A spectrum
+    # over eight decades (and exact zeros, which rounding may not leave negative) must come back
+    # within float32's own accuracy of the float64 SVD, and the ranks must be those of the SVD route.
+    L, M = vbmf.GRAM_MIN_SIDE + 4, 2 * vbmf.GRAM_MIN_SIDE
+    rng = np.random.default_rng(3)
+    left, _ = np.linalg.qr(rng.normal(size=(L, L)))
+    right, _ = np.linalg.qr(rng.normal(size=(M, L)))
+    values = np.logspace(2, -6, L)
+    values[-10:] = 0.0
+    matrix = torch.tensor((left * values) @ right.T, dtype=torch.float32)
+    matrix = matrix if orientation == "wide" else matrix.T
+    truth = np.linalg.svd(matrix.double().numpy(), compute_uv=False)
+    gammas, frob2 = vbmf._singular_values(matrix)
+    assert gammas.dtype == np.float64 and gammas.shape == (L,) and np.all(gammas >= 0)
+    assert np.all(np.diff(gammas) <= 0)
+    np.testing.assert_allclose(gammas, truth, rtol=0, atol=1e-7 * truth[0])
+    np.testing.assert_allclose(gammas[:L // 4], truth[:L // 4], rtol=1e-5)  # two decades: relative
+    noisy = torch.tensor(planted(L, M, 12, seed=7), dtype=torch.float32)
+    gram_route = evbmf(noisy)
+    assert gram_route.rank == 12
+    monkeypatch.setattr(vbmf, "GRAM_MIN_SIDE", L + 1)  # the SVD route
+    svd_route = evbmf(noisy)
+    assert svd_route.rank == gram_route.rank
+    assert gram_route.sigma2 == pytest.approx(svd_route.sigma2, rel=1e-5)
