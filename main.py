@@ -180,6 +180,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                           "image size, within 3%%, with the least error (--budget_rule)")
     dec.add_argument("--target_params", "--target-params", type=float, default=None, metavar="R",
                      help="a budget: the whole model R times fewer parameters (as --target_macs)")
+    dec.add_argument("--target_latency", "--target-latency", type=float, default=None, metavar="R",
+                     help="a budget in measured time: the whole model R times faster on the backend that runs it "
+                          "(--backend, --latency_batch, the model's image size); every layer is timed at a grid of "
+                          "ranks (cached in --latency_cache), the ranks allocated as --target_macs does on those "
+                          "times, and the planned model timed whole: the reached speedup is printed")
+    dec.add_argument("--latency_cache", "--latency-cache", default=None, metavar="FILE",
+                     help="where --target_latency keeps its measured layer times, keyed by machine, backend and "
+                          "batch (default ~/.cache/lowrank-cnn/latency.json)")
     dec.add_argument("--rank_multiple", "--rank-multiple", type=int, default=None, metavar="N",
                      help="ranks in blocks of N channels (16: onnxruntime's blocks on AVX-512 CPUs; 8: tensor "
                           "cores) wherever a layer has at least 2N: VBMF and fixed ranks round up, a budget "
@@ -409,15 +417,16 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
 
     if not (math.isfinite(args.vbmf_weaken) and args.vbmf_weaken >= 0):
         raise UserError(f"--vbmf_weaken must be a number >= 0, got {args.vbmf_weaken}")
-    for name in ("target_macs", "target_params"):
+    for name in ("target_macs", "target_params", "target_latency"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 1):
-            raise UserError(f"--{name} must be a ratio > 1 (e.g. 5 for five times smaller), got {value}")
+            raise UserError(f"--{name} must be a ratio > 1 (e.g. 5 for five times "
+                            f"{'faster' if name == 'target_latency' else 'smaller'}), got {value}")
     fixed = [f"--{n}" for n in ("rank_ratio", "fc_rank", "fc_rank_ratio") if getattr(args, n) is not None]
     fixed += ["--vbmf_weaken"] if args.vbmf_weaken != 1 else []
-    targets = [f"--{n}" for n in ("target_macs", "target_params") if getattr(args, n) is not None]
+    targets = [f"--{n}" for n in ("target_macs", "target_params", "target_latency") if getattr(args, n) is not None]
     if len(targets) > 1:
-        raise UserError("give --target_macs or --target_params, not both")
+        raise UserError(f"give one budget, not {' and '.join(targets)}")
     if args.rank_multiple is not None and args.rank_multiple < 2:
         raise UserError(f"--rank_multiple must be a block size >= 2 (e.g. 16), got {args.rank_multiple}")
     if args.ranks_from == "data" and (args.data_free or args.calibration == 0 or not args.train_path):
@@ -427,7 +436,8 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
         raise UserError("--bn_correction on corrects BatchNorm statistics on calibration images: give --train_path "
                         "and --calibration > 0")
     if args.method_per_layer and not targets:
-        raise UserError("--method_per_layer chooses under a budget: give --target_macs or --target_params")
+        raise UserError("--method_per_layer chooses under a budget: give --target_macs, --target_params or "
+                        "--target_latency")
     if args.method_per_layer and args.cp:
         raise UserError("--method_per_layer chooses Tucker-2 or CP for each layer: drop --cp")
     conv_fixed = [f for f in fixed if f in ("--rank_ratio", "--vbmf_weaken")]
@@ -441,6 +451,7 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
         # Flags that choose methods or ranks, given on the command line, would be ignored.
         explicit = getattr(args, "explicit", None)
         choosers = {"rank_ratio", "fc_rank", "fc_rank_ratio", "vbmf_weaken", "target_macs", "target_params",
+                    "target_latency",
                     "budget_rule", "cp", "fc", "fc_bandwidth", "include_first_conv", "method_per_layer",
                     "ranks_from", "rank_multiple"}
         parser_defaults = get_args_parser().parse_args([])
@@ -702,13 +713,13 @@ def step_decompose(args, device) -> dict:
                             macs_total=(macs_before, report.count_macs(model, input_size)))
     summary["seconds"] = seconds
     budget = _budget(args)
-    if budget:
+    if budget and budget[0] != "latency":  # a latency budget is measured while planning (_plan prints it)
         what, requested = budget
         summary["target"] = {"metric": what, "requested": requested, "reached": summary[f"{what}_ratio"]}
     if diagonal:
         summary["fc_diagonal"] = summary_anneal
     print(report.format_table(rows, summary))
-    if budget:
+    if budget and budget[0] != "latency":
         import ranks
 
         what = "MACs" if budget[0] == "macs" else "parameters"
@@ -726,7 +737,7 @@ def step_decompose(args, device) -> dict:
               f"(before fine-tuning)")
     meta = {"step": "decompose", "source": os.path.abspath(args.model), "method": method, "fc": args.fc,
             "rank_ratio": args.rank_ratio, "vbmf_weaken": args.vbmf_weaken, "target_macs": args.target_macs,
-            "target_params": args.target_params, "plan_file": os.path.abspath(args.plan) if args.plan else None,
+            "target_params": args.target_params, "target_latency": args.target_latency, "plan_file": os.path.abspath(args.plan) if args.plan else None,
             "rescale": not args.no_rescale, "calibration": calibration_info, "layers": rows, "totals": summary,
             "original_meta": info["meta"]}
     models.save_model(args.decomposed_model, model, arch=info["arch"], classes=info["classes"],
@@ -776,6 +787,8 @@ def _budget(args: argparse.Namespace) -> tuple[str, float] | None:
         return "macs", args.target_macs
     if args.target_params is not None:
         return "params", args.target_params
+    if args.target_latency is not None:
+        return "latency", args.target_latency
     return None
 
 
@@ -805,12 +818,34 @@ def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_s
         policy = ranks.Policy(conv=method, fc=args.fc, rank_ratio=args.rank_ratio, vbmf_weaken=args.vbmf_weaken,
                               fc_rank=args.fc_rank, fc_rank_ratio=args.fc_rank_ratio,
                               fc_bandwidth=args.fc_bandwidth, target_macs=args.target_macs,
-                              target_params=args.target_params, skip=skip, budget_rule=args.budget_rule,
-                              rank_multiple=args.rank_multiple)
+                              target_params=args.target_params, target_latency=args.target_latency, skip=skip,
+                              budget_rule=args.budget_rule, rank_multiple=args.rank_multiple)
     except ValueError as exc:  # a combination the parser cannot see (e.g. --vbmf_weaken with nothing to weaken)
         raise UserError(str(exc).replace("vbmf_weaken", "--vbmf_weaken")) from None
-    return ranks.plan_decomposition(model, policy, input_size, calibration=calibration,
-                                    show_progress=not args.quiet)
+    table = _latency_table(args, model) if args.target_latency is not None else None
+    plan = ranks.plan_decomposition(model, policy, input_size, calibration=calibration,
+                                    show_progress=not args.quiet, latency_table=table)
+    if table is not None:
+        r = table.report
+        print(f"latency budget: {r['target']:g}x faster requested, {r['reached']:.2f}x measured for the planned "
+              f"model ({r['original_ms']:.1f} -> {r['planned_ms']:.1f} ms per batch of {r['batch']}, "
+              f"{table.describe()}; {r['layers_timed']} layer shapes newly timed, {r['plans_tried']} plan(s) "
+              f"tried{'' if r['within_tolerance'] else f'; the nearest found, not within {ranks.LATENCY_TOLERANCE:.0%}'})")
+    return plan
+
+
+def _latency_table(args: argparse.Namespace, model: torch.nn.Module):
+    """The layer timer of --target_latency: --backend at --latency_batch, on the model's device."""
+    import latency
+
+    if args.latency_batch < 1:
+        raise UserError(f"--latency_batch must be >= 1, got {args.latency_batch}")
+    device = next(model.parameters()).device
+    try:
+        return latency.LatencyTable(backend=args.backend, device=device, batch=args.latency_batch,
+                                    cache_path=args.latency_cache)
+    except (ValueError, ImportError) as exc:
+        raise UserError(f"--target_latency cannot time layers with --backend {args.backend}: {exc}") from None
 
 
 def _applied_plan(plan: dict[str, dict], rows: list[dict]) -> dict[str, dict]:

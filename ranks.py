@@ -52,9 +52,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from scipy.interpolate import RegularGridInterpolator
 from torch import nn
 
 import decompositions as D
+import inference
+import latency
 import report
 import vbmf
 from diagonal import DIAGONAL_BANDWIDTH
@@ -170,9 +173,14 @@ class Policy:
         Bandwidth of the diagonal FC structure.
     target_macs, target_params : float > 1, optional
         A budget: the whole model this many times smaller in MACs (at the plan's input
-        size) or in parameters, within :data:`BUDGET_TOLERANCE`; at most one of the two.
+        size) or in parameters, within :data:`BUDGET_TOLERANCE`; at most one of the three.
         It chooses the conv ranks and, unless ``fc_rank`` / ``fc_rank_ratio`` fix them,
         the SVD ranks of the FC layers.
+    target_latency : float > 1, optional
+        A budget in measured time: the whole model this many times faster on the backend
+        of the :class:`latency.LatencyTable` given to :func:`plan_decomposition`, at the
+        plan's input size and the table's batch (layers timed at a grid of ranks, the
+        planned model timed whole, :func:`_latency_plan`).
     skip : mapping name -> reason
         Layers to keep as they are, with the reason the report gives.
     keep_last_linear : bool
@@ -198,6 +206,7 @@ class Policy:
     fc_bandwidth: int = DIAGONAL_BANDWIDTH
     target_macs: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None
     skip: Mapping[str, str] = field(default_factory=dict)
     keep_last_linear: bool = True
     budget_rule: str = "sum"
@@ -206,9 +215,10 @@ class Policy:
     def __post_init__(self) -> None:
         if self.conv not in (*D.CONV_METHODS, "auto"):
             raise ValueError(f"conv must be one of {(*D.CONV_METHODS, 'auto')}, got {self.conv!r}")
-        if self.conv == "auto" and self.target_macs is None and self.target_params is None:
+        targets = [n for n in ("target_macs", "target_params", "target_latency") if getattr(self, n) is not None]
+        if self.conv == "auto" and not targets:
             raise ValueError("conv='auto' (Tucker-2, CP or keep, per layer) chooses under a budget: give "
-                             "target_macs or target_params")
+                             "target_macs, target_params or target_latency")
         if self.fc not in D.FC_METHODS:
             raise ValueError(f"fc must be one of {D.FC_METHODS}, got {self.fc!r}")
         for what, value in (("rank_ratio", self.rank_ratio), ("fc_rank_ratio", self.fc_rank_ratio)):
@@ -220,7 +230,8 @@ class Policy:
             raise ValueError(f"fc_rank must be >= 1, got {self.fc_rank}")
         if self.fc_bandwidth < 1:
             raise ValueError(f"fc_bandwidth must be >= 1, got {self.fc_bandwidth}")
-        for what, value in (("target_macs", self.target_macs), ("target_params", self.target_params)):
+        for what in targets:
+            value = getattr(self, what)
             if value is not None and not (math.isfinite(value) and value > 1):
                 raise ValueError(f"{what} must be a finite ratio > 1, got {value}")
         if self.rank_multiple is not None and (isinstance(self.rank_multiple, bool) or not isinstance(
@@ -228,8 +239,8 @@ class Policy:
             raise ValueError(f"rank_multiple must be an integer >= 2 or None, got {self.rank_multiple!r}")
         if self.budget_rule not in BUDGET_RULES:
             raise ValueError(f"budget_rule must be one of {BUDGET_RULES}, got {self.budget_rule!r}")
-        if self.target_macs is not None and self.target_params is not None:
-            raise ValueError("give target_macs or target_params, not both")
+        if len(targets) > 1:
+            raise ValueError(f"give one budget, not {' and '.join(targets)}")
         if self.budget is not None:
             # A fixed FC rank (fc_rank / fc_rank_ratio) may stay: those layers then count as a
             # fixed cost and the budget allocates the rest.  Conv ranks are the budget's.
@@ -246,11 +257,13 @@ class Policy:
 
     @property
     def budget(self) -> tuple[str, float] | None:
-        """``("macs", R)``, ``("params", R)`` or None."""
+        """``("macs", R)``, ``("params", R)``, ``("latency", R)`` or None."""
         if self.target_macs is not None:
             return "macs", float(self.target_macs)
         if self.target_params is not None:
             return "params", float(self.target_params)
+        if self.target_latency is not None:
+            return "latency", float(self.target_latency)
         return None
 
 
@@ -506,6 +519,109 @@ def _diagonal_cost(site: _Site, bandwidth: int) -> tuple[int, int]:
     return D.count_params(module), D.macs_at(module, site.in_shape)
 
 
+# ------------------------------------------------------------------------- latency
+def _structure(site: _Site, ranks: Sequence[int]) -> nn.Module:
+    """The replacement of a site at ``ranks`` (default-initialised weights: timing only)."""
+    layer = site.layer
+    if site.method == "tucker":
+        return D.TuckerConv2d(layer, ranks)
+    if site.method == "cp":
+        return D.CPConv2d(layer, ranks[0])
+    return D.SVDConv2d(layer, ranks[0]) if site.kind == "conv" else D.SVDLinear(layer, ranks[0])
+
+
+def _timed_children(module: nn.Module, in_shape: Sequence[int], table) -> float:
+    """Sum of the table's times of a decomposed module's layers, each at its own input shape.
+
+    Timing the small layers one by one (not the chain) lets every grid point share the
+    layers it has in common with the others: a Tucker-2 layer's first 1x1 conv depends on
+    ``R_in`` only, its last on ``R_out`` only.
+    """
+    shapes: dict[int, tuple[int, ...]] = {}
+    children = list(module)
+
+    def record(i: int):
+        def hook(mod, args) -> None:  # returns None: a pre-hook's return value would replace the input
+            shapes.setdefault(i, tuple(args[0].shape[1:]))
+        return hook
+
+    hooks = [child.register_forward_pre_hook(record(i)) for i, child in enumerate(children)]
+    try:
+        with torch.no_grad():
+            probe = next(module.parameters())
+            module(torch.zeros(1, *in_shape, device=probe.device, dtype=probe.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(table.ms(child, shapes[i]) for i, child in enumerate(children))
+
+
+class _SiteLatency:
+    """Measured milliseconds of one layer and of its replacement at any ranks (interpolated).
+
+    The replacement is timed at :func:`latency.rank_grid` ranks (Tucker-2: every pair of the
+    two grids), padded as the backend runs it (onnxruntime: ranks to channel blocks of 16,
+    ``inference.pad_ranks``); a rank in between takes the linear interpolation of its padded
+    rank between the grid points around it.
+    """
+
+    def __init__(self, site: _Site, table) -> None:
+        # pad_ranks pads the ranks of conv replacements only (an SVD Linear's rank is not a channel count).
+        self.multiple = table.rank_multiple if site.kind == "conv" else None
+        in_shape = tuple(site.in_shape[1:])
+        self.keep = table.ms(site.layer, in_shape)
+        weight = site.layer.weight
+        if site.method == "tucker":
+            fulls = [weight.shape[0], weight.shape[1]]
+        elif site.method == "cp":
+            fulls = [D.cp_rank_limit(site.layer)]
+        else:
+            fulls = [min(D.matrix_shape(site.layer))]
+        self.grids = [np.asarray(latency.rank_grid(f)) for f in fulls]
+        mesh = np.meshgrid(*self.grids, indexing="ij")
+        times = np.zeros(mesh[0].shape)
+        for index in np.ndindex(times.shape):
+            ranks = [int(m[index]) for m in mesh]
+            module = _structure(site, ranks)
+            if self.multiple:
+                module = inference.pad_ranks(module, self.multiple)
+            times[index] = _timed_children(module, in_shape, table)
+        self._interp = RegularGridInterpolator(tuple(g.astype(float) for g in self.grids), times)
+
+    def __call__(self, ranks: Sequence[np.ndarray]) -> np.ndarray:
+        points = []
+        for r, grid in zip(ranks, self.grids):
+            r = np.asarray(r)
+            if self.multiple:
+                r = -(-r // self.multiple) * self.multiple
+            points.append(np.clip(r, grid[0], grid[-1]).astype(float))
+        return self._interp(np.stack(points, axis=-1))
+
+
+def _site_latency(site: _Site, table) -> _SiteLatency | None:
+    """The site's latency model, built once per table (the grid is the slow part)."""
+    if site.in_shape is None:
+        return None
+    key = (site.method, latency.signature(site.layer, tuple(site.in_shape[1:])))
+    if key not in table.site_models:
+        table.site_models[key] = _SiteLatency(site, table)
+    return table.site_models[key]
+
+
+def _entry_latency(site: _Site, entry: dict, table) -> float:
+    """Measured milliseconds of a fixed plan entry's replacement (a diagonal or fixed-rank FC layer)."""
+    in_shape = tuple(site.in_shape[1:])
+    if entry["method"] == "diagonal":
+        layer = site.layer
+        module = D.DiagonalLinear(layer.in_features, layer.out_features, bandwidth=int(entry["bandwidth"]),
+                                  bias=layer.bias is not None, device=layer.weight.device)
+        return table.ms(module, in_shape)
+    module = _structure(site, entry["ranks"] if entry["method"] == "tucker" else [entry["rank"]])
+    if site.kind == "conv" and table.rank_multiple:
+        module = inference.pad_ranks(module, table.rank_multiple)
+    return _timed_children(module, in_shape, table)
+
+
 # -------------------------------------------------------------------------- budget
 def _tails(result: vbmf.VBMFResult, full: int) -> np.ndarray:
     """``tail[r]``: the share of ``||W||^2`` beyond the ``r`` leading singular values, r = 0..full."""
@@ -544,6 +660,7 @@ class _BudgetSite:
     metric: str
     cp_errors2: np.ndarray | None = None  # measured CP errors by rank (conv="auto"), instead of the proxy
     multiple: int | None = None  # Policy.rank_multiple: only ranks in blocks are options
+    latency: _SiteLatency | None = None  # metric "latency": measured milliseconds by rank
 
     def __post_init__(self) -> None:
         site = self.site
@@ -563,8 +680,13 @@ class _BudgetSite:
             else:
                 bound2 = self._cp_bound2(ranks[0])
         params = self.costs.params(ranks)
-        value = (self.costs.macs(ranks) if self.metric == "macs" else params).astype(float)
-        self.keep = site_cost(site, self.metric)
+        if self.metric == "latency":
+            # A layer the forward pass never reaches has no time to save: no options, kept.
+            value = self.latency(ranks) if self.latency is not None else np.zeros(len(ranks[0]))
+            self.keep = self.latency.keep if self.latency is not None else 0.0
+        else:
+            value = (self.costs.macs(ranks) if self.metric == "macs" else params).astype(float)
+            self.keep = site_cost(site, self.metric)
         useful = (params < site.params) & (value < self.keep)
         for r, size in zip(ranks, _mode_sizes(site)):
             if _blocked(size, self.multiple):
@@ -684,19 +806,23 @@ class _MixedBudgetSite(_BudgetSite):
         return ("cp", (ranks[0],)) if ranks[1] == 0 else ("tucker", ranks)
 
 
-def _budget_site(site: _Site, cache: dict, metric: str, multiple: int | None = None) -> _BudgetSite:
-    """A movable layer's options under a budget."""
+def _budget_site(site: _Site, cache: dict, metric: str, multiple: int | None = None,
+                 table=None) -> _BudgetSite:
+    """A movable layer's options under a budget (``table``: the latency table of a latency budget)."""
+    def timing(s: _Site) -> _SiteLatency | None:
+        return _site_latency(s, table) if metric == "latency" else None
+
     if site.method == "auto":
         tucker, cp = (_Site(site.name, site.layer, site.kind, m, site.in_shape, site.macs, site.params)
                       for m in ("tucker", "cp"))
-        tucker_site = _budget_site(tucker, cache, metric, multiple)
+        tucker_site = _budget_site(tucker, cache, metric, multiple, table)
         cp_site = _BudgetSite(cp, _cost_model(cp), tucker_site.tails, metric, cp_errors2=_cp_errors2(cp, cache),
-                              multiple=multiple)
+                              multiple=multiple, latency=timing(cp))
         return _MixedBudgetSite(tucker_site, cp_site)
     full = [site.layer.weight.shape[0], site.layer.weight.shape[1]] if site.method in ("tucker", "cp") else \
         [min(D.matrix_shape(site.layer))]
     tails = [_tails(r, f) for r, f in zip(_spectra(site, cache), full)]
-    return _BudgetSite(site, _cost_model(site), tails, metric, multiple=multiple)
+    return _BudgetSite(site, _cost_model(site), tails, metric, multiple=multiple, latency=timing(site))
 
 
 def site_cost(site: _Site, metric: str) -> float:
@@ -704,7 +830,8 @@ def site_cost(site: _Site, metric: str) -> float:
 
 
 def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_size: Sequence[int],
-                 cache: dict, plan: dict) -> None:
+                 cache: dict, plan: dict, *, table=None, target: float | None = None,
+                 total: float | None = None) -> None:
     """Fill ``plan`` for a budget: ranks for every movable layer, the total within the budget.
 
     The error of a rank choice is bounded from the singular values that VBMF already
@@ -728,26 +855,41 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
     rules being level after fine-tuning); at 8x ``minimax`` was better: pass
     ``budget_rule="minimax"`` for aggressive budgets.
     """
-    metric, target = policy.budget
-    total = float(report.count_macs(model, input_size) if metric == "macs" else report.count_params(model))
+    metric, asked = policy.budget
+    target = asked if target is None else target  # a latency budget's corrected request (_latency_plan)
+    if metric == "latency":
+        total = float(total)  # the original model's measured time
+    else:
+        total = float(report.count_macs(model, input_size) if metric == "macs" else report.count_params(model))
     movable: list[_BudgetSite] = []
     fixed = total
     for site in sites:
         if site.name in plan:
             # Layers with a fixed entry (diagonal, a fixed FC rank) count at their planned cost.
             entry = plan[site.name]
+            if entry["method"] == "none":
+                continue
+            if metric == "latency":
+                if site.in_shape is not None:
+                    fixed += _entry_latency(site, entry, table) - _site_latency(site, table).keep
+                continue
             if entry["method"] == "diagonal":
                 params, macs = _diagonal_cost(site, entry["bandwidth"])
-            elif entry["method"] != "none":
+            else:
                 costs = _cost_model(site)
                 ranks = entry["ranks"] if entry["method"] == "tucker" else [entry["rank"]]
                 params, macs = costs.params(ranks), costs.macs(ranks)
-            else:
-                continue
             fixed += (macs if metric == "macs" else params) - site_cost(site, metric)
             continue
-        movable.append(_budget_site(site, cache, metric, policy.rank_multiple))
-        fixed -= site_cost(site, metric)
+        option = _budget_site(site, cache, metric, policy.rank_multiple, table)
+        movable.append(option)
+        fixed -= option.keep
+    if fixed < 0:
+        # Layers timed alone add up to more than the whole model (each pays its own layout
+        # reorders and call overhead): the time model is then the sum of the layers, and the
+        # measured check of _latency_plan corrects for the difference.
+        total -= fixed
+        fixed = 0.0
     allowed = total / target
     rule = policy.budget_rule
     # One parameter x in [0, 1] for both rules; the total cost only falls as x grows.
@@ -771,13 +913,13 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
     if untouched < allowed / (1 + BUDGET_TOLERANCE):
         fixed_names = [s.name for s in sites if s.name in plan and plan[s.name]["method"] != "none"]
         raise BudgetError(f"the layers with fixed ranks ({short_list(fixed_names)}) already make the model "
-                          f"{total / untouched:.3g}x smaller in {_metric_name(metric)}, more than the {target:g}x "
+                          f"{total / untouched:.3g}x {'faster' if metric == 'latency' else 'smaller in ' + _metric_name(metric)}, more than the {target:g}x "
                           f"asked for: ask for more, or let the budget choose their ranks")
     low, high = 0.0, 1.0
     if spend(low) <= allowed:
         high = low
     elif spend(high) > allowed * (1 + COST_RTOL):
-        raise BudgetError(f"could not plan {target:g}x fewer {_metric_name(metric)} with the {rule} rule; "
+        raise BudgetError(f"could not plan {_reduction(target, metric)} with the {rule} rule; "
                           f"try --budget_rule {'minimax' if rule == 'sum' else 'sum'}")
     for _ in range(BUDGET_BISECTION_STEPS):
         if high - low <= BISECTION_XTOL:
@@ -831,19 +973,108 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
         method, ranks_ = m.method_of(ranks_)
         entry = {"method": method}
         entry.update({"ranks": list(ranks_)} if method == "tucker" else {"rank": ranks_[0]})
-        entry["why"] = f"budget {target:g}x {_metric_name(metric)} ({rule}): error bound {math.sqrt(bound2):.3f}"
+        entry["why"] = f"budget {asked:g}x {_metric_name(metric)} ({rule}): error bound {math.sqrt(bound2):.3f}"
         plan[m.site.name] = entry
     logger.info("budget %gx %s (%s): largest layer error bound %.3f, planned %.4gx", target, _metric_name(metric),
                 rule, math.sqrt(worst), total / spent)
-    if not target <= total / spent * (1 + COST_RTOL) <= target * (1 + BUDGET_TOLERANCE):
+    # A latency plan is checked by timing it (_latency_plan); its modelled times move in steps
+    # of whole channel blocks, so only falling short of the request is an error here.
+    upper = math.inf if metric == "latency" else target * (1 + BUDGET_TOLERANCE)
+    if not target <= total / spent * (1 + COST_RTOL) <= upper:
         # Not expected (the fill spends the budget down to one rank of one layer); say so
         # rather than hand back a plan that misses the request.
-        raise BudgetError(f"could not plan {target:g}x fewer {_metric_name(metric)} within "
+        raise BudgetError(f"could not plan {_reduction(target, metric)} within "
                           f"{BUDGET_TOLERANCE:.0%}: the nearest plan found gives {total / spent:.3g}x")
 
 
+#: A latency budget is met when the planned model measures within this share of the request.
+LATENCY_TOLERANCE = 0.10
+#: Plans tried for a latency budget: each corrects the request by what the last ones measured.
+LATENCY_ROUNDS = 4
+#: The smallest corrected request of a latency budget, as a saving above 1 (when layers timed
+#: alone overestimate the planned model, a correction can ask for less than the target).
+LATENCY_MIN_REQUEST = 0.01
+#: Bounds on the secant's slope (measured vs planned speed-up, log-log): timing noise between
+#: two close plans must not send the next request far away.
+LATENCY_SLOPE_RANGE = (0.25, 4.0)
+
+
+def _latency_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_size: Sequence[int],
+                  cache: dict, plan: dict, table) -> None:
+    """Fill ``plan`` for a latency budget and check it by timing the planned model.
+
+    The ranks come from :func:`_budget_plan` with measured layer times as the cost. Layers
+    timed alone do not add up exactly to the model's time (onnxruntime fuses the ReLUs,
+    reorders layouts once per chain, not once per layer), so the planned structure
+    (default weights: time does not depend on their values) is timed whole, and when it
+    misses the request by more than :data:`LATENCY_TOLERANCE` the request is corrected by
+    the ratio missed and planned again, up to :data:`LATENCY_ROUNDS` plans; the plan that
+    measured closest to the request is kept, and ``table.report`` says what it reached.
+    """
+    import copy
+
+    target = policy.budget[1]
+    original = table.model_ms(model, input_size)
+    asked, tried, history = target, [], []
+    for _ in range(LATENCY_ROUNDS):
+        trial = dict(plan)
+        try:
+            _budget_plan(model, sites, policy, input_size, cache, trial, table=table, target=asked, total=original)
+        except BudgetError:
+            if not tried:
+                raise
+            break  # a corrected request beyond reach: the closest plan so far stands
+        skeleton = D.apply_plan(copy.deepcopy(model), {n: e for n, e in trial.items() if e["method"] != "none"})
+        reached = original / table.model_ms(skeleton, input_size)
+        logger.info("latency budget %gx: planned for %.3gx, measured %.3gx", target, asked, reached)
+        tried.append((abs(math.log(reached / target)), reached, trial))
+        if abs(reached / target - 1) <= LATENCY_TOLERANCE:
+            break
+        history.append((math.log(asked), math.log(reached)))
+        # A request must stay above 1 (a budget saves something); at the floor already: stop.
+        floor = 1 + LATENCY_MIN_REQUEST
+        if asked <= floor:
+            break
+        asked = max(math.exp(_next_request(history, math.log(target))), floor)
+    _, reached, best = min(tried, key=lambda t: t[0])
+    plan.update(best)
+    table.report = {"target": target, "reached": reached, "within_tolerance": abs(reached / target - 1)
+                    <= LATENCY_TOLERANCE, "original_ms": original, "planned_ms": original / reached,
+                    "plans_tried": len(tried), "backend": table.backend, "batch": table.batch,
+                    "layers_timed": table.measured}
+    table.save()
+    if not table.report["within_tolerance"]:
+        logger.warning("--target_latency %g: the nearest plan found measures %.3gx faster (%s), not within "
+                       "%.0f%% of the request", target, reached, table.describe(), LATENCY_TOLERANCE * 100)
+
+
+def _reduction(target: float, metric: str) -> str:
+    return f"{target:g}x lower latency" if metric == "latency" else f"{target:g}x fewer {_metric_name(metric)}"
+
+
+def _next_request(history: list[tuple[float, float]], goal: float) -> float:
+    """The next log request of a latency budget from ``(log planned, log measured)`` pairs.
+
+    Between the closest plans on either side of the goal when there are both (regula falsi),
+    else along the secant of the last two (the first correction assumes the measured
+    speed-up proportional to the planned one); the slope is bounded so that timing noise
+    between two close plans cannot send the request far away.
+    """
+    below = [h for h in history if h[1] < goal]
+    above = [h for h in history if h[1] >= goal]
+    if below and above:
+        (x0, y0), (x1, y1) = max(below, key=lambda h: h[1]), min(above, key=lambda h: h[1])
+    elif len(history) > 1:
+        (x0, y0), (x1, y1) = history[-2], history[-1]
+    else:
+        return history[-1][0] + goal - history[-1][1]
+    slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 1.0
+    slope = min(max(slope, LATENCY_SLOPE_RANGE[0]), LATENCY_SLOPE_RANGE[1])
+    return x1 + (goal - y1) / slope
+
+
 def _metric_name(metric: str) -> str:
-    return "MACs" if metric == "macs" else "parameters"
+    return {"macs": "MACs", "params": "parameters", "latency": "latency"}[metric]
 
 
 # ---------------------------------------------------------------------------- plan
@@ -903,7 +1134,7 @@ def _data_spectra(model: nn.Module, sites: list[_Site], policy: Policy, calibrat
 
 def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[int], *,
                        spectra: dict | None = None, calibration: Any = None,
-                       show_progress: bool = False) -> dict[str, dict]:
+                       show_progress: bool = False, latency_table: Any = None) -> dict[str, dict]:
     """Choose the ranks of every layer the policy decomposes; the model is not changed.
 
     Parameters
@@ -930,6 +1161,9 @@ def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[in
         (``calibration.data_free_reason``), keep their weight spectra.
     show_progress : bool
         A tqdm bar over the calibration passes.
+    latency_table : latency.LatencyTable, optional
+        Required by ``policy.target_latency``: where and how layers and models are timed
+        (its ``report`` then holds the measured result).
 
     Returns
     -------
@@ -943,6 +1177,8 @@ def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[in
         A budget that cannot be met within :data:`BUDGET_TOLERANCE`; the message names
         the best reachable ratio (or says that layers with fixed ranks already exceed it).
     """
+    if policy.budget is not None and policy.budget[0] == "latency" and latency_table is None:
+        raise ValueError("target_latency needs latency_table=latency.LatencyTable(...): where to time the layers")
     sites = _sites(model, policy, input_size)
     plan: dict[str, dict] = {}
     cache = spectra if spectra is not None else {}
@@ -955,7 +1191,9 @@ def plan_decomposition(model: nn.Module, policy: Policy, input_size: Sequence[in
             plan[site.name] = _none(reason)
         elif policy.budget is None or site.method == "diagonal" or (site.kind == "linear" and fixed_fc):
             plan[site.name] = _aligned(site, _rule_entry(site, policy, cache), policy.rank_multiple)
-    if policy.budget is not None:
+    if policy.budget is not None and policy.budget[0] == "latency":
+        _latency_plan(model, sites, policy, input_size, cache, plan, latency_table)
+    elif policy.budget is not None:
         _budget_plan(model, sites, policy, input_size, cache, plan)
     return {site.name: plan[site.name] for site in sites}
 

@@ -470,7 +470,12 @@ def test_budget_save_plan_and_replay(tmp_path, capsys, trained):
 @pytest.mark.parametrize("argv,needle", [
     (["--target_macs", "500"], "a 500x reduction in MACs is out of reach: the most these layers can give is"),
     (["--target_params", "0.5"], "--target_params must be a ratio > 1"),
-    (["--target_macs", "2", "--target_params", "2"], "not both"),
+    (["--target_macs", "2", "--target_params", "2"], "give one budget, not --target_macs and --target_params"),
+    (["--target_latency", "1"], "--target_latency must be a ratio > 1 (e.g. 5 for five times faster)"),
+    (["--target_latency", "2", "--target_macs", "2"], "give one budget, not --target_macs and --target_latency"),
+    (["--target_latency", "500", "--latency_cache", "{tmp}/lat.json"],
+     "a 500x reduction in latency is out of reach: the most these layers can give is"),
+    (["--plan", "{plan}", "--target_latency", "2"], "drop --target_latency"),
     (["--target_macs", "2", "--rank_ratio", "0.3"], "--target_macs chooses the conv ranks; drop --rank_ratio"),
     (["--vbmf_weaken", "-1"], "--vbmf_weaken must be a number >= 0"),
     (["--vbmf_weaken", "0"], "nothing left to decompose"),
@@ -614,6 +619,24 @@ def small_model(tmp_path_factory, data):
                      "--test_path", str(test), "--model", str(path), *FAST])
     assert code == 0
     return path
+
+
+def test_target_latency_plans_on_measured_time(capsys, tmp_path, small_model):
+    out, cache = tmp_path / "decomposed", tmp_path / "cache" / "latency.json"
+    code, stdout, err = run_cli(capsys, "--decompose", "--model", small_model, "--decomposed_model", out,
+                                "--target_latency", "1.3", "--latency_cache", cache, "--backend", "onnx",
+                                "--save_plan", tmp_path / "plan.json", *FAST,
+                                "--latency_batch", "8")  # at batch 2 the calls' overhead leaves little to gain
+    assert code == 0, err
+    line = next(x for x in stdout.splitlines() if x.startswith("latency budget:"))
+    assert "1.3x faster requested" in line and "x measured for the planned model" in line and "onnx on cpu" in line
+    whys = [e.get("why", "") for e in json.loads((tmp_path / "plan.json").read_text())["layers"].values()]
+    assert any("budget 1.3x latency" in why for why in whys), whys
+    _, info = models.load_model(str(out))
+    assert info["meta"]["target_latency"] == 1.3 and info["plan"]
+    tables = json.loads(cache.read_text())["tables"]
+    (key, times), = tables.items()
+    assert "onnx on cpu" in key and "batch 8" in key and len(times) > 10
 
 
 def test_export_and_eval_in_int8(capsys, tmp_path, data, small_model):

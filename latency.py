@@ -1,0 +1,219 @@
+"""Measured latency of layers and models on the backend that will run them: the cost of
+``--target_latency``.
+
+MACs are a proxy for speed, and a poor one for low-rank layers: thin convs run far below the
+machine's peak, and onnxruntime's blocked CPU kernels count channels in blocks of 16
+(benchmarks/RESULTS.md, "Inference").  A latency budget therefore allocates ranks on
+*measured* times: every layer's replacement is timed at a grid of ranks on the backend that
+will run the model, as a lookup table in the manner of NetAdapt [1]_, and the times in
+between are interpolated.  Measurements are cached in a JSON file keyed by the machine, the
+library versions, the backend, the thread count and the batch, so a second plan on the same
+machine measures nothing.
+
+References
+----------
+.. [1] T.-J. Yang et al., "NetAdapt: Platform-Aware Neural Network Adaptation for Mobile
+   Applications", ECCV 2018 (per-layer latency lookup tables measured on the target platform).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import atomic
+import inference
+
+__all__ = ["LatencyTable", "rank_grid", "resolve_backend", "default_cache_path", "signature", "GRID_START"]
+
+logger = logging.getLogger(__name__)
+
+#: Ranks are measured at 1, at GRID_START * 2^i below the full rank, and at the full rank:
+#: with onnxruntime's channel blocks of 16 every grid point but 1 is a whole number of blocks.
+GRID_START = 16
+#: Untimed and timed calls of one layer; the median of the timed ones is kept.
+LAYER_WARMUP, LAYER_REPEATS = 2, 5
+#: Untimed and timed calls of a whole model (the budget's reference and its check).
+MODEL_WARMUP, MODEL_REPEATS = 2, 7
+CACHE_VERSION = 1
+
+
+def rank_grid(full: int) -> list[int]:
+    """The ranks a layer is measured at: 1, 16, 32, 64, ... below ``full``, and ``full``."""
+    if full < 1:
+        raise ValueError(f"full rank must be >= 1, got {full!r}")
+    points, rank = {1, full}, GRID_START
+    while rank < full:
+        points.add(rank)
+        rank *= 2
+    return sorted(points)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """A concrete backend for timing: ``"auto"`` becomes the first available one of
+    :data:`inference.AUTO_ORDER` for the device (onnxruntime on CPU when installed)."""
+    if backend != "auto":
+        if backend not in inference.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {('auto', *inference.BACKENDS)}")
+        return backend
+    available = inference.available_backends()
+    order = inference.AUTO_ORDER.get(device.type, inference.AUTO_ORDER_OTHER)
+    return next(b for b in order if b in available)
+
+
+def default_cache_path() -> Path:
+    """``$XDG_CACHE_HOME/lowrank-cnn/latency.json`` (``~/.cache`` when unset), as pip and torch hub do."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lowrank-cnn" / "latency.json"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine_key(backend: str, device: torch.device, batch: int, rank_multiple: int | None) -> str:
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{_cpu_name()} x{os.cpu_count()}, {torch.get_num_threads()} threads"
+    versions = f"torch {torch.__version__}"
+    if backend == "onnx":
+        versions += f", onnxruntime {inference._import_onnxruntime().__version__}"
+    return f"{where} | {versions} | {backend} on {device.type} | batch {batch} | blocks {rank_multiple}"
+
+
+def signature(module: nn.Module, in_shape: Sequence[int]) -> str:
+    """A cache key that fixes the module's cost: its type, geometry and input shape (no weights)."""
+    shape = "x".join(str(int(s)) for s in in_shape)
+    if isinstance(module, nn.Conv2d):
+        m = module
+        geometry = (f"{m.in_channels}>{m.out_channels} k{tuple(m.kernel_size)} s{tuple(m.stride)} p{m.padding} "
+                    f"d{tuple(m.dilation)} g{m.groups} {m.padding_mode} bias={m.bias is not None}")
+        return f"Conv2d {geometry} @ {shape}"
+    if isinstance(module, nn.Linear):
+        return f"Linear {module.in_features}>{module.out_features} bias={module.bias is not None} @ {shape}"
+    # Anything else (a DiagonalLinear, a whole decomposed block): its repr carries its geometry.
+    return f"{type(module).__name__} {module!r} @ {shape}"
+
+
+class LatencyTable:
+    """Median latencies of modules on one backend, device and batch size, cached on disk.
+
+    Parameters
+    ----------
+    backend : str, default "auto"
+        One of :data:`inference.BACKENDS` or ``"auto"`` (:func:`resolve_backend`): what
+        ``--eval`` will run the model with.
+    device : torch.device, optional
+        Where the modules run (default CPU).
+    batch : int, default 8
+        The batch every measurement uses (``--latency_batch``).
+    cache_path : path, optional
+        The JSON cache (default :func:`default_cache_path`); ``False`` for none.
+    warmup, repeats : int
+        Untimed and timed calls of each layer.
+
+    Attributes
+    ----------
+    measured : int
+        Layers timed by this instance (not found in the cache).
+    site_models : dict
+        The planner's per-layer models built from this table (kept for later plans).
+    report : dict
+        Filled by :func:`ranks.plan_decomposition` under a latency budget: what was asked
+        and what the planned model measured.
+    """
+
+    def __init__(self, *, backend: str = "auto", device: torch.device | str | None = None, batch: int = 8,
+                 cache_path: str | os.PathLike | bool | None = None, warmup: int = LAYER_WARMUP,
+                 repeats: int = LAYER_REPEATS) -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch!r}")
+        inference._check_counts(warmup, repeats)
+        self.device = torch.device(device if device is not None else "cpu")
+        self.backend = resolve_backend(backend, self.device)
+        # What --eval and --export run: onnxruntime pads Tucker-2 / CP ranks to channel blocks.
+        self.rank_multiple = inference.ONNX_RANK_MULTIPLE if self.backend == "onnx" else None
+        self.batch, self.warmup, self.repeats = int(batch), int(warmup), int(repeats)
+        self.key = _machine_key(self.backend, self.device, self.batch, self.rank_multiple)
+        self.cache_path = None if cache_path is False else Path(cache_path or default_cache_path())
+        self.measured = 0
+        self.report: dict = {}
+        # ranks.py's per-layer time models (grids of measured ranks), by layer signature.
+        self.site_models: dict = {}
+        self._tables: dict[str, dict[str, float]] = self._load()
+        self._times = self._tables.setdefault(self.key, {})
+
+    # ------------------------------------------------------------------ cache
+    def _load(self) -> dict[str, dict[str, float]]:
+        if self.cache_path is None or not self.cache_path.is_file():
+            return {}
+        try:
+            data = json.loads(self.cache_path.read_text(encoding="utf-8"))
+            if data.get("version") != CACHE_VERSION or not isinstance(data.get("tables"), dict):
+                raise ValueError(f"not a version-{CACHE_VERSION} latency cache")
+            return {str(k): {str(s): float(v) for s, v in t.items()} for k, t in data["tables"].items()}
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            warnings.warn(f"latency cache {self.cache_path} unreadable ({exc}); measuring afresh", stacklevel=3)
+            return {}
+
+    def save(self) -> None:
+        """Write the cache atomically (nothing when it has no path or nothing new)."""
+        if self.cache_path is None or not self.measured:
+            return
+        try:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic.atomic_open(self.cache_path, "w") as f:
+                json.dump({"version": CACHE_VERSION, "tables": self._tables}, f, indent=1, sort_keys=True)
+        except OSError as exc:  # a cache is a convenience: the plan stands without it
+            warnings.warn(f"latency cache {self.cache_path} not written ({exc})", stacklevel=2)
+
+    # ------------------------------------------------------------ measuring
+    def _time(self, module: nn.Module, example: torch.Tensor, *, rank_multiple: int | None, warmup: int,
+              repeats: int) -> float:
+        predictor = inference.prepare(module, example, backend=self.backend, check=False,
+                                      rank_multiple=rank_multiple)
+        times = inference.time_interleaved({0: lambda: predictor(example)}, warmup=warmup, repeats=repeats,
+                                           devices=[self.device])
+        return statistics.median(times[0])
+
+    def ms(self, module: nn.Module, in_shape: Sequence[int]) -> float:
+        """Median milliseconds of one call of ``module`` on a batch of ``in_shape`` inputs (no batch dim).
+
+        The module is timed as it is (no rank padding): callers pass the structure that
+        will run.  Looked up in the cache first.
+        """
+        key = signature(module, in_shape)
+        if key not in self._times:
+            example = torch.randn(self.batch, *in_shape, device=self.device)
+            module = module.to(self.device)
+            self._times[key] = self._time(module, example, rank_multiple=None, warmup=self.warmup,
+                                          repeats=self.repeats)
+            self.measured += 1
+        return self._times[key]
+
+    def model_ms(self, model: nn.Module, input_size: Sequence[int]) -> float:
+        """Median milliseconds of ``model`` on one batch, prepared as ``--eval`` prepares it (not cached)."""
+        param = next(model.parameters())
+        example = torch.randn(self.batch, *input_size, device=param.device, dtype=param.dtype)
+        return self._time(model, example, rank_multiple=self.rank_multiple, warmup=MODEL_WARMUP,
+                          repeats=max(self.repeats, MODEL_REPEATS))
+
+    def describe(self) -> str:
+        return f"{self.backend} on {self.device}, batch {self.batch}"
