@@ -18,6 +18,7 @@ References
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -202,7 +203,8 @@ class LatencyTable:
         key = signature(module, in_shape)
         if key not in self._times:
             example = torch.randn(self.batch, *in_shape, device=self.device)
-            module = module.to(self.device)
+            if any(p.device != self.device for p in module.parameters()):
+                module = copy.deepcopy(module).to(self.device)  # never move the caller's layer
             self._times[key] = self._time(module, example, rank_multiple=None, warmup=self.warmup,
                                           repeats=self.repeats)
             self.measured += 1
