@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -34,7 +35,8 @@ from torch import nn
 import atomic
 import inference
 
-__all__ = ["LatencyTable", "rank_grid", "resolve_backend", "default_cache_path", "signature", "GRID_START"]
+__all__ = ["LatencyTable", "TimingError", "cache_problem", "rank_grid", "resolve_backend", "default_cache_path",
+           "signature", "GRID_START"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,34 @@ LAYER_WARMUP, LAYER_REPEATS = 2, 5
 #: Untimed and timed calls of a whole model (the budget's reference and its check).
 MODEL_WARMUP, MODEL_REPEATS = 2, 7
 CACHE_VERSION = 1
+
+
+class TimingError(RuntimeError):
+    """A module could not be prepared or run on the table's backend (the message says which and why)."""
+
+
+def _read_cache(path: Path) -> dict[str, dict[str, float]]:
+    """The tables of a cache file; ValueError/OSError when it is not one.  Entries that are not
+    finite positive times are dropped (a hand-edited or damaged file)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("tables"), dict):
+        raise ValueError(f"not a version-{CACHE_VERSION} latency cache")
+    tables = {}
+    for key, table in data["tables"].items():
+        if not isinstance(table, dict):
+            raise ValueError(f"table {str(key)[:40]!r} is not an object")
+        tables[str(key)] = {str(s): float(v) for s, v in table.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
+    return tables
+
+
+def cache_problem(path: str | os.PathLike) -> str | None:
+    """Why an existing file is not a latency cache this tool wrote (None when it is one)."""
+    try:
+        _read_cache(Path(path))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return None
 
 
 def rank_grid(full: int) -> list[int]:
@@ -158,6 +188,7 @@ class LatencyTable:
         self.report: dict = {}
         # ranks.py's per-layer time models (grids of measured ranks), by layer signature.
         self.site_models: dict = {}
+        self._foreign = False
         self._tables: dict[str, dict[str, float]] = self._load()
         self._times = self._tables.setdefault(self.key, {})
 
@@ -166,33 +197,50 @@ class LatencyTable:
         if self.cache_path is None or not self.cache_path.is_file():
             return {}
         try:
-            data = json.loads(self.cache_path.read_text(encoding="utf-8"))
-            if data.get("version") != CACHE_VERSION or not isinstance(data.get("tables"), dict):
-                raise ValueError(f"not a version-{CACHE_VERSION} latency cache")
-            return {str(k): {str(s): float(v) for s, v in t.items()} for k, t in data["tables"].items()}
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            return _read_cache(self.cache_path)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            # Not overwritten later (save() refuses): the CLI checks this before it starts.
             warnings.warn(f"latency cache {self.cache_path} unreadable ({exc}); measuring afresh", stacklevel=3)
+            self._foreign = True
             return {}
 
     def save(self) -> None:
-        """Write the cache atomically (nothing when it has no path or nothing new)."""
-        if self.cache_path is None or not self.measured:
+        """Write the cache atomically, merged with what the file holds now (another run may have
+        added to it meanwhile).  Nothing when it has no path, nothing new, or the file is not a
+        latency cache (it is never replaced)."""
+        if self.cache_path is None or not self.measured or self._foreign:
             return
+        try:
+            tables = _read_cache(self.cache_path) if self.cache_path.is_file() else {}
+        except (OSError, ValueError, UnicodeDecodeError):
+            return  # became something else meanwhile: leave it alone
+        for key, times in self._tables.items():
+            tables.setdefault(key, {}).update(times)
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             with atomic.atomic_open(self.cache_path, "w") as f:
-                json.dump({"version": CACHE_VERSION, "tables": self._tables}, f, indent=1, sort_keys=True)
+                json.dump({"version": CACHE_VERSION, "tables": tables}, f, indent=1, sort_keys=True)
         except OSError as exc:  # a cache is a convenience: the plan stands without it
             warnings.warn(f"latency cache {self.cache_path} not written ({exc})", stacklevel=2)
 
     # ------------------------------------------------------------ measuring
+    def _predictor(self, module: nn.Module, example: torch.Tensor, *, rank_multiple: int | None):
+        try:
+            return inference.prepare(module, example, backend=self.backend, check=False, rank_multiple=rank_multiple)
+        except Exception as exc:  # noqa: BLE001 - export/session/backend failures: one line for the caller
+            raise TimingError(f"preparing {type(module).__name__} for {self.describe()} failed: "
+                              f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+    def _run_times(self, calls: dict, *, warmup: int, repeats: int) -> dict:
+        try:
+            return inference.time_interleaved(calls, warmup=warmup, repeats=repeats, devices=[self.device])
+        except Exception as exc:  # noqa: BLE001
+            raise TimingError(f"running on {self.describe()} failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
     def _time(self, module: nn.Module, example: torch.Tensor, *, rank_multiple: int | None, warmup: int,
               repeats: int) -> float:
-        predictor = inference.prepare(module, example, backend=self.backend, check=False,
-                                      rank_multiple=rank_multiple)
-        times = inference.time_interleaved({0: lambda: predictor(example)}, warmup=warmup, repeats=repeats,
-                                           devices=[self.device])
-        return statistics.median(times[0])
+        predictor = self._predictor(module, example, rank_multiple=rank_multiple)
+        return statistics.median(self._run_times({0: lambda: predictor(example)}, warmup=warmup, repeats=repeats)[0])
 
     def ms(self, module: nn.Module, in_shape: Sequence[int]) -> float:
         """Median milliseconds of one call of ``module`` on a batch of ``in_shape`` inputs (no batch dim).
@@ -210,12 +258,26 @@ class LatencyTable:
             self.measured += 1
         return self._times[key]
 
+    def _model_example(self, model: nn.Module, input_size: Sequence[int]) -> torch.Tensor:
+        param = next(model.parameters())
+        return torch.randn(self.batch, *input_size, device=param.device, dtype=param.dtype)
+
     def model_ms(self, model: nn.Module, input_size: Sequence[int]) -> float:
         """Median milliseconds of ``model`` on one batch, prepared as ``--eval`` prepares it (not cached)."""
-        param = next(model.parameters())
-        example = torch.randn(self.batch, *input_size, device=param.device, dtype=param.dtype)
-        return self._time(model, example, rank_multiple=self.rank_multiple, warmup=MODEL_WARMUP,
-                          repeats=max(self.repeats, MODEL_REPEATS))
+        return self._time(model, self._model_example(model, input_size), rank_multiple=self.rank_multiple,
+                          warmup=MODEL_WARMUP, repeats=max(self.repeats, MODEL_REPEATS))
+
+    def model_runner(self, model: nn.Module, input_size: Sequence[int]):
+        """A zero-argument call running ``model`` on one batch as ``--eval`` runs it, for :meth:`compare_ms`."""
+        example = self._model_example(model, input_size)
+        predictor = self._predictor(model, example, rank_multiple=self.rank_multiple)
+        return lambda: predictor(example)
+
+    def compare_ms(self, first, second) -> tuple[float, float]:
+        """Median milliseconds of two :meth:`model_runner` calls timed in interleaved rounds, so that
+        a drift of a shared machine hits both alike (a planned model against its original)."""
+        times = self._run_times({0: first, 1: second}, warmup=MODEL_WARMUP, repeats=max(self.repeats, MODEL_REPEATS))
+        return statistics.median(times[0]), statistics.median(times[1])
 
     def describe(self) -> str:
         return f"{self.backend} on {self.device}, batch {self.batch}"

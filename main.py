@@ -167,7 +167,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     dec = parser.add_argument_group("decomposition")
     dec.add_argument("--cp", action="store_true", help="CP instead of Tucker-2 for conv layers")
     dec.add_argument("--method_per_layer", "--method-per-layer", action="store_true",
-                     help="with --target_macs/--target_params: Tucker-2, CP or keep for each conv, whichever "
+                     help="with a budget (--target_macs/--target_params/--target_latency): Tucker-2, CP or keep for "
+                          "each conv, whichever "
                           "removes the most error per unit of cost (CP's error measured by ALS at a few ranks)")
     dec.add_argument("--rank_ratio", "--rank-ratio", type=float, default=None,
                      help="fixed fraction of channels as ranks instead of VBMF")
@@ -187,7 +188,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                           "times, and the planned model timed whole: the reached speedup is printed")
     dec.add_argument("--latency_cache", "--latency-cache", default=None, metavar="FILE",
                      help="where --target_latency keeps its measured layer times, keyed by machine, backend and "
-                          "batch (default ~/.cache/lowrank-cnn/latency.json)")
+                          "batch (default $XDG_CACHE_HOME/lowrank-cnn/latency.json, ~/.cache when unset)")
     dec.add_argument("--rank_multiple", "--rank-multiple", type=int, default=None, metavar="N",
                      help="ranks in blocks of N channels (16: onnxruntime's blocks on AVX-512 CPUs; 8: tensor "
                           "cores) wherever a layer has at least 2N: VBMF and fixed ranks round up, a budget "
@@ -392,6 +393,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if args.export:
         outputs.append(("--export", args.export[1]))
     outputs += [(f"--{name}", getattr(args, name)) for name in ("save_plan", "report") if getattr(args, name)]
+    if args.decompose and args.target_latency is not None and args.latency_cache:
+        outputs.append(("--latency_cache", args.latency_cache))
     for flag, path in outputs:
         _check_output_path(flag, path, creates_folder=flag.startswith(("--model", "--decomposed_model")))
     seen: dict[str, str] = {}
@@ -429,6 +432,15 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
         raise UserError(f"give one budget, not {' and '.join(targets)}")
     if args.rank_multiple is not None and args.rank_multiple < 2:
         raise UserError(f"--rank_multiple must be a block size >= 2 (e.g. 16), got {args.rank_multiple}")
+    if args.latency_cache and args.target_latency is None:
+        raise UserError("--latency_cache keeps the layer timings of --target_latency: give --target_latency too")
+    if args.target_latency is not None and args.latency_cache and os.path.isfile(args.latency_cache):
+        import latency
+
+        problem = latency.cache_problem(args.latency_cache)
+        if problem:
+            raise UserError(f"--latency_cache {args.latency_cache} is not a latency cache ({problem}); it is "
+                            f"never overwritten: name a new file")
     if args.ranks_from == "data" and (args.data_free or args.calibration == 0 or not args.train_path):
         raise UserError("--ranks_from data reads the layers' responses on calibration images: give --train_path "
                         "and --calibration > 0, without --data_free")
@@ -686,7 +698,7 @@ def step_decompose(args, device) -> dict:
     calibration, calibration_info = (_calibration(args, image_size, info["classes"], device) if plan_needs_data
                                      else (None, None))
     try:
-        plan = _plan(args, model, method, input_size, calibration=calibration)
+        plan, latency_report = _plan(args, model, method, input_size, calibration=calibration)
     except ValueError as exc:
         _calibration_failed(args, calibration, exc)
     if not plan_needs_data:
@@ -713,7 +725,11 @@ def step_decompose(args, device) -> dict:
                             macs_total=(macs_before, report.count_macs(model, input_size)))
     summary["seconds"] = seconds
     budget = _budget(args)
-    if budget and budget[0] != "latency":  # a latency budget is measured while planning (_plan prints it)
+    if latency_report is not None:  # measured while planning (_plan printed it)
+        summary["target"] = {"metric": "latency", "requested": latency_report["target"],
+                             "reached": latency_report["reached"],
+                             **{k: latency_report[k] for k in ("original_ms", "planned_ms", "backend", "batch")}}
+    elif budget:
         what, requested = budget
         summary["target"] = {"metric": what, "requested": requested, "reached": summary[f"{what}_ratio"]}
     if diagonal:
@@ -793,8 +809,9 @@ def _budget(args: argparse.Namespace) -> tuple[str, float] | None:
 
 
 def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_size, *,
-          calibration=None) -> dict[str, dict]:
-    """The plan to apply: read from --plan, or chosen by the rank options."""
+          calibration=None) -> tuple[dict[str, dict], dict | None]:
+    """The plan to apply (read from --plan, or chosen by the rank options), and what a latency
+    budget measured (``LatencyTable.report``; None without one)."""
     import decompositions
     import ranks
 
@@ -810,7 +827,7 @@ def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_s
         if plan.get(head, {}).get("method", "none") != "none":
             raise UserError(f"plan file {args.plan} decomposes the classifier {head!r}, which stays dense (its "
                             f"entry must be \"none\" or absent)")
-        return plan
+        return plan, None
     convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     skip = {} if args.include_first_conv or not convs else {
         convs[0]: "first conv (image channels) kept; --include_first_conv decomposes it"}
@@ -822,24 +839,30 @@ def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_s
                               budget_rule=args.budget_rule, rank_multiple=args.rank_multiple)
     except ValueError as exc:  # a combination the parser cannot see (e.g. --vbmf_weaken with nothing to weaken)
         raise UserError(str(exc).replace("vbmf_weaken", "--vbmf_weaken")) from None
-    table = _latency_table(args, model) if args.target_latency is not None else None
-    plan = ranks.plan_decomposition(model, policy, input_size, calibration=calibration,
-                                    show_progress=not args.quiet, latency_table=table)
+    import latency
+
+    table = _latency_table(args, model, input_size) if args.target_latency is not None else None
+    try:
+        plan = ranks.plan_decomposition(model, policy, input_size, calibration=calibration,
+                                        show_progress=not args.quiet, latency_table=table)
+    except latency.TimingError as exc:
+        raise UserError(f"--target_latency could not time layers with --backend {args.backend}: {exc}") from None
     if table is not None:
         r = table.report
         print(f"latency budget: {r['target']:g}x faster requested, {r['reached']:.2f}x measured for the planned "
               f"model ({r['original_ms']:.1f} -> {r['planned_ms']:.1f} ms per batch of {r['batch']}, "
               f"{table.describe()}; {r['layers_timed']} layer shapes newly timed, {r['plans_tried']} plan(s) "
               f"tried{'' if r['within_tolerance'] else f'; the nearest found, not within {ranks.LATENCY_TOLERANCE:.0%}'})")
-    return plan
+    return plan, (dict(table.report) if table is not None else None)
 
 
-def _latency_table(args: argparse.Namespace, model: torch.nn.Module):
+def _latency_table(args: argparse.Namespace, model: torch.nn.Module, input_size):
     """The layer timer of --target_latency: --backend at --latency_batch, on the model's device."""
     import latency
 
     if args.latency_batch < 1:
         raise UserError(f"--latency_batch must be >= 1, got {args.latency_batch}")
+    check_activation_memory(args.latency_batch, input_size[-1], "--latency_batch")
     device = next(model.parameters()).device
     try:
         return latency.LatencyTable(backend=args.backend, device=device, batch=args.latency_batch,

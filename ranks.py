@@ -576,7 +576,9 @@ class _SiteLatency:
         elif site.method == "cp":
             fulls = [D.cp_rank_limit(site.layer)]
         else:
-            fulls = [min(D.matrix_shape(site.layer))]
+            # Ranks past the break-even (as many weights as the layer) are never options.
+            t, s = D.matrix_shape(site.layer)
+            fulls = [min(min(t, s), math.ceil(t * s / (t + s)))]
         self.grids = [np.asarray(latency.rank_grid(f)) for f in fulls]
         mesh = np.meshgrid(*self.grids, indexing="ij")
         times = np.zeros(mesh[0].shape)
@@ -606,6 +608,13 @@ def _site_latency(site: _Site, table) -> _SiteLatency | None:
     if key not in table.site_models:
         table.site_models[key] = _SiteLatency(site, table)
     return table.site_models[key]
+
+
+def _other_layers_ms(model: nn.Module, input_size: Sequence[int], table, handled: set[str]) -> float:
+    """The table's times of every conv and Linear layer not in ``handled`` (kept, or not a site)."""
+    shapes = report.record_input_shapes(model, input_size)
+    return sum(table.ms(layer, tuple(shapes[name][0][1:])) for name, layer in D.candidate_layers(model)
+               if name not in handled and name in shapes)
 
 
 def _entry_latency(site: _Site, entry: dict, table) -> float:
@@ -863,6 +872,7 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
         total = float(report.count_macs(model, input_size) if metric == "macs" else report.count_params(model))
     movable: list[_BudgetSite] = []
     fixed = total
+    entries_ms, entries_keep_ms = 0.0, 0.0  # latency: the fixed entries' replacements, and their originals
     for site in sites:
         if site.name in plan:
             # Layers with a fixed entry (diagonal, a fixed FC rank) count at their planned cost.
@@ -871,7 +881,8 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
                 continue
             if metric == "latency":
                 if site.in_shape is not None:
-                    fixed += _entry_latency(site, entry, table) - _site_latency(site, table).keep
+                    entries_ms += _entry_latency(site, entry, table)
+                    entries_keep_ms += table.ms(site.layer, tuple(site.in_shape[1:]))
                 continue
             if entry["method"] == "diagonal":
                 params, macs = _diagonal_cost(site, entry["bandwidth"])
@@ -884,12 +895,15 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
         option = _budget_site(site, cache, metric, policy.rank_multiple, table)
         movable.append(option)
         fixed -= option.keep
-    if fixed < 0:
-        # Layers timed alone add up to more than the whole model (each pays its own layout
-        # reorders and call overhead): the time model is then the sum of the layers, and the
-        # measured check of _latency_plan corrects for the difference.
-        total -= fixed
-        fixed = 0.0
+    if metric == "latency":
+        fixed += entries_ms - entries_keep_ms
+        if fixed < 0:
+            # Layers timed alone add up to more than the whole model (each pays its own call and
+            # layout reorders): the time model is then the sum of every conv and Linear layer timed
+            # alone (kept ones too), and the measured check of _latency_plan corrects the rest.
+            fixed = entries_ms + _other_layers_ms(model, input_size, table, {m.site.name for m in movable} | {
+                s.name for s in sites if s.name in plan and plan[s.name]["method"] != "none"})
+            total = fixed - entries_ms + entries_keep_ms + sum(m.keep for m in movable)
     allowed = total / target
     rule = policy.budget_rule
     # One parameter x in [0, 1] for both rules; the total cost only falls as x grows.
@@ -1011,10 +1025,27 @@ def _latency_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_si
     the ratio missed and planned again, up to :data:`LATENCY_ROUNDS` plans; the plan that
     measured closest to the request is kept, and ``table.report`` says what it reached.
     """
+    devices = [table.device] if table.device.type == "cuda" else []
+    # Timing draws random inputs and default-initialised layers only where the cache misses:
+    # the caller's random stream must not depend on what the cache held (fine-tuning after).
+    with torch.random.fork_rng(devices=devices):
+        try:
+            _latency_rounds(model, sites, policy, input_size, cache, plan, table)
+        finally:
+            table.save()  # what was timed is kept even when the budget fails or is interrupted
+    if not table.report["within_tolerance"]:
+        logger.warning("--target_latency %g: the nearest plan found measures %.3gx faster (%s), not within "
+                       "%.0f%% of the request", table.report["target"], table.report["reached"], table.describe(),
+                       LATENCY_TOLERANCE * 100)
+
+
+def _latency_rounds(model: nn.Module, sites: list[_Site], policy: Policy, input_size: Sequence[int],
+                    cache: dict, plan: dict, table) -> None:
     import copy
 
     target = policy.budget[1]
-    original = table.model_ms(model, input_size)
+    original_run = table.model_runner(model, input_size)
+    original = table.compare_ms(original_run, original_run)[0]  # the allocation's reference
     asked, tried, history = target, [], []
     for _ in range(LATENCY_ROUNDS):
         trial = dict(plan)
@@ -1025,27 +1056,25 @@ def _latency_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_si
                 raise
             break  # a corrected request beyond reach: the closest plan so far stands
         skeleton = D.apply_plan(copy.deepcopy(model), {n: e for n, e in trial.items() if e["method"] != "none"})
-        reached = original / table.model_ms(skeleton, input_size)
+        # The original and the plan in interleaved rounds: a drift of the machine hits both.
+        before, after = table.compare_ms(original_run, table.model_runner(skeleton, input_size))
+        reached = before / after
         logger.info("latency budget %gx: planned for %.3gx, measured %.3gx", target, asked, reached)
-        tried.append((abs(math.log(reached / target)), reached, trial))
+        tried.append((abs(math.log(reached / target)), reached, trial, before, after))
         if abs(reached / target - 1) <= LATENCY_TOLERANCE:
             break
         history.append((math.log(asked), math.log(reached)))
-        # A request must stay above 1 (a budget saves something); at the floor already: stop.
-        floor = 1 + LATENCY_MIN_REQUEST
-        if asked <= floor:
+        # A request must stay above 1 (a budget saves something); no new request: stop.
+        following = max(math.exp(_next_request(history, math.log(target))), 1 + LATENCY_MIN_REQUEST)
+        if math.isclose(following, asked):
             break
-        asked = max(math.exp(_next_request(history, math.log(target))), floor)
-    _, reached, best = min(tried, key=lambda t: t[0])
+        asked = following
+    _, reached, best, before, after = min(tried, key=lambda t: t[0])
     plan.update(best)
     table.report = {"target": target, "reached": reached, "within_tolerance": abs(reached / target - 1)
-                    <= LATENCY_TOLERANCE, "original_ms": original, "planned_ms": original / reached,
+                    <= LATENCY_TOLERANCE, "original_ms": before, "planned_ms": after,
                     "plans_tried": len(tried), "backend": table.backend, "batch": table.batch,
                     "layers_timed": table.measured}
-    table.save()
-    if not table.report["within_tolerance"]:
-        logger.warning("--target_latency %g: the nearest plan found measures %.3gx faster (%s), not within "
-                       "%.0f%% of the request", target, reached, table.describe(), LATENCY_TOLERANCE * 100)
 
 
 def _reduction(target: float, metric: str) -> str:
@@ -1070,7 +1099,10 @@ def _next_request(history: list[tuple[float, float]], goal: float) -> float:
         return history[-1][0] + goal - history[-1][1]
     slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 1.0
     slope = min(max(slope, LATENCY_SLOPE_RANGE[0]), LATENCY_SLOPE_RANGE[1])
-    return x1 + (goal - y1) / slope
+    step = x1 + (goal - y1) / slope
+    if below and above:  # the bounded slope must not leave the bracket
+        step = min(max(step, min(x0, x1)), max(x0, x1))
+    return step
 
 
 def _metric_name(metric: str) -> str:

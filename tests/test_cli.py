@@ -473,8 +473,11 @@ def test_budget_save_plan_and_replay(tmp_path, capsys, trained):
     (["--target_macs", "2", "--target_params", "2"], "give one budget, not --target_macs and --target_params"),
     (["--target_latency", "1"], "--target_latency must be a ratio > 1 (e.g. 5 for five times faster)"),
     (["--target_latency", "2", "--target_macs", "2"], "give one budget, not --target_macs and --target_latency"),
-    (["--target_latency", "500", "--latency_cache", "{tmp}/lat.json"],
+    (["--target_latency", "500", "--latency_cache", "{tmp}/../latency-cache.json"],
      "a 500x reduction in latency is out of reach: the most these layers can give is"),
+    (["--latency_cache", "{tmp}/c.json"], "--latency_cache keeps the layer timings of --target_latency"),
+    (["--target_latency", "2", "--latency_cache", "{plan}"], "is not a latency cache"),
+    (["--target_latency", "2", "--latency_cache", "{tmp}/no/such/c.json"], "for --latency_cache does not exist"),
     (["--plan", "{plan}", "--target_latency", "2"], "drop --target_latency"),
     (["--target_macs", "2", "--rank_ratio", "0.3"], "--target_macs chooses the conv ranks; drop --rank_ratio"),
     (["--vbmf_weaken", "-1"], "--vbmf_weaken must be a number >= 0"),
@@ -622,7 +625,7 @@ def small_model(tmp_path_factory, data):
 
 
 def test_target_latency_plans_on_measured_time(capsys, tmp_path, small_model):
-    out, cache = tmp_path / "decomposed", tmp_path / "cache" / "latency.json"
+    out, cache = tmp_path / "decomposed", tmp_path / "latency.json"
     code, stdout, err = run_cli(capsys, "--decompose", "--model", small_model, "--decomposed_model", out,
                                 "--target_latency", "1.3", "--latency_cache", cache, "--backend", "onnx",
                                 "--save_plan", tmp_path / "plan.json", *FAST,

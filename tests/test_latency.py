@@ -41,20 +41,30 @@ def _net() -> nn.Sequential:
 
 
 class MacsTable(latency.LatencyTable):
-    """A machine whose time is exactly proportional to MACs (padded ranks included), plus ``overhead``
-    milliseconds per model call; ``power`` bends the whole model's time so layer sums miss it."""
+    """A machine whose time is exactly proportional to MACs (padded ranks included), plus
+    ``overhead`` milliseconds per call (a layer timed alone pays it, a whole model once);
+    ``power`` bends the time so that layers timed alone miss the whole model."""
 
     def __init__(self, *, overhead: float = 0.0, power: float = 1.0, **kwargs) -> None:
-        self.overhead, self.power, self.timed = overhead, power, []
+        self.overhead, self.power = overhead, power
         super().__init__(**kwargs)
 
-    def _time(self, module, example, *, rank_multiple, warmup, repeats):
+    def _fake_ms(self, module, in_shape, rank_multiple) -> float:
         module = copy.deepcopy(module)
         if rank_multiple:
             module = inference.pad_ranks(module, rank_multiple)
-        self.timed.append(module)
-        ms = report.count_macs(module, tuple(example.shape[1:])) * self.batch * MS_PER_MAC
+        ms = report.count_macs(module, tuple(in_shape)) * self.batch * MS_PER_MAC
         return ms ** self.power + self.overhead
+
+    def _time(self, module, example, *, rank_multiple, warmup, repeats):
+        return self._fake_ms(module, example.shape[1:], rank_multiple)
+
+    def model_runner(self, model, input_size):
+        ms = self._fake_ms(model, input_size, self.rank_multiple)
+        return lambda: ms
+
+    def compare_ms(self, first, second):
+        return first(), second()
 
 
 def test_rank_grid():
@@ -96,18 +106,31 @@ def test_table_caches_by_machine_key_and_survives_a_bad_file(tmp_path):
         latency.LatencyTable(batch=0)
 
 
-def test_latency_budget_on_a_macs_machine_is_the_macs_budget():
+def _fc_net() -> nn.Sequential:
+    """_net's convs with a hidden Linear layer before the classifier."""
+    net = _net()
+    return nn.Sequential(*net[:8], nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(48 * 4, 64), nn.ReLU(),
+                         nn.Linear(64, 3)).eval()
+
+
+def _strip(plan: dict) -> dict:
+    return {n: {k: v for k, v in e.items() if k != "why"} for n, e in plan.items()}
+
+
+@pytest.mark.parametrize("conv", ["tucker", "cp"])
+def test_latency_budget_on_a_macs_machine_is_the_macs_budget(conv):
     # Where time is MACs (no padding, no overhead), a latency budget must choose exactly the
-    # ranks of the MACs budget: the grid interpolation is exact for the bilinear cost of Tucker-2.
+    # ranks of the MACs budget: the grid interpolation is exact for the bilinear cost of
+    # Tucker-2 and the linear cost of CP.
     net = _net()
     skip = {"0": "first conv kept"}
     table = MacsTable(backend="eager", batch=2, cache_path=False)
-    by_time = ranks.plan_decomposition(net, ranks.Policy(target_latency=3.0, skip=skip), SIZE, latency_table=table)
-    by_macs = ranks.plan_decomposition(net, ranks.Policy(target_macs=3.0, skip=skip), SIZE)
-    strip = lambda plan: {n: {k: v for k, v in e.items() if k != "why"} for n, e in plan.items()}  # noqa: E731
-    assert strip(by_time) == strip(by_macs)
-    assert any(e["method"] == "tucker" for e in by_time.values())
-    assert all("latency" in e["why"] for e in by_time.values() if e["method"] == "tucker")
+    by_time = ranks.plan_decomposition(net, ranks.Policy(conv=conv, target_latency=3.0, skip=skip), SIZE,
+                                       latency_table=table)
+    by_macs = ranks.plan_decomposition(net, ranks.Policy(conv=conv, target_macs=3.0, skip=skip), SIZE)
+    assert _strip(by_time) == _strip(by_macs)
+    assert any(e["method"] == conv for e in by_time.values())
+    assert all("latency" in e["why"] for e in by_time.values() if e["method"] == conv)
     assert table.report["within_tolerance"] and table.report["plans_tried"] == 1
     assert table.report["reached"] == pytest.approx(ranks.plan_cost(net, by_macs, SIZE)["macs_ratio"])
     assert not D.model_plan(net)  # planning leaves the model as it was
@@ -127,9 +150,9 @@ def test_padded_ranks_cost_their_whole_block():
 
 
 def test_the_measured_check_corrects_a_time_model_that_misses():
-    # Layers timed alone overestimate the planned model here (time grows faster than MACs), so
-    # the first plan measures faster than asked; the next plans correct the request until the
-    # planned model measures within 10%.
+    # Time grows faster than MACs here, so layers timed alone underestimate the whole model and
+    # the first plan misses; the next plans correct the request until the planned model
+    # measures within 10%.
     net = _net()
     table = MacsTable(backend="eager", batch=2, cache_path=False, power=1.3)
     plan = ranks.plan_decomposition(net, ranks.Policy(target_latency=2.0, skip={"0": "kept"}), SIZE,
@@ -138,7 +161,7 @@ def test_the_measured_check_corrects_a_time_model_that_misses():
     assert result["plans_tried"] >= 2
     assert abs(result["reached"] / 2.0 - 1) <= ranks.LATENCY_TOLERANCE, result
     skeleton = D.apply_plan(copy.deepcopy(net), {n: e for n, e in plan.items() if e["method"] != "none"})
-    assert result["planned_ms"] == pytest.approx(table.model_ms(skeleton, SIZE))
+    assert result["planned_ms"] == pytest.approx(table.model_runner(skeleton, SIZE)())
 
 
 def test_latency_policy_is_checked():
@@ -173,3 +196,44 @@ def test_onnxruntime_timing_plans_and_caches(tmp_path):
     sites = {s.name: s for s in ranks._sites(net, ranks.Policy(), SIZE)}
     ranks._site_latency(sites["4"], reread)  # its whole grid, from the cache
     assert reread.measured == 0
+
+
+@pytest.mark.parametrize("fc", [{"fc": "svd", "fc_rank": 4}, {"fc": "diagonal"}])
+def test_fixed_fc_entries_count_at_their_measured_time(fc):
+    # A fixed FC entry is no option of the budget: it counts at the time of its replacement,
+    # so the plan (time = MACs here) is the MACs budget's with the same fixed entry.
+    net = _fc_net()
+    skip = {"0": "first conv kept"}
+    table = MacsTable(backend="eager", batch=2, cache_path=False)
+    by_time = ranks.plan_decomposition(net, ranks.Policy(target_latency=2.5, skip=skip, **fc), SIZE,
+                                       latency_table=table)
+    by_macs = ranks.plan_decomposition(net, ranks.Policy(target_macs=2.5, skip=skip, **fc), SIZE)
+    assert _strip(by_time) == _strip(by_macs)
+    assert by_time["10"]["method"] == fc["fc"]
+    assert table.report["reached"] == pytest.approx(ranks.plan_cost(net, by_time, SIZE)["macs_ratio"])
+
+
+def test_layers_alone_adding_up_to_more_than_the_model_count_every_layer():
+    # With a per-call overhead, layers timed alone add up to more than the whole model: the time
+    # model is then the sum of every conv and Linear timed alone -- the kept first conv and the
+    # classifier (not a site at all) included -- and the measured check still lands within 10%.
+    net = _fc_net()
+    table = MacsTable(backend="eager", batch=2, cache_path=False, overhead=2.0)
+    ranks.plan_decomposition(net, ranks.Policy(target_latency=1.5, skip={"0": "kept"}), SIZE, latency_table=table)
+    assert abs(table.report["reached"] / 1.5 - 1) <= ranks.LATENCY_TOLERANCE, table.report
+    timed = set(table._times)
+    assert latency.signature(net[0], SIZE) in timed                  # kept conv
+    assert latency.signature(net[12], (64,)) in timed                # classifier, not a site
+    assert latency.signature(net[10], (48 * 4,)) in timed            # hidden Linear, not a site (fc none)
+
+
+def test_next_request_steps():
+    goal = math.log(3.0)
+    # One plan: the request corrected by the ratio missed.
+    assert ranks._next_request([(math.log(3.0), math.log(2.0))], goal) == pytest.approx(math.log(4.5))
+    # Two plans on one side: along their secant (slope 1 here).
+    step = ranks._next_request([(math.log(3.0), math.log(2.0)), (math.log(4.5), math.log(3.0) - 0.2)], goal)
+    assert step > math.log(4.5)
+    # A bracket: the step stays inside it however steep the secant is.
+    history = [(0.693, 0.6), (0.70, 1.5)]
+    assert 0.693 <= ranks._next_request(history, 1.0) <= 0.70
