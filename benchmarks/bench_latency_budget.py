@@ -7,8 +7,8 @@ inference path; the table build is timed, then cached in ``--cache``), and for e
   :func:`ranks.plan_decomposition` (the planned model timed whole), and
 * the MACs budget at the same R: ``Policy(target_macs=R)``, its planned model timed the same way.
 
-Each row gives the plan's MACs ratio and its measured speed-up (original / planned, median of
-the table's model timing, rank padding to onnxruntime's blocks as ``--eval`` runs it) and
+Each row gives the plan's MACs ratio and its measured speed-up (original / planned, medians of
+7 interleaved rounds of the two, rank padding to onnxruntime's blocks as ``--eval`` runs it) and
 their quotient, the share of the MACs saving that became speed.  Latency does not depend on
 the weights' values, so the planned models are built empty (``decompositions.apply_plan``);
 the ranks do depend on the weights, so use trained ones where there are any: ``--model FILE``
@@ -68,7 +68,8 @@ def main() -> None:
     table = latency.LatencyTable(backend="onnx", batch=args.batch, cache_path=args.cache)
     spectra: dict = {}
     start = time.perf_counter()
-    original = table.model_ms(model, input_size)
+    original_run = table.model_runner(model, input_size)
+    original = table.compare_ms(original_run, original_run)[0]
     result = {"model": name, "size": args.size, "batch": args.batch, "machine": table.key,
               "original_ms": original, "rows": []}
     print(f"{name}, {args.size} px, batch {args.batch}: original {original:.1f} ms", flush=True)
@@ -83,8 +84,10 @@ def main() -> None:
                 report = dict(table.report)
                 speedup = report["reached"]
             else:
+                # Timed as the latency budget times its plans: interleaved with the original.
                 skeleton = D.apply_plan(copy.deepcopy(model), {n: e for n, e in plan.items() if e["method"] != "none"})
-                speedup = original / table.model_ms(skeleton, input_size)
+                before, after = table.compare_ms(original_run, table.model_runner(skeleton, input_size))
+                speedup = before / after
                 report = {}
             row = {"budget": kind, "target": target, "macs_ratio": macs, "speedup": speedup,
                    "speedup_per_macs": speedup / macs, "plan_seconds": seconds,
