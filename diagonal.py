@@ -90,7 +90,9 @@ class DiagonalLinear(nn.Module):
         x = x.reshape(-1, self.in_features)
         # (B, L, b) gathered inputs times (L, b) weights, summed over the band.
         products = (x[:, self.cols] * self.weight).sum(-1)
-        out = x.new_zeros(x.shape[0], self.out_features)
+        # In the products' dtype: under autocast x may be bfloat16/float16 while the weight
+        # stays float32, and index_add_ needs one dtype.
+        out = products.new_zeros(x.shape[0], self.out_features)
         out.index_add_(1, self.rows, products)
         if self.bias is not None:
             out = out + self.bias

@@ -88,7 +88,7 @@ __all__ = ["BACKENDS", "AUTO_ORDER", "ONNX_RANK_MULTIPLE", "Predictor", "availab
            "export_onnx", "time_interleaved", "pad_ranks", "OutputMismatchError"]
 
 #: Backends that :func:`prepare` accepts (plus ``"auto"``).
-BACKENDS = ("eager", "channels_last", "torchscript", "onnx")
+BACKENDS = ("eager", "channels_last", "torchscript", "onnx", "amp")
 #: Candidates ``"auto"`` tries per device type, fastest first; the first one that builds
 #: and reproduces the eager output on the example is used.  The CPU order follows the
 #: VGG16 measurement in the module docstring: onnxruntime was fastest for both the
@@ -97,7 +97,7 @@ BACKENDS = ("eager", "channels_last", "torchscript", "onnx")
 #: is not measured there, so it is not the default.
 AUTO_ORDER = {
     "cpu": ("onnx", "torchscript", "channels_last", "eager"),
-    "cuda": ("channels_last", "eager"),
+    "cuda": ("amp", "channels_last", "eager"),
 }
 #: Fallback order for other device types (MPS, XPU, ...).
 AUTO_ORDER_OTHER = ("eager",)
@@ -105,6 +105,9 @@ AUTO_ORDER_OTHER = ("eager",)
 #: Largest accepted ``max|y - y_eager| / max|y_eager|`` of a prepared backend on the
 #: example (float32; the backends reorder sums, they do not lower precision).
 OUTPUT_RTOL = 1e-4
+#: The same check for the "amp" backend (float16/bfloat16 autocast): half precision keeps about
+#: three significant digits per layer, so a deep network's logits move by a few percent.
+AMP_OUTPUT_RTOL = 5e-2
 #: Guards the relative difference against an all-zero reference output.
 _TINY = 1e-12
 #: Oldest ONNX opset accepted: ``ScatterElements`` has ``reduction="add"`` from 16 on [3]_.
@@ -733,6 +736,19 @@ def _build(model: nn.Module, example: torch.Tensor, backend: str, device: torch.
             traced = torch.jit.trace(net, example, check_trace=False)
             scripted = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
         return Predictor(scripted, backend=backend, device=device, memory_format=torch.channels_last)
+    if backend == "amp":
+        # What a GPU deployment runs: channels-last, float16/bfloat16 autocast (bfloat16 on a
+        # CPU with native support), logits back in float32.
+        dtype = runtime.autocast_dtype_for(device, cpu_bf16=True)
+        if dtype is None:
+            raise ValueError(f"the 'amp' backend (float16/bfloat16 autocast) needs a CUDA GPU or a CPU with native "
+                             f"bfloat16 (AVX512-BF16 or AMX); {device} has neither")
+        net = net.to(memory_format=torch.channels_last)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                return net(x).float()
+        return Predictor(run, backend=backend, device=device, memory_format=torch.channels_last)
     if backend == "onnx":
         _import_onnxruntime()  # fail before the (slow) export when it is missing
         model_bytes = _onnx_bytes(_exportable(_padded(net, rank_multiple)), example, opset=None)
@@ -743,9 +759,10 @@ def _build(model: nn.Module, example: torch.Tensor, backend: str, device: torch.
 
 def _verified(predictor: Predictor, example: torch.Tensor, reference: torch.Tensor) -> Predictor:
     _, max_rel = _relative_diff(predictor(example), reference)
-    if max_rel > OUTPUT_RTOL:
+    rtol = AMP_OUTPUT_RTOL if predictor.backend == "amp" else OUTPUT_RTOL
+    if max_rel > rtol:
         raise OutputMismatchError(f"backend {predictor.backend!r} differs from eager on the example: max "
-                                  f"relative diff {max_rel:.3g} > {OUTPUT_RTOL:g}")
+                                  f"relative diff {max_rel:.3g} > {rtol:g}")
     return predictor
 
 

@@ -70,7 +70,7 @@ DEMO_LR = {"train": 0.002, "fine_tune": 0.003}
 # Ten epochs from scratch leave most conv weights close to their random start, where
 # VBMF rightly finds only noise: the from-scratch demo asks for fixed ranks instead.
 DEMO_RANK_RATIO = 0.25
-INFERENCE_BACKENDS = ("eager", "channels_last", "torchscript", "onnx")
+INFERENCE_BACKENDS = ("eager", "channels_last", "torchscript", "onnx", "amp")
 # NumPy's and Python's generators take seeds below 2**32.
 MAX_SEED = 2**32 - 1
 # Calibration images for --decompose are held in memory together, hence a bound.
@@ -247,7 +247,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     help="batch size of the latency measurement")
     ev.add_argument("--backend", default="auto", choices=("auto", *INFERENCE_BACKENDS),
                     help="inference path for the latency measurement (auto: the fastest verified one; on CPU "
-                         "ONNX Runtime when installed, else frozen TorchScript)")
+                         "ONNX Runtime when installed, else frozen TorchScript; on CUDA amp: channels-last with "
+                         "float16/bfloat16 autocast, as a GPU deployment runs)")
     ev.add_argument("--export", nargs=2, metavar=("FORMAT", "FILE"),
                     help="export the evaluated model (see --eval) for deployment; FORMAT is onnx. The file is "
                          "checked against PyTorch's outputs with onnxruntime before it is written")
@@ -980,8 +981,10 @@ def _latency(model, args, device, image_size: int) -> dict:
     example = torch.randn(args.latency_batch, 3, image_size, image_size, device=device)
     try:
         predictor = inference.prepare(model, example, backend=args.backend)
-    except ImportError as exc:
+    except (ImportError, ValueError) as exc:
         raise UserError(f"--backend {args.backend} is not available: {exc}") from None
+    except inference.OutputMismatchError as exc:
+        raise UserError(f"--backend {args.backend} does not reproduce this model: {exc}") from None
     times = inference.time_interleaved({"model": lambda: predictor(example)}, warmup=3,
                                        repeats=args.latency_repeats, devices=[device])["model"]
     return {"median_ms": statistics.median(times), "backend": predictor.backend}

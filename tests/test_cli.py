@@ -261,6 +261,22 @@ def test_eval_json_and_fast_path(tmp_path, capsys, data, trained):
     assert result["latency_ms_median"] > 0 and result["macs"] > 0 and result["test_images"] == 8
 
 
+def test_eval_with_the_amp_backend(tmp_path, capsys, data, trained, monkeypatch):
+    import runtime
+
+    _, test = data
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
+    code, _, err = run_cli(capsys, "--eval", "--model", trained, "--test_path", test, "--backend", "amp", *FAST)
+    assert_one_line_error(code, err, "--backend amp is not available", "needs a CUDA GPU or a CPU with native bfloat16")
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)  # emulated where the CPU lacks it
+    out_json = tmp_path / "eval.json"
+    code, out, err = run_cli(capsys, "--eval", "--model", trained, "--test_path", test, "--backend", "amp",
+                             "--json", out_json, *FAST)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    assert result["latency_backend"] == "amp" and result["latency_ms_median"] > 0
+
+
 def test_export_onnx_matches_pytorch(tmp_path, capsys, trained):
     import onnxruntime as ort
     onnx_file = tmp_path / "model.onnx"

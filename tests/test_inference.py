@@ -11,6 +11,7 @@ from torch import nn
 
 import decompositions as D
 import inference
+import runtime
 
 RTOL = 1e-4
 BATCH, OTHER_BATCH = 2, 5
@@ -74,7 +75,9 @@ def test_fixture_has_every_decomposed_type(model):
 
 
 @pytest.mark.parametrize("backend", inference.BACKENDS)
-def test_backend_matches_eager_at_any_batch_size(model, backend):
+def test_backend_matches_eager_at_any_batch_size(model, backend, monkeypatch):
+    if backend == "amp":  # bfloat16 autocast on a CPU; emulated (slowly) where the CPU lacks it
+        monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
     example = _example()
     predictor = inference.prepare(model, example, backend=backend)
     assert predictor.backend == backend
@@ -82,7 +85,19 @@ def test_backend_matches_eager_at_any_batch_size(model, backend):
         out = predictor(x)
         assert out.shape == (x.shape[0], 5)
         assert out.dtype == torch.float32 and out.device == x.device
-        assert _rel(out, _eager(model, x)) < RTOL
+        assert _rel(out, _eager(model, x)) < (inference.AMP_OUTPUT_RTOL if backend == "amp" else RTOL)
+
+
+def test_amp_needs_half_precision_hardware_and_is_no_cpu_default(model, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match="'amp' backend .* needs a CUDA GPU or a CPU with native bfloat16"):
+        inference.prepare(model, _example(), backend="amp")
+    assert "amp" not in inference.AUTO_ORDER["cpu"] and inference.AUTO_ORDER["cuda"][0] == "amp"
+    # Its output check is looser than the float32 backends' (half precision), not absent.
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(inference, "AMP_OUTPUT_RTOL", 1e-9)
+    with pytest.raises(inference.OutputMismatchError, match="'amp' differs from eager"):
+        inference.prepare(model, _example(), backend="amp")
 
 
 def test_prepare_leaves_the_model_alone(model):
