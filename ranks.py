@@ -100,7 +100,12 @@ FILL_SCORE_RTOL = 1e-6
 
 
 class BudgetError(UserError):
-    """The requested budget cannot be met (the message names the best reachable ratio)."""
+    """The requested budget cannot be met (the message names the best reachable ratio).
+
+    ``reachable`` holds that ratio when the budget is out of reach (None otherwise).
+    """
+
+    reachable: float | None = None
 
 
 # ---------------------------------------------------------------------------- VBMF
@@ -920,9 +925,11 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
     least = fixed + sum(min(m.keep, float(m.values.min()) if len(m.values) else m.keep) for m in movable)
     if least > allowed * (1 + COST_RTOL):
         best = math.floor(total / least * 1000) / 1000  # rounded down: asking for it succeeds
-        raise BudgetError(f"a {target:g}x reduction in {_metric_name(metric)} is out of reach: the most these "
-                          f"layers can give is {best:g}x (each decomposed layer at its cheapest rank; the first "
-                          f"conv, the classifier and other kept or fixed layers count as they are)")
+        error = BudgetError(f"a {target:g}x reduction in {_metric_name(metric)} is out of reach: the most these "
+                            f"layers can give is {best:g}x (each decomposed layer at its cheapest rank; the first "
+                            f"conv, the classifier and other kept or fixed layers count as they are)")
+        error.reachable = best
+        raise error
     untouched = fixed + sum(m.keep for m in movable)
     if untouched < allowed / (1 + BUDGET_TOLERANCE):
         fixed_names = [s.name for s in sites if s.name in plan and plan[s.name]["method"] != "none"]
@@ -1046,15 +1053,20 @@ def _latency_rounds(model: nn.Module, sites: list[_Site], policy: Policy, input_
     target = policy.budget[1]
     original_run = table.model_runner(model, input_size)
     original = table.compare_ms(original_run, original_run)[0]  # the allocation's reference
-    asked, tried, history = target, [], []
+    asked, tried, history, at_limit = target, [], [], False
     for _ in range(LATENCY_ROUNDS):
         trial = dict(plan)
         try:
             _budget_plan(model, sites, policy, input_size, cache, trial, table=table, target=asked, total=original)
-        except BudgetError:
+        except BudgetError as exc:
             if not tried:
                 raise
-            break  # a corrected request beyond reach: the closest plan so far stands
+            # A corrected request beyond the time model's reach: once, the most it can give.
+            reachable = exc.reachable
+            if reachable is None or reachable <= 1 + LATENCY_MIN_REQUEST or reachable >= asked or at_limit:
+                break
+            asked, at_limit = reachable, True
+            continue
         skeleton = D.apply_plan(copy.deepcopy(model), {n: e for n, e in trial.items() if e["method"] != "none"})
         # The original and the plan in interleaved rounds: a drift of the machine hits both.
         before, after = table.compare_ms(original_run, table.model_runner(skeleton, input_size))

@@ -43,10 +43,11 @@ def _net() -> nn.Sequential:
 class MacsTable(latency.LatencyTable):
     """A machine whose time is exactly proportional to MACs (padded ranks included), plus
     ``overhead`` milliseconds per call (a layer timed alone pays it, a whole model once);
-    ``power`` bends the time so that layers timed alone miss the whole model."""
+    ``power`` bends the time so that layers timed alone miss the whole model, and a whole model
+    pays ``conv_overhead`` per conv besides (a cost its layers timed alone do not show)."""
 
-    def __init__(self, *, overhead: float = 0.0, power: float = 1.0, **kwargs) -> None:
-        self.overhead, self.power = overhead, power
+    def __init__(self, *, overhead: float = 0.0, power: float = 1.0, conv_overhead: float = 0.0, **kwargs) -> None:
+        self.overhead, self.power, self.conv_overhead = overhead, power, conv_overhead
         super().__init__(**kwargs)
 
     def _fake_ms(self, module, in_shape, rank_multiple) -> float:
@@ -60,7 +61,8 @@ class MacsTable(latency.LatencyTable):
         return self._fake_ms(module, example.shape[1:], rank_multiple)
 
     def model_runner(self, model, input_size):
-        ms = self._fake_ms(model, input_size, self.rank_multiple)
+        convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+        ms = self._fake_ms(model, input_size, self.rank_multiple) + self.conv_overhead * convs
         return lambda: ms
 
     def compare_ms(self, first, second):
@@ -237,3 +239,22 @@ def test_next_request_steps():
     # A bracket: the step stays inside it however steep the secant is.
     history = [(0.693, 0.6), (0.70, 1.5)]
     assert 0.693 <= ranks._next_request(history, 1.0) <= 0.70
+
+
+def test_a_corrected_request_beyond_reach_tries_the_most_the_layers_give():
+    # A per-conv cost the layers timed alone do not show makes every factorized plan (three convs
+    # for one) measure short of its request: near the limit the correction asks for more than the
+    # time model can give, and the loop then plans once at that limit instead of stopping.
+    net = _net()
+    table = MacsTable(backend="eager", batch=2, cache_path=False, conv_overhead=0.5)
+    most = None
+    try:
+        ranks.plan_decomposition(net, ranks.Policy(target_latency=1000.0, skip={"0": "kept"}), SIZE,
+                                 latency_table=table)
+    except ranks.BudgetError as exc:
+        most = exc.reachable
+    assert most is not None and most > 1
+    ranks.plan_decomposition(net, ranks.Policy(target_latency=0.95 * most, skip={"0": "kept"}), SIZE,
+                             latency_table=table)
+    # The first plan and the one at the limit; no third (the limit is not asked twice).
+    assert table.report["plans_tried"] == 2 and not table.report["within_tolerance"]
