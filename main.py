@@ -754,7 +754,8 @@ def step_decompose(args, device) -> dict:
               f"(before fine-tuning)")
     meta = {"step": "decompose", "source": os.path.abspath(args.model), "method": method, "fc": args.fc,
             "rank_ratio": args.rank_ratio, "vbmf_weaken": args.vbmf_weaken, "target_macs": args.target_macs,
-            "target_params": args.target_params, "target_latency": args.target_latency, "plan_file": os.path.abspath(args.plan) if args.plan else None,
+            "target_params": args.target_params, "target_latency": args.target_latency,
+            "plan_file": os.path.abspath(args.plan) if args.plan else None,
             "rescale": not args.no_rescale, "calibration": calibration_info, "layers": rows, "totals": summary,
             "original_meta": info["meta"]}
     models.save_model(args.decomposed_model, model, arch=info["arch"], classes=info["classes"],
@@ -850,10 +851,11 @@ def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_s
         raise UserError(f"--target_latency could not time layers with --backend {args.backend}: {exc}") from None
     if table is not None:
         r = table.report
+        missed = "" if r["within_tolerance"] else f"; the nearest found, not within {ranks.LATENCY_TOLERANCE:.0%}"
         print(f"latency budget: {r['target']:g}x faster requested, {r['reached']:.2f}x measured for the planned "
               f"model ({r['original_ms']:.1f} -> {r['planned_ms']:.1f} ms per batch of {r['batch']}, "
               f"{table.describe()}; {r['layers_timed']} layer shapes newly timed, {r['plans_tried']} plan(s) "
-              f"tried{'' if r['within_tolerance'] else f'; the nearest found, not within {ranks.LATENCY_TOLERANCE:.0%}'})")
+              f"tried{missed})")
     return plan, (dict(table.report) if table is not None else None)
 
 

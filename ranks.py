@@ -933,8 +933,9 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
     untouched = fixed + sum(m.keep for m in movable)
     if untouched < allowed / (1 + BUDGET_TOLERANCE):
         fixed_names = [s.name for s in sites if s.name in plan and plan[s.name]["method"] != "none"]
+        gain = "faster" if metric == "latency" else f"smaller in {_metric_name(metric)}"
         raise BudgetError(f"the layers with fixed ranks ({short_list(fixed_names)}) already make the model "
-                          f"{total / untouched:.3g}x {'faster' if metric == 'latency' else 'smaller in ' + _metric_name(metric)}, more than the {target:g}x "
+                          f"{total / untouched:.3g}x {gain}, more than the {target:g}x "
                           f"asked for: ask for more, or let the budget choose their ranks")
     low, high = 0.0, 1.0
     if spend(low) <= allowed:
