@@ -181,21 +181,25 @@ def test_latency_policy_is_checked():
 
 
 @pytest.mark.skipif("onnx" not in inference.available_backends(), reason="onnxruntime not installed")
-def test_onnxruntime_timing_plans_and_caches(tmp_path):
+def test_onnxruntime_timing_and_its_cache(tmp_path):
+    # The real path, without a budget whose reach would depend on this machine's timings (the
+    # CLI test plans one on a model where the convs dominate): finite times, a grid that a
+    # second table reads back from the file, and whole models timed side by side.
     net = _net()
     path = tmp_path / "latency.json"
     table = latency.LatencyTable(backend="auto", batch=2, cache_path=path, repeats=2, warmup=1)
-    assert table.backend == "onnx"
-    plan = ranks.plan_decomposition(net, ranks.Policy(target_latency=1.2, skip={"0": "kept"}), SIZE,
-                                    latency_table=table)
-    result = table.report
-    assert result["backend"] == "onnx" and result["layers_timed"] == table.measured > 0
-    assert math.isfinite(result["reached"]) and result["reached"] > 0 and result["original_ms"] > 0
-    assert set(plan) == {"0", "2", "4", "6"}
+    assert table.backend == "onnx" and table.rank_multiple == 16
+    sites = {s.name: s for s in ranks._sites(net, ranks.Policy(), SIZE)}
+    timing = ranks._site_latency(sites["4"], table)
+    assert timing.keep > 0 and table.measured > 1
+    options = timing(([16, 32, 64], [16, 32, 64]))
+    assert options.shape == (3,) and all(math.isfinite(v) and v > 0 for v in options)
+    before, after = table.compare_ms(table.model_runner(net, SIZE), table.model_runner(copy.deepcopy(net), SIZE))
+    assert before > 0 and after > 0
+    table.save()
     cached = json.loads(path.read_text())["tables"][table.key]
     assert len(cached) == table.measured and all(v > 0 for v in cached.values())
     reread = latency.LatencyTable(backend="onnx", batch=2, cache_path=path)
-    sites = {s.name: s for s in ranks._sites(net, ranks.Policy(), SIZE)}
     ranks._site_latency(sites["4"], reread)  # its whole grid, from the cache
     assert reread.measured == 0
 
