@@ -489,8 +489,6 @@ def test_budget_save_plan_and_replay(tmp_path, capsys, trained):
     (["--target_macs", "2", "--target_params", "2"], "give one budget, not --target_macs and --target_params"),
     (["--target_latency", "1"], "--target_latency must be a ratio > 1 (e.g. 5 for five times faster)"),
     (["--target_latency", "2", "--target_macs", "2"], "give one budget, not --target_macs and --target_latency"),
-    (["--target_latency", "500", "--latency_cache", "{tmp}/../latency-cache.json"],
-     "a 500x reduction in latency is out of reach: the most these layers can give is"),
     (["--latency_cache", "{tmp}/c.json"], "--latency_cache keeps the layer timings of --target_latency"),
     (["--target_latency", "2", "--latency_cache", "{plan}"], "is not a latency cache"),
     (["--target_latency", "2", "--latency_cache", "{tmp}/no/such/c.json"], "for --latency_cache does not exist"),
