@@ -95,6 +95,7 @@ __all__ = [
     "macs_at",
     "model_plan",
     "apply_plan",
+    "empty_replacement",
     "CONV_METHODS",
     "FC_METHODS",
 ]
@@ -1467,18 +1468,22 @@ def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
     """
     check_plan(model, plan, shrink=False)  # a model file's structure, whatever made it
     for name, entry in plan.items():
-        layer = model.get_submodule(name)
-        method = entry["method"]
-        if method == "tucker":
-            new = TuckerConv2d(layer, entry["ranks"])
-        elif method == "cp":
-            new = CPConv2d(layer, entry["rank"])
-        elif method == "svd":
-            new = SVDConv2d(layer, entry["rank"]) if isinstance(layer, nn.Conv2d) else SVDLinear(layer, entry["rank"])
-        elif method == "diagonal":
-            new = DiagonalLinear(layer.in_features, layer.out_features, bandwidth=int(entry["bandwidth"]),
-                                 bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
-        else:
-            continue
-        replace_layer(model, name, new)
+        if entry["method"] != "none":
+            replace_layer(model, name, empty_replacement(model.get_submodule(name), entry))
     return model
+
+
+def empty_replacement(layer: nn.Module, entry: dict) -> nn.Module:
+    """The decomposed module of a plan entry for ``layer``, default-initialised on the layer's
+    device and dtype: the structure a state_dict is loaded into, or whose cost is counted or timed."""
+    method = entry["method"]
+    if method == "tucker":
+        return TuckerConv2d(layer, entry["ranks"])
+    if method == "cp":
+        return CPConv2d(layer, entry["rank"])
+    if method == "svd":
+        return SVDConv2d(layer, entry["rank"]) if isinstance(layer, nn.Conv2d) else SVDLinear(layer, entry["rank"])
+    if method == "diagonal":
+        return DiagonalLinear(layer.in_features, layer.out_features, bandwidth=int(entry["bandwidth"]),
+                              bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
+    raise ValueError(f"no replacement for method {method!r}")

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import atomic
 import inference
+import report
 
 __all__ = ["LatencyTable", "TimingError", "cache_problem", "rank_grid", "resolve_backend", "default_cache_path",
            "signature", "GRID_START"]
@@ -218,8 +218,7 @@ class LatencyTable:
             tables.setdefault(key, {}).update(times)
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic.atomic_open(self.cache_path, "w") as f:
-                json.dump({"version": CACHE_VERSION, "tables": tables}, f, indent=1, sort_keys=True)
+            report.write_json(str(self.cache_path), {"version": CACHE_VERSION, "tables": tables})
         except OSError as exc:  # a cache is a convenience: the plan stands without it
             warnings.warn(f"latency cache {self.cache_path} not written ({exc})", stacklevel=2)
 

@@ -863,9 +863,7 @@ def _latency_table(args: argparse.Namespace, model: torch.nn.Module, input_size)
     """The layer timer of --target_latency: --backend at --latency_batch, on the model's device."""
     import latency
 
-    if args.latency_batch < 1:
-        raise UserError(f"--latency_batch must be >= 1, got {args.latency_batch}")
-    check_activation_memory(args.latency_batch, input_size[-1], "--latency_batch")
+    check_activation_memory(args.latency_batch, input_size[-1], "--latency_batch")  # >= 1: checked at start
     device = next(model.parameters()).device
     try:
         return latency.LatencyTable(backend=args.backend, device=device, batch=args.latency_batch,

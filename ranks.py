@@ -488,14 +488,7 @@ def _cost_model(site: _Site) -> _CostModel:
     in_shape = site.in_shape if site.in_shape is not None else None
 
     def cost(ranks):
-        if site.method == "tucker":
-            module = D.TuckerConv2d(probe, ranks)
-        elif site.method == "cp":
-            module = D.CPConv2d(probe, ranks[0])
-        elif site.kind == "conv":
-            module = D.SVDConv2d(probe, ranks[0])
-        else:
-            module = D.SVDLinear(probe, ranks[0])
+        module = D.empty_replacement(probe, _rank_entry(site.method, ranks))
         macs = D.macs_at(module, in_shape) if in_shape is not None else 0
         return D.count_params(module), macs
 
@@ -525,14 +518,9 @@ def _diagonal_cost(site: _Site, bandwidth: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------- latency
-def _structure(site: _Site, ranks: Sequence[int]) -> nn.Module:
-    """The replacement of a site at ``ranks`` (default-initialised weights: timing only)."""
-    layer = site.layer
-    if site.method == "tucker":
-        return D.TuckerConv2d(layer, ranks)
-    if site.method == "cp":
-        return D.CPConv2d(layer, ranks[0])
-    return D.SVDConv2d(layer, ranks[0]) if site.kind == "conv" else D.SVDLinear(layer, ranks[0])
+def _rank_entry(method: str, ranks: Sequence[int]) -> dict:
+    """A plan entry of a factorizing method at ``ranks`` ((R_out, R_in) for Tucker-2, (R,) else)."""
+    return {"method": method, "ranks": list(ranks)} if method == "tucker" else {"method": method, "rank": ranks[0]}
 
 
 def _timed_children(module: nn.Module, in_shape: Sequence[int], table) -> float:
@@ -588,8 +576,7 @@ class _SiteLatency:
         mesh = np.meshgrid(*self.grids, indexing="ij")
         times = np.zeros(mesh[0].shape)
         for index in np.ndindex(times.shape):
-            ranks = [int(m[index]) for m in mesh]
-            module = _structure(site, ranks)
+            module = D.empty_replacement(site.layer, _rank_entry(site.method, [int(m[index]) for m in mesh]))
             if self.multiple:
                 module = inference.pad_ranks(module, self.multiple)
             times[index] = _timed_children(module, in_shape, table)
@@ -625,12 +612,9 @@ def _other_layers_ms(model: nn.Module, input_size: Sequence[int], table, handled
 def _entry_latency(site: _Site, entry: dict, table) -> float:
     """Measured milliseconds of a fixed plan entry's replacement (a diagonal or fixed-rank FC layer)."""
     in_shape = tuple(site.in_shape[1:])
+    module = D.empty_replacement(site.layer, entry)
     if entry["method"] == "diagonal":
-        layer = site.layer
-        module = D.DiagonalLinear(layer.in_features, layer.out_features, bandwidth=int(entry["bandwidth"]),
-                                  bias=layer.bias is not None, device=layer.weight.device)
         return table.ms(module, in_shape)
-    module = _structure(site, entry["ranks"] if entry["method"] == "tucker" else [entry["rank"]])
     if site.kind == "conv" and table.rank_multiple:
         module = inference.pad_ranks(module, table.rank_multiple)
     return _timed_children(module, in_shape, table)
@@ -993,8 +977,7 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
             continue
         worst = max(worst, bound2)
         method, ranks_ = m.method_of(ranks_)
-        entry = {"method": method}
-        entry.update({"ranks": list(ranks_)} if method == "tucker" else {"rank": ranks_[0]})
+        entry = _rank_entry(method, ranks_)
         entry["why"] = f"budget {asked:g}x {_metric_name(metric)} ({rule}): error bound {math.sqrt(bound2):.3f}"
         plan[m.site.name] = entry
     logger.info("budget %gx %s (%s): largest layer error bound %.3f, planned %.4gx", target, _metric_name(metric),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 
@@ -35,6 +34,7 @@ import decompositions as D  # noqa: E402
 import finetune  # noqa: E402
 import latency  # noqa: E402
 import ranks  # noqa: E402
+import report  # noqa: E402
 
 FC_RANK_RATIO = 0.05
 MACS_GRID = (0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 1.75, 2.0)  # multiples of R tried for the MACs budget
@@ -111,8 +111,7 @@ def main() -> None:
         result["rows"].append(row)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        report.write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -39,6 +38,7 @@ import decompositions as D  # noqa: E402
 import latency  # noqa: E402
 import models  # noqa: E402
 import ranks  # noqa: E402
+import report as report_  # noqa: E402  (``report`` names a plan's measured result below)
 
 
 def _load(args) -> tuple[torch.nn.Module, str]:
@@ -101,8 +101,7 @@ def main() -> None:
     print(f"total {result['seconds']:.0f} s, {table.measured} layer shapes timed")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        report_.write_json(args.json, result)
 
 
 if __name__ == "__main__":
