@@ -376,7 +376,9 @@ class LayerInputs:
     def _advance(self, chain: str, children: list[tuple[str, nn.Module]], child: str) -> Iterable[torch.Tensor]:
         index = [n for n, _ in children].index(child)
         modules = [m for _, m in children]
-        old = self._frontiers.get(chain)
+        # Taken out while the generator runs: it moves on past its kept inputs (an in-place ReLU may
+        # overwrite them), so a generator left half-way leaves nothing stale behind.
+        old = self._frontiers.pop(chain, None)
         usable = old is not None and old.index <= index and all(a is b for a, b in zip(old.before, modules))
         start, source = (old.index, iter(old.inputs)) if usable else (0, self._inputs(chain))
         budget = self.max_bytes - sum(f.nbytes for k, f in self._frontiers.items() if k != chain)
@@ -394,8 +396,22 @@ class LayerInputs:
             yield inputs
         if kept is not None:
             self._frontiers[chain] = _Frontier(index, modules[:index], kept, size)
-        else:
-            self._frontiers.pop(chain, None)
+
+    def known_outputs(self, name: str, outputs: list[torch.Tensor]) -> None:
+        """``outputs``: what ``model.<name>`` gave, one per batch, on the inputs just taken for it.
+        Where those inputs are kept, the next layer starts from these instead of running the
+        layer again (:func:`layer_stats` computes a conv's whole response for its moments)."""
+        chain, child = _parent(name), name.rpartition(".")[2]
+        front = self._frontiers.get(chain)
+        children = _chain(self.model.get_submodule(chain)) if front is not None else None
+        if children is None or len(outputs) != len(front.inputs):
+            return
+        modules = [m for _, m in children]
+        index = [n for n, _ in children].index(child)
+        size = sum(o.nbytes for o in outputs)
+        budget = self.max_bytes - sum(f.nbytes for k, f in self._frontiers.items() if k != chain)
+        if front.index == index and size <= budget and all(a is b for a, b in zip(front.before, modules)):
+            self._frontiers[chain] = _Frontier(index + 1, modules[:index + 1], list(outputs), size)
 
 
 def data_free_reason(layer: nn.Module, in_shape: Sequence[int], images: int) -> str | None:
@@ -435,10 +451,8 @@ def exact_conv(inputs: torch.Tensor, weight: torch.Tensor,
 
 
 def _response(layer: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
-    """``W x`` at every output position, ``(B*L, T)`` in :func:`patches`' row order (no bias),
-    by :func:`exact_conv` (the layer's own padding mode)."""
-    out = exact_conv(inputs, layer.weight, lambda x, w: layer._conv_forward(x, w, None))  # (B, T, H', W')
-    return out.float().permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+    """``W x``, ``(B, T, H', W')`` (no bias), by :func:`exact_conv` (the layer's own padding mode)."""
+    return exact_conv(inputs, layer.weight, lambda x, w: layer._conv_forward(x, w, None))
 
 
 def _sampler(dim: int, batches: int) -> Callable[[int], torch.Tensor | None]:
@@ -574,13 +588,17 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
         current.eval()
         # The same network twice (the moments of the original alone, as a plan needs): one pass.
         pairs = ((x, x) for x in inputs[0](name)) if same else zip(inputs[0](name), inputs[1](name), strict=True)
+        outputs: list[torch.Tensor] = []  # the layer's outputs in the original, handed on to its LayerInputs
         for x_in, x_hat_in in pairs:
             rows = rows_of(positions(layer, x_in))
             if features is not None and rows is None:
                 # x itself is not needed, only y = W x at every position: the conv computes it
                 # without unfolding x ((N, S*kh*kw) values) first.
                 x = None
-                y = _response(layer, x_in)
+                out = _response(layer, x_in)  # (B, T, H', W')
+                y = out.float().permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+                if out.dtype == x_in.dtype:
+                    outputs.append(out if layer.bias is None else out + layer.bias.view(1, -1, 1, 1))
             else:
                 x = patches(layer, x_in, rows)
                 # The response y = W x (T values) instead of x: E[y x^^T] is T x D, a fraction of E[x x^^T].
@@ -591,6 +609,8 @@ def layer_stats(original: nn.Module, current: nn.Module, name: str, batches: Seq
             if out_space:  # the samples are the responses, W x^
                 x_hat = y if x_hat is x else x_hat.float() @ weight.T
             acc.add(y, x_hat)
+        # The next layer's inputs start from these outputs instead of running the conv again.
+        inputs[0].known_outputs(name, outputs)
     stats = acc.result("output" if out_space else "input")
     if not all(math.isfinite(float(v.abs().max())) for v in (stats.xx_hat, stats.cross_y)):
         raise ValueError(f"layer {name!r}: non-finite activations on the calibration set")

@@ -139,6 +139,42 @@ def test_layer_inputs_recompute_after_an_earlier_layer_changes():
     assert not torch.equal(before[0], want[0])
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
+def test_layer_stats_hands_the_original_outputs_on_to_the_next_layer(monkeypatch):
+    """The conv response layer_stats computes becomes the kept input of the next layer (the conv
+    does not run again in the original), and the data-aware decomposition is the same as when
+    every layer's input is computed by the network itself."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1),
+                             nn.ReLU(inplace=True), nn.Conv2d(8, 6, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(6, 3)).eval()
+
+    batches = [torch.randn(3, 3, 10, 10, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    plan = {"2": {"method": "tucker", "ranks": [3, 3]}, "4": {"method": "tucker", "ranks": [4, 3]}}
+    calls: list[str] = []
+    aware = net()
+    D.decompose_model(aware, plan, input_size=(3, 10, 10), calibration=batches)
+    monkeypatch.setattr(C.LayerInputs, "known_outputs", lambda *args: calls.append("skipped"))
+    reference = net()
+    D.decompose_model(reference, plan, input_size=(3, 10, 10), calibration=batches)
+    assert calls == ["skipped"] * 2  # once per layer: its responses (the second look)
+    for a, b in zip(aware.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    # On its own: after the responses of "2", the inputs of "4" come without running "2" again.
+    model, runs = net(), []
+    model[2].register_forward_hook(lambda *_: runs.append(1))
+    cache = C.LayerInputs(model, batches)
+    with torch.no_grad():
+        outputs = [model[2](x) for x in cache("2")]
+        cache.known_outputs("2", outputs[:2])  # one batch short: ignored
+        cache.known_outputs("2", outputs)
+        runs.clear()
+        got = list(cache("4"))
+    assert not runs and len(got) == len(batches)
+    assert all(torch.equal(a, C._capture(model, "4", x)) for a, x in zip(got, batches))
+
+
 def _data(layer: nn.Module, batches: list[torch.Tensor]) -> C.LayerData:
     net = nn.Sequential(layer)
     return C.LayerData(net, net, "0", batches)
