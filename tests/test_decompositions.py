@@ -461,7 +461,6 @@ def test_decompose_model_rescales_by_default_and_is_a_no_op_at_full_rank():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
                           nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 3))
-    x = torch.randn(2, 3, 6, 6)
     plain, fixed = copy.deepcopy(model), copy.deepcopy(model)
     plan = {"2": {"method": "tucker", "ranks": [3, 3]}, "4": {"method": "svd", "rank": 4}}
     rows_plain = D.decompose_model(plain, plan, input_size=(3, 6, 6), rescale=False)
