@@ -414,13 +414,15 @@ class LayerInputs:
             self._frontiers[chain] = _Frontier(index + 1, modules[:index + 1], list(outputs), size)
 
 
-def data_free_reason(layer: nn.Module, in_shape: Sequence[int], images: int) -> str | None:
+def data_free_reason(layer: nn.Module, in_shape: Sequence[int], images: int, *,
+                     dim: int | None = None) -> str | None:
     """Why ``layer`` (input shape ``in_shape`` of one image, batch first) cannot be fitted to
     ``images`` calibration images, or None: a conv whose patches exceed :data:`MAX_STAT_DIM`, or
     fewer than :data:`MIN_SAMPLES_PER_DIM` samples per dimension, counted as the moments would be
     (output positions x images against the patch dimension, the output dimension for a layer
-    fitted in its output space)."""
-    dim = layer.weight[0].numel()
+    fitted in its output space).  ``dim``: the moments' dimension where the fit does not take the
+    whole patch (Tucker-2's two looks: the core's ``R_in*kh*kw``, :func:`decompositions.tucker2_on_data`)."""
+    dim = dim or layer.weight[0].numel()
     if isinstance(layer, nn.Conv2d) and dim > MAX_STAT_DIM:
         return f"data-free: {dim}-dimensional patches exceed the calibration moments' limit ({MAX_STAT_DIM})"
     with torch.device("meta"):

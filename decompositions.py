@@ -1230,7 +1230,10 @@ def decompose_model(
             in_shape, macs = shapes[name]
             data, note = None, ""
             if fit_data and method != "diagonal":
-                data, note = _data_for(original, model, name, layer, batches, in_shape, inputs)
+                # Tucker-2's second look sees the core's inputs, R_in*kh*kw values per position.
+                dim = (min(int(entry["ranks"][1]), layer.in_channels) * math.prod(layer.kernel_size)
+                       if method == "tucker" else None)
+                data, note = _data_for(original, model, name, layer, batches, in_shape, inputs, dim)
             # Filter norms are restored on data-free factors only (a data-aware fit already matches
             # each channel's response), unless the caller said otherwise.
             rescale_layer = data is None if rescale is None else rescale
@@ -1287,9 +1290,9 @@ def _correct_mean(original: nn.Module, model: nn.Module, name: str, new: nn.Modu
 
 
 def _data_for(original: nn.Module, model: nn.Module, name: str, layer: nn.Module, batches: list[torch.Tensor],
-              in_shape, inputs) -> tuple["calibration_data.LayerData | None", str]:
+              in_shape, inputs, dim: int | None = None) -> tuple["calibration_data.LayerData | None", str]:
     """The calibration inputs of one layer, or None with the reason it stays data-free."""
-    reason = calibration_data.data_free_reason(layer, in_shape, sum(len(b) for b in batches))
+    reason = calibration_data.data_free_reason(layer, in_shape, sum(len(b) for b in batches), dim=dim)
     if reason:
         return None, reason
     return calibration_data.LayerData(original, model, name, batches, inputs), ""

@@ -323,6 +323,21 @@ def test_layer_with_too_few_samples_keeps_data_free_factors_and_the_mean_respons
             assert torch.equal(got, before)
 
 
+def test_tucker_two_looks_fit_layers_whose_patches_exceed_the_moment_limit(monkeypatch):
+    """The limit on moment sizes applies to the moments a fit takes: Tucker-2's two looks take the
+    channels' and the core's (R_in*kh*kw), not the whole patch's, so a conv whose patches are over
+    the limit is still fitted to data by Tucker-2; CP, which takes the patch moments, is not."""
+    monkeypatch.setattr(C, "MAX_STAT_DIM", 40)  # the patches here: 6*3*3 = 54 values
+    torch.manual_seed(0)
+    batches = _inputs(6, batches=4)
+    for method, entry, data_aware in (("tucker", {"ranks": [4, 3]}, True), ("cp", {"rank": 4}, False)):
+        model = nn.Sequential(nn.Conv2d(6, 9, 3, padding=1))
+        rows = D.decompose_model(model, {"0": {"method": method, **entry}}, input_size=(6, 10, 10),
+                                 calibration=batches)
+        assert ("patches exceed" in rows[0].reason) is not data_aware, rows[0].reason
+        assert rows[0].method == method
+
+
 def test_shrinkage_goes_to_data_free_with_few_samples():
     """Two samples in 40 dimensions say little: the shrinkage is strong (at least half-way to the
     identity) and the fit stays nearer the data-free SVD than a fit to many samples; many samples
