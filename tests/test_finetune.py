@@ -455,8 +455,14 @@ def test_loss_guard_ignores_noise_and_catches_a_sustained_rise():
     assert guard.update(0.9) is None and guard.update(0.05) is None  # one bad batch is noise
     reasons = [guard.update(2.0) for _ in range(30)]
     assert reasons[0] is None and any(reasons)
-    assert "over 4x where the run started (0.25)" in next(r for r in reasons if r)
+    assert f"over 4x where the run started ({finetune.GUARD_MIN_REFERENCE:g})" in next(r for r in reasons if r)
     assert finetune.LossGuard(None).update(1e30) is None  # off
+    # The default: a two-class run that starts at chance (0.7) and climbs to 2.3 (as a rate too
+    # high did on the recipe benchmark, ending its epoch at chance) is caught; noise of 30% is not.
+    guard = finetune.LossGuard(finetune.DIVERGENCE_FACTOR)
+    assert all(guard.update(0.7) is None for _ in range(finetune.GUARD_REFERENCE_BATCHES))
+    assert all(guard.update(0.7 * (1.3 if i % 2 else 0.7)) is None for i in range(50))
+    assert any(guard.update(2.3) for _ in range(20))
     with pytest.raises(UserError, match="divergence must be"):
         Recipe(epochs=1, lr=0.1, divergence=1.0).check()
 
@@ -637,6 +643,28 @@ def test_rate_probe_keeps_a_rate_that_trains():
     run, _ = finetune._start_run(model, loader, Recipe(epochs=1, lr=0.05, rate_probe=(1.0, 0.3, 0.1)), CPU, None)
     assert finetune._probe_rates(run, loader, device=CPU, group=None, log=None) == 1.0
     assert run.scheduler.base_lrs == [pytest.approx(0.05)]
+
+
+def test_rate_probe_judges_on_batches_it_did_not_train_on(monkeypatch):
+    """Each candidate trains on the loader's first PROBE_STEPS batches and is judged on the next
+    PROBE_STEPS (a memorised batch would favour the highest rate)."""
+    loader = DataLoader(blobs(8 * 3 * finetune.PROBE_STEPS), batch_size=8)
+    seed_everything(0)
+    run, _ = finetune._start_run(mlp(), loader, Recipe(epochs=1, lr=0.05, rate_probe=(1.0, 0.3)), CPU, None)
+    trained, judged = [], []
+    real_train, real_loss = finetune.train_one_epoch, finetune._probe_loss
+    monkeypatch.setattr(finetune, "train_one_epoch", lambda model, batches, **kw: (
+        trained.append([b[0] for b in batches]), real_train(model, batches, **kw))[1])
+    monkeypatch.setattr(finetune, "_probe_loss", lambda run_, batches, **kw: (
+        judged.append([b[0] for b in batches]), real_loss(run_, batches, **kw))[1])
+    finetune._probe_rates(run, loader, device=CPU, group=None, log=None)
+    first = [x for x, _ in loader]
+    assert trained and len(judged) == len(trained) + 1  # the start's loss, then one per candidate
+    for batches in trained:
+        assert [torch.equal(a, b) for a, b in zip(batches, first)] == [True] * finetune.PROBE_STEPS
+    for batches in judged:
+        assert len(batches) == finetune.PROBE_STEPS
+        assert all(torch.equal(a, b) for a, b in zip(batches, first[finetune.PROBE_STEPS:]))
 
 
 @pytest.mark.parametrize("probe", [(0.3, 1.0), (1.0, 1.0), (1.5,), (0.0,)])
