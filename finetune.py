@@ -73,8 +73,8 @@ NONFINITE_LR_FACTOR = 0.1
 MAX_NONFINITE_RESTARTS = 2
 #: :class:`LossGuard`: the loss has diverged once its running mean exceeds this many times
 #: where the run started (a run that fails this way still has finite weights to go back to).
-#: Healthy runs of the recipe benchmark never had a running mean above their start (at most
-#: 1.00x, nine runs); a run whose rate was too high rose to 3.2x within 20 batches and ended its
+#: Healthy runs of the recipe benchmark stayed near their start (running means at most 0.77-1.25x
+#: of it, nine runs); a run whose rate was too high rose to 3.2x within 20 batches and ended its
 #: epoch at chance (2000-image folder, benchmarks/RESULTS.md), under the 4x this was before.
 DIVERGENCE_FACTOR = 2.0
 #: The run's start: the mean loss of its first this many batches ...
