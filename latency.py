@@ -263,8 +263,7 @@ class LatencyTable:
 
     def model_ms(self, model: nn.Module, input_size: Sequence[int]) -> float:
         """Median milliseconds of ``model`` on one batch, prepared as ``--eval`` prepares it (not cached)."""
-        return self._time(model, self._model_example(model, input_size), rank_multiple=self.rank_multiple,
-                          warmup=MODEL_WARMUP, repeats=max(self.repeats, MODEL_REPEATS))
+        return self.compare_ms(self.model_runner(model, input_size))[0]
 
     def model_runner(self, model: nn.Module, input_size: Sequence[int]):
         """A zero-argument call running ``model`` on one batch as ``--eval`` runs it, for :meth:`compare_ms`."""
@@ -272,11 +271,12 @@ class LatencyTable:
         predictor = self._predictor(model, example, rank_multiple=self.rank_multiple)
         return lambda: predictor(example)
 
-    def compare_ms(self, first, second) -> tuple[float, float]:
-        """Median milliseconds of two :meth:`model_runner` calls timed in interleaved rounds, so that
-        a drift of a shared machine hits both alike (a planned model against its original)."""
-        times = self._run_times({0: first, 1: second}, warmup=MODEL_WARMUP, repeats=max(self.repeats, MODEL_REPEATS))
-        return statistics.median(times[0]), statistics.median(times[1])
+    def compare_ms(self, *runs) -> tuple[float, ...]:
+        """Median milliseconds of :meth:`model_runner` calls timed in interleaved rounds, so that a
+        drift of a shared machine hits them alike (a planned model against its original); one
+        call is timed alone."""
+        times = self._run_times(dict(enumerate(runs)), warmup=MODEL_WARMUP, repeats=max(self.repeats, MODEL_REPEATS))
+        return tuple(statistics.median(times[i]) for i in range(len(runs)))
 
     def describe(self) -> str:
         return f"{self.backend} on {self.device}, batch {self.batch}"

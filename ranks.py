@@ -1036,7 +1036,7 @@ def _latency_rounds(model: nn.Module, sites: list[_Site], policy: Policy, input_
 
     target = policy.budget[1]
     original_run = table.model_runner(model, input_size)
-    original = table.compare_ms(original_run, original_run)[0]  # the allocation's reference
+    original, = table.compare_ms(original_run)  # the allocation's reference
     asked, tried, history, at_limit = target, [], [], False
     for _ in range(LATENCY_ROUNDS):
         trial = dict(plan)

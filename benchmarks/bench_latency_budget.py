@@ -69,7 +69,7 @@ def main() -> None:
     spectra: dict = {}
     start = time.perf_counter()
     original_run = table.model_runner(model, input_size)
-    original = table.compare_ms(original_run, original_run)[0]
+    original, = table.compare_ms(original_run)
     result = {"model": name, "size": args.size, "batch": args.batch, "machine": table.key,
               "original_ms": original, "rows": []}
     print(f"{name}, {args.size} px, batch {args.batch}: original {original:.1f} ms", flush=True)

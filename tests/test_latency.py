@@ -65,8 +65,8 @@ class MacsTable(latency.LatencyTable):
         ms = self._fake_ms(model, input_size, self.rank_multiple) + self.conv_overhead * convs
         return lambda: ms
 
-    def compare_ms(self, first, second):
-        return first(), second()
+    def compare_ms(self, *runs):
+        return tuple(run() for run in runs)
 
 
 def test_rank_grid():
@@ -194,8 +194,11 @@ def test_onnxruntime_timing_and_its_cache(tmp_path):
     assert timing.keep > 0 and table.measured > 1
     options = timing(([16, 32, 64], [16, 32, 64]))
     assert options.shape == (3,) and all(math.isfinite(v) and v > 0 for v in options)
-    before, after = table.compare_ms(table.model_runner(net, SIZE), table.model_runner(copy.deepcopy(net), SIZE))
+    run = table.model_runner(net, SIZE)
+    before, after = table.compare_ms(run, table.model_runner(copy.deepcopy(net), SIZE))
     assert before > 0 and after > 0
+    alone = table.compare_ms(run)  # one call: timed by itself
+    assert len(alone) == 1 and alone[0] > 0
     table.save()
     cached = json.loads(path.read_text())["tables"][table.key]
     assert len(cached) == table.measured and all(v > 0 for v in cached.values())
