@@ -329,6 +329,10 @@ class _Frontier:
     inputs: list[torch.Tensor]    # one per calibration batch
     nbytes: int
 
+    def computed_by(self, children: list[nn.Module]) -> bool:
+        """Whether the chain's children before these inputs are still the modules that computed them."""
+        return all(a is b for a, b in zip(self.before, children))
+
 
 class LayerInputs:
     """The inputs of a network's layers on the calibration batches, cheaply for layers asked for
@@ -381,9 +385,9 @@ class LayerInputs:
         # Taken out while the generator runs: it moves on past its kept inputs (an in-place ReLU may
         # overwrite them), so a generator left half-way leaves nothing stale behind.
         old = self._frontiers.pop(chain, None)
-        usable = old is not None and old.index <= index and all(a is b for a, b in zip(old.before, modules))
+        usable = old is not None and old.index <= index and old.computed_by(modules)
         start, source = (old.index, iter(old.inputs)) if usable else (0, self._inputs(chain))
-        budget = self.max_bytes - sum(f.nbytes for k, f in self._frontiers.items() if k != chain)
+        budget = self._room(chain)
         kept: list[torch.Tensor] | None = []
         size = 0
         for inputs in source:
@@ -399,6 +403,10 @@ class LayerInputs:
         if kept is not None:
             self._frontiers[chain] = _Frontier(index, modules[:index], kept, size)
 
+    def _room(self, chain: str) -> int:
+        """Bytes a chain's kept inputs may take beside the other chains'."""
+        return self.max_bytes - sum(f.nbytes for k, f in self._frontiers.items() if k != chain)
+
     def known_outputs(self, name: str, outputs: list[torch.Tensor]) -> None:
         """``outputs``: what ``model.<name>`` gave, one per batch, on the inputs just taken for it.
         Where those inputs are kept, the next layer starts from these instead of running the
@@ -411,8 +419,7 @@ class LayerInputs:
         modules = [m for _, m in children]
         index = [n for n, _ in children].index(child)
         size = sum(o.nbytes for o in outputs)
-        budget = self.max_bytes - sum(f.nbytes for k, f in self._frontiers.items() if k != chain)
-        if front.index == index and size <= budget and all(a is b for a, b in zip(front.before, modules)):
+        if front.index == index and size <= self._room(chain) and front.computed_by(modules):
             self._frontiers[chain] = _Frontier(index + 1, modules[:index + 1], list(outputs), size)
 
 
