@@ -36,7 +36,7 @@ import inference
 import report
 
 __all__ = ["LatencyTable", "TimingError", "cache_problem", "rank_grid", "resolve_backend", "default_cache_path",
-           "signature", "GRID_START"]
+           "signature", "GRID_START", "QUANTIZE"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ GRID_START = 16
 LAYER_WARMUP, LAYER_REPEATS = 2, 5
 #: Untimed and timed calls of a whole model (the budget's reference and its check).
 MODEL_WARMUP, MODEL_REPEATS = 2, 7
+#: How a table times what it measures: as exported (float32), or quantized to int8 the way
+#: ``--quantize int8`` does it (onnxruntime QDQ, :func:`inference.quantize_int8`).
+QUANTIZE = ("none", "int8")
 CACHE_VERSION = 1
 
 
@@ -118,7 +121,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _machine_key(backend: str, device: torch.device, batch: int, rank_multiple: int | None) -> str:
+def _machine_key(backend: str, device: torch.device, batch: int, rank_multiple: int | None, quantize: str) -> str:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
@@ -126,7 +129,8 @@ def _machine_key(backend: str, device: torch.device, batch: int, rank_multiple: 
     versions = f"torch {torch.__version__}"
     if backend == "onnx":
         versions += f", onnxruntime {inference._import_onnxruntime().__version__}"
-    return f"{where} | {versions} | {backend} on {device.type} | batch {batch} | blocks {rank_multiple}"
+    key = f"{where} | {versions} | {backend} on {device.type} | batch {batch} | blocks {rank_multiple}"
+    return key if quantize == "none" else f"{key} | {quantize}"  # float32 keys as before: old caches stay valid
 
 
 def signature(module: nn.Module, in_shape: Sequence[int]) -> str:
@@ -159,6 +163,12 @@ class LatencyTable:
         The JSON cache (default :func:`default_cache_path`); ``False`` for none.
     warmup, repeats : int
         Untimed and timed calls of each layer.
+    quantize : {"none", "int8"}
+        ``"int8"``: every layer and planned model is timed as ``--quantize int8`` runs it
+        (onnxruntime's static QDQ quantization of the exported model; the onnx backend on the
+        CPU only), so that a latency budget plans for the int8 model.  Its reference stays
+        the float32 original (``model_runner(..., float32=True)``): the request is "R times
+        faster than the model the user has today".
 
     Attributes
     ----------
@@ -173,16 +183,22 @@ class LatencyTable:
 
     def __init__(self, *, backend: str = "auto", device: torch.device | str | None = None, batch: int = 8,
                  cache_path: str | os.PathLike | bool | None = None, warmup: int = LAYER_WARMUP,
-                 repeats: int = LAYER_REPEATS) -> None:
+                 repeats: int = LAYER_REPEATS, quantize: str = "none") -> None:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch!r}")
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         inference._check_counts(warmup, repeats)
         self.device = torch.device(device if device is not None else "cpu")
         self.backend = resolve_backend(backend, self.device)
+        if quantize == "int8" and (self.backend != "onnx" or self.device.type != "cpu"):
+            raise ValueError(f"int8 timing runs onnxruntime's quantized model on the CPU: it needs the onnx backend "
+                             f"on cpu, not {self.backend} on {self.device.type}")
+        self.quantize = quantize
         # What --eval and --export run: onnxruntime pads Tucker-2 / CP ranks to channel blocks.
         self.rank_multiple = inference.ONNX_RANK_MULTIPLE if self.backend == "onnx" else None
         self.batch, self.warmup, self.repeats = int(batch), int(warmup), int(repeats)
-        self.key = _machine_key(self.backend, self.device, self.batch, self.rank_multiple)
+        self.key = _machine_key(self.backend, self.device, self.batch, self.rank_multiple, quantize)
         self.cache_path = None if cache_path is False else Path(cache_path or default_cache_path())
         self.measured = 0
         self.report: dict = {}
@@ -223,8 +239,12 @@ class LatencyTable:
             warnings.warn(f"latency cache {self.cache_path} not written ({exc})", stacklevel=2)
 
     # ------------------------------------------------------------ measuring
-    def _predictor(self, module: nn.Module, example: torch.Tensor, *, rank_multiple: int | None):
+    def _predictor(self, module: nn.Module, example: torch.Tensor, *, rank_multiple: int | None, float32: bool = False):
         try:
+            if self.quantize == "int8" and not float32:
+                # The example batch calibrates the activation ranges: they set the scales, not the time.
+                _, int8 = inference.onnx_float_and_int8(module, example, [example], rank_multiple=rank_multiple)
+                return inference.onnx_runner(int8)
             return inference.prepare(module, example, backend=self.backend, check=False, rank_multiple=rank_multiple)
         except Exception as exc:  # noqa: BLE001 - export/session/backend failures: one line for the caller
             raise TimingError(f"preparing {type(module).__name__} for {self.describe()} failed: "
@@ -265,10 +285,11 @@ class LatencyTable:
         """Median milliseconds of ``model`` on one batch, prepared as ``--eval`` prepares it (not cached)."""
         return self.compare_ms(self.model_runner(model, input_size))[0]
 
-    def model_runner(self, model: nn.Module, input_size: Sequence[int]):
-        """A zero-argument call running ``model`` on one batch as ``--eval`` runs it, for :meth:`compare_ms`."""
+    def model_runner(self, model: nn.Module, input_size: Sequence[int], *, float32: bool = False):
+        """A zero-argument call running ``model`` on one batch as ``--eval`` runs it, for :meth:`compare_ms`
+        (in int8 when the table quantizes, unless ``float32``: a latency budget's reference)."""
         example = self._model_example(model, input_size)
-        predictor = self._predictor(model, example, rank_multiple=self.rank_multiple)
+        predictor = self._predictor(model, example, rank_multiple=self.rank_multiple, float32=float32)
         return lambda: predictor(example)
 
     def compare_ms(self, *runs) -> tuple[float, ...]:
@@ -279,4 +300,5 @@ class LatencyTable:
         return tuple(statistics.median(times[i]) for i in range(len(runs)))
 
     def describe(self) -> str:
-        return f"{self.backend} on {self.device}, batch {self.batch}"
+        int8 = " int8" if self.quantize == "int8" else ""
+        return f"{self.backend}{int8} on {self.device}, batch {self.batch}"

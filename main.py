@@ -255,7 +255,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ev.add_argument("--quantize", default="none", choices=("none", "int8"),
                     help="int8: static post-training quantization with onnxruntime (QDQ, per-channel int8 weights) "
                          f"calibrated on {INT8_CALIBRATION_IMAGES} images of --train_path: --export onnx writes the "
-                         "int8 model, --eval reports its accuracy, size and latency beside float32's")
+                         "int8 model, --eval reports its accuracy, size and latency beside float32's; with "
+                         "--decompose --target_latency R the layers are timed in int8 and the decomposed model "
+                         "planned to run R times faster in int8 than the float32 original")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -274,9 +276,14 @@ def _check_args(args: argparse.Namespace) -> None:
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder):
             raise UserError(f"folder {folder} for the exported file does not exist")
-    if args.quantize != "none":
-        if not (args.export or args.eval):
-            raise UserError(f"--quantize {args.quantize} applies to --export onnx and --eval: give one of them")
+    plans_int8 = args.decompose and args.target_latency is not None
+    if args.quantize != "none" and not (args.export or args.eval or plans_int8):
+        raise UserError(f"--quantize {args.quantize} applies to --export onnx, --eval and --decompose "
+                        f"--target_latency: give one of them")
+    if args.quantize != "none" and plans_int8 and args.backend not in ("auto", "onnx"):
+        raise UserError(f"--target_latency with --quantize {args.quantize} times onnxruntime's quantized model on "
+                        f"the CPU: use --backend onnx (or auto), not {args.backend}")
+    if args.quantize != "none" and (args.export or args.eval):
         if not args.train_path:
             raise UserError(f"--quantize {args.quantize} calibrates on training images: give --train_path")
         import dataset
@@ -729,7 +736,8 @@ def step_decompose(args, device) -> dict:
     if latency_report is not None:  # measured while planning (_plan printed it)
         summary["target"] = {"metric": "latency", "requested": latency_report["target"],
                              "reached": latency_report["reached"],
-                             **{k: latency_report[k] for k in ("original_ms", "planned_ms", "backend", "batch")}}
+                             **{k: latency_report[k]
+                                for k in ("original_ms", "planned_ms", "backend", "batch", "quantize")}}
     elif budget:
         what, requested = budget
         summary["target"] = {"metric": what, "requested": requested, "reached": summary[f"{what}_ratio"]}
@@ -852,8 +860,10 @@ def _plan(args: argparse.Namespace, model: torch.nn.Module, method: str, input_s
     if table is not None:
         r = table.report
         missed = "" if r["within_tolerance"] else f"; the nearest found, not within {ranks.LATENCY_TOLERANCE:.0%}"
-        print(f"latency budget: {r['target']:g}x faster requested, {r['reached']:.2f}x measured for the planned "
-              f"model ({r['original_ms']:.1f} -> {r['planned_ms']:.1f} ms per batch of {r['batch']}, "
+        planned = "planned model" if r["quantize"] == "none" else f"planned model in {r['quantize']} against the " \
+                                                                  f"float32 original"
+        print(f"latency budget: {r['target']:g}x faster requested, {r['reached']:.2f}x measured for the {planned} "
+              f"({r['original_ms']:.1f} -> {r['planned_ms']:.1f} ms per batch of {r['batch']}, "
               f"{table.describe()}; {r['layers_timed']} layer shapes newly timed, {r['plans_tried']} plan(s) "
               f"tried{missed})")
     return plan, (dict(table.report) if table is not None else None)
@@ -864,10 +874,11 @@ def _latency_table(args: argparse.Namespace, model: torch.nn.Module, input_size)
     import latency
 
     check_activation_memory(args.latency_batch, input_size[-1], "--latency_batch")  # >= 1: checked at start
-    device = next(model.parameters()).device
+    # int8 runs where --export onnx --quantize int8 deploys it: onnxruntime on the CPU.
+    device = torch.device("cpu") if args.quantize != "none" else next(model.parameters()).device
     try:
         return latency.LatencyTable(backend=args.backend, device=device, batch=args.latency_batch,
-                                    cache_path=args.latency_cache)
+                                    cache_path=args.latency_cache, quantize=args.quantize)
     except (ValueError, ImportError) as exc:
         raise UserError(f"--target_latency cannot time layers with --backend {args.backend}: {exc}") from None
 

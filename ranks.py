@@ -829,7 +829,7 @@ def site_cost(site: _Site, metric: str) -> float:
 
 def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_size: Sequence[int],
                  cache: dict, plan: dict, *, table=None, target: float | None = None,
-                 total: float | None = None) -> None:
+                 total: float | None = None, reference: float | None = None) -> None:
     """Fill ``plan`` for a budget: ranks for every movable layer, the total within the budget.
 
     The error of a rank choice is bounded from the singular values that VBMF already
@@ -856,7 +856,10 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
     metric, asked = policy.budget
     target = asked if target is None else target  # a latency budget's corrected request (_latency_plan)
     if metric == "latency":
-        total = float(total)  # the original model's measured time
+        # total: the original model's measured time as the table times layers (int8 when it
+        # quantizes); reference: the time the request is relative to (the float32 original).
+        total = float(total)
+        reference = total if reference is None else float(reference)
     else:
         total = float(report.count_macs(model, input_size) if metric == "macs" else report.count_params(model))
     movable: list[_BudgetSite] = []
@@ -892,8 +895,11 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
             # alone (kept ones too), and the measured check of _latency_plan corrects the rest.
             fixed = entries_ms + _other_layers_ms(model, input_size, table, {m.site.name for m in movable} | {
                 s.name for s in sites if s.name in plan and plan[s.name]["method"] != "none"})
-            total = fixed - entries_ms + entries_keep_ms + sum(m.keep for m in movable)
-    allowed = total / target
+            modelled = fixed - entries_ms + entries_keep_ms + sum(m.keep for m in movable)
+            reference, total = reference * modelled / total, modelled
+    else:
+        reference = total
+    allowed = reference / target
     rule = policy.budget_rule
     # One parameter x in [0, 1] for both rules; the total cost only falls as x grows.
     # minimax: the squared error level; sum: the Lagrange multiplier, on a log scale, of
@@ -908,7 +914,7 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
     # The most the layers can give, whatever the rule: each at its cheapest option.
     least = fixed + sum(min(m.keep, float(m.values.min()) if len(m.values) else m.keep) for m in movable)
     if least > allowed * (1 + COST_RTOL):
-        best = math.floor(total / least * 1000) / 1000  # rounded down: asking for it succeeds
+        best = math.floor(reference / least * 1000) / 1000  # rounded down: asking for it succeeds
         error = BudgetError(f"a {target:g}x reduction in {_metric_name(metric)} is out of reach: the most these "
                             f"layers can give is {best:g}x (each decomposed layer at its cheapest rank; the first "
                             f"conv, the classifier and other kept or fixed layers count as they are)")
@@ -919,7 +925,7 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
         fixed_names = [s.name for s in sites if s.name in plan and plan[s.name]["method"] != "none"]
         gain = "faster" if metric == "latency" else f"smaller in {_metric_name(metric)}"
         raise BudgetError(f"the layers with fixed ranks ({short_list(fixed_names)}) already make the model "
-                          f"{total / untouched:.3g}x {gain}, more than the {target:g}x "
+                          f"{reference / untouched:.3g}x {gain}, more than the {target:g}x "
                           f"asked for: ask for more, or let the budget choose their ranks")
     low, high = 0.0, 1.0
     if spend(low) <= allowed:
@@ -981,15 +987,15 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
         entry["why"] = f"budget {asked:g}x {_metric_name(metric)} ({rule}): error bound {math.sqrt(bound2):.3f}"
         plan[m.site.name] = entry
     logger.info("budget %gx %s (%s): largest layer error bound %.3f, planned %.4gx", target, _metric_name(metric),
-                rule, math.sqrt(worst), total / spent)
+                rule, math.sqrt(worst), reference / spent)
     # A latency plan is checked by timing it (_latency_plan); its modelled times move in steps
     # of whole channel blocks, so only falling short of the request is an error here.
     upper = math.inf if metric == "latency" else target * (1 + BUDGET_TOLERANCE)
-    if not target <= total / spent * (1 + COST_RTOL) <= upper:
+    if not target <= reference / spent * (1 + COST_RTOL) <= upper:
         # Not expected (the fill spends the budget down to one rank of one layer); say so
         # rather than hand back a plan that misses the request.
         raise BudgetError(f"could not plan {_reduction(target, metric)} within "
-                          f"{BUDGET_TOLERANCE:.0%}: the nearest plan found gives {total / spent:.3g}x")
+                          f"{BUDGET_TOLERANCE:.0%}: the nearest plan found gives {reference / spent:.3g}x")
 
 
 #: A latency budget is met when the planned model measures within this share of the request.
@@ -1015,6 +1021,8 @@ def _latency_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_si
     misses the request by more than :data:`LATENCY_TOLERANCE` the request is corrected by
     the ratio missed and planned again, up to :data:`LATENCY_ROUNDS` plans; the plan that
     measured closest to the request is kept, and ``table.report`` says what it reached.
+    A table that times in int8 (``table.quantize``) plans the int8 model: layers and plans
+    are timed quantized, the request stays relative to the float32 original.
     """
     devices = [table.device] if table.device.type == "cuda" else []
     # Timing draws random inputs and default-initialised layers only where the cache misses:
@@ -1035,13 +1043,25 @@ def _latency_rounds(model: nn.Module, sites: list[_Site], policy: Policy, input_
     import copy
 
     target = policy.budget[1]
-    original_run = table.model_runner(model, input_size)
-    original, = table.compare_ms(original_run)  # the allocation's reference
+    # The request is relative to the float32 original; a table that times int8 also times the
+    # int8 original: the total of its own time model, whose layers it measures in int8.
+    original_run = table.model_runner(model, input_size, float32=True)
+    quantized = table.quantize != "none"
+    if quantized:
+        original, total = table.compare_ms(original_run, table.model_runner(model, input_size))
+    else:
+        original, = table.compare_ms(original_run)
+        total = original
+    if quantized and original / total >= target * (1 - LATENCY_TOLERANCE):
+        raise BudgetError(f"{table.quantize} alone makes the original {original / total:.3g}x faster ("
+                          f"{table.describe()}), which meets the {target:g}x asked for: nothing to decompose; ask for "
+                          f"more")
     asked, tried, history, at_limit = target, [], [], False
     for _ in range(LATENCY_ROUNDS):
         trial = dict(plan)
         try:
-            _budget_plan(model, sites, policy, input_size, cache, trial, table=table, target=asked, total=original)
+            _budget_plan(model, sites, policy, input_size, cache, trial, table=table, target=asked, total=total,
+                         reference=original)
         except BudgetError as exc:
             if not tried:
                 raise
@@ -1070,7 +1090,7 @@ def _latency_rounds(model: nn.Module, sites: list[_Site], policy: Policy, input_
     table.report = {"target": target, "reached": reached, "within_tolerance": abs(reached / target - 1)
                     <= LATENCY_TOLERANCE, "original_ms": before, "planned_ms": after,
                     "plans_tried": len(tried), "backend": table.backend, "batch": table.batch,
-                    "layers_timed": table.measured}
+                    "quantize": table.quantize, "layers_timed": table.measured}
 
 
 def _reduction(target: float, metric: str) -> str:

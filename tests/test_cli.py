@@ -21,6 +21,7 @@ import torch
 
 import main
 import models
+import report
 from conftest import REPO_ROOT, make_image_folder
 
 ALEXNET_SIZE = models.MIN_IMAGE_SIZE["alexnet"]
@@ -656,6 +657,36 @@ def test_target_latency_plans_on_measured_time(capsys, tmp_path, small_model):
     assert "onnx on cpu" in key and "batch 8" in key and len(times) > 10
 
 
+def test_target_latency_in_int8_plans_against_the_float32_original(capsys, tmp_path, small_model, monkeypatch):
+    # The wiring, not this machine's speed: every time is faked as MACs, a third of them in int8.
+    import latency
+
+    def fake_ms(module, in_shape, int8: bool) -> float:
+        return report.count_macs(module, tuple(in_shape)) * 1e-6 / (3.0 if int8 else 1.0)
+
+    monkeypatch.setattr(latency.LatencyTable, "_time", lambda self, module, example, **_: fake_ms(
+        module, example.shape[1:], self.quantize == "int8"))
+    monkeypatch.setattr(latency.LatencyTable, "model_runner", lambda self, model, size, *, float32=False: (
+        lambda: fake_ms(model, size, self.quantize == "int8" and not float32)))
+    monkeypatch.setattr(latency.LatencyTable, "compare_ms", lambda self, *runs: tuple(run() for run in runs))
+    out, cache = tmp_path / "decomposed", tmp_path / "latency.json"
+    code, stdout, err = run_cli(capsys, "--decompose", "--model", small_model, "--decomposed_model", out,
+                                "--target_latency", "4.5", "--quantize", "int8", "--latency_cache", cache, *FAST)
+    assert code == 0, err
+    line = next(x for x in stdout.splitlines() if x.startswith("latency budget:"))
+    assert "4.5x faster requested" in line and "planned model in int8 against the float32 original" in line, line
+    assert "onnx int8 on cpu" in line
+    _, info = models.load_model(str(out))
+    assert info["meta"]["target_latency"] == 4.5 and info["plan"]
+    (key, times), = json.loads(cache.read_text())["tables"].items()
+    assert key.endswith("| int8") and times
+    # int8 alone (3x) is no budget for 3x.
+    code, _, err = run_cli(capsys, "--decompose", "--model", small_model, "--decomposed_model", tmp_path / "d3",
+                           "--target_latency", "3", "--quantize", "int8", *FAST)
+    assert_one_line_error(code, err, "int8 alone makes the original 3x faster")
+    assert not (tmp_path / "d3").exists()
+
+
 def test_export_and_eval_in_int8(capsys, tmp_path, data, small_model):
     train, test = data
     out = tmp_path / "model_int8.onnx"
@@ -680,7 +711,12 @@ def test_export_and_eval_in_int8(capsys, tmp_path, data, small_model):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--eval", "--quantize", "int8"], "--quantize int8 calibrates on training images: give --train_path"),
-    (["--train", "--quantize", "int8", "--train_path", "x"], "--quantize int8 applies to --export onnx and --eval"),
+    (["--train", "--quantize", "int8", "--train_path", "x"],
+     "--quantize int8 applies to --export onnx, --eval and --decompose --target_latency"),
+    (["--decompose", "--quantize", "int8", "--target_macs", "2"],
+     "--quantize int8 applies to --export onnx, --eval and --decompose --target_latency"),
+    (["--decompose", "--quantize", "int8", "--target_latency", "4", "--backend", "eager"],
+     "--target_latency with --quantize int8 times onnxruntime's quantized model on the CPU: use --backend onnx"),
 ])
 def test_quantize_without_what_it_needs_is_one_line(capsys, tmp_path, argv, needle):
     code, _, err = run_cli(capsys, *argv, "--model", tmp_path / "m")

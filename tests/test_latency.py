@@ -46,23 +46,27 @@ class MacsTable(latency.LatencyTable):
     ``power`` bends the time so that layers timed alone miss the whole model, and a whole model
     pays ``conv_overhead`` per conv besides (a cost its layers timed alone do not show)."""
 
-    def __init__(self, *, overhead: float = 0.0, power: float = 1.0, conv_overhead: float = 0.0, **kwargs) -> None:
+    def __init__(self, *, overhead: float = 0.0, power: float = 1.0, conv_overhead: float = 0.0,
+                 int8_speedup: float = 1.0, **kwargs) -> None:
         self.overhead, self.power, self.conv_overhead = overhead, power, conv_overhead
+        self.int8_speedup = int8_speedup  # what a quantizing table's int8 timings divide by
         super().__init__(**kwargs)
 
-    def _fake_ms(self, module, in_shape, rank_multiple) -> float:
+    def _fake_ms(self, module, in_shape, rank_multiple, *, float32: bool = False) -> float:
         module = copy.deepcopy(module)
         if rank_multiple:
             module = inference.pad_ranks(module, rank_multiple)
         ms = report.count_macs(module, tuple(in_shape)) * self.batch * MS_PER_MAC
+        if self.quantize == "int8" and not float32:
+            ms /= self.int8_speedup
         return ms ** self.power + self.overhead
 
     def _time(self, module, example, *, rank_multiple, warmup, repeats):
         return self._fake_ms(module, example.shape[1:], rank_multiple)
 
-    def model_runner(self, model, input_size):
+    def model_runner(self, model, input_size, *, float32=False):
         convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-        ms = self._fake_ms(model, input_size, self.rank_multiple) + self.conv_overhead * convs
+        ms = self._fake_ms(model, input_size, self.rank_multiple, float32=float32) + self.conv_overhead * convs
         return lambda: ms
 
     def compare_ms(self, *runs):
@@ -136,6 +140,55 @@ def test_latency_budget_on_a_macs_machine_is_the_macs_budget(conv):
     assert table.report["within_tolerance"] and table.report["plans_tried"] == 1
     assert table.report["reached"] == pytest.approx(ranks.plan_cost(net, by_macs, SIZE)["macs_ratio"])
     assert not D.model_plan(net)  # planning leaves the model as it was
+
+
+@pytest.mark.skipif("onnx" not in inference.available_backends(), reason="onnxruntime not installed")
+def test_an_int8_table_plans_the_int8_model_against_the_float32_original():
+    # int8 runs every layer 3x faster here: 4.5x faster than the float32 original is 1.5x in
+    # the int8 time model, i.e. exactly the MACs budget at 1.5x.
+    net = _net()
+    skip = {"0": "first conv kept"}
+    table = MacsTable(backend="onnx", batch=2, cache_path=False, quantize="int8", int8_speedup=3.0)
+    table.rank_multiple = None  # time = MACs exactly (no blocks), as on the "MACs machine" above
+    by_time = ranks.plan_decomposition(net, ranks.Policy(target_latency=4.5, skip=skip), SIZE, latency_table=table)
+    by_macs = ranks.plan_decomposition(net, ranks.Policy(target_macs=1.5, skip=skip), SIZE)
+    assert _strip(by_time) == _strip(by_macs)
+    result = table.report
+    assert result["quantize"] == "int8" and result["within_tolerance"]
+    # reached: the float32 original against the int8 plan.
+    assert result["reached"] == pytest.approx(3.0 * ranks.plan_cost(net, by_macs, SIZE)["macs_ratio"])
+    assert "int8" in table.key and "int8" in table.describe()
+    # What int8 alone gives is no budget to plan for.
+    with pytest.raises(ranks.BudgetError, match="int8 alone makes the original 3x faster"):
+        ranks.plan_decomposition(net, ranks.Policy(target_latency=3.2, skip=skip), SIZE, latency_table=table)
+
+
+@pytest.mark.skipif("onnx" not in inference.available_backends(), reason="onnxruntime not installed")
+def test_int8_table_times_quantized_layers_and_a_float32_reference(monkeypatch):
+    # The real path: layers and models run quantized, the reference does not, and int8 timings
+    # are kept apart from float32 ones (another cache key).
+    quantized = []
+    real = inference.quantize_int8
+
+    def counting(model_bytes, batches):
+        quantized.append(len(model_bytes))
+        return real(model_bytes, batches)
+
+    monkeypatch.setattr(inference, "quantize_int8", counting)
+    net = _net()
+    table = latency.LatencyTable(backend="onnx", batch=2, cache_path=False, repeats=1, warmup=1, quantize="int8")
+    assert table.key != latency.LatencyTable(backend="onnx", batch=2, cache_path=False).key
+    assert table.ms(net[2], (32, 16, 16)) > 0 and len(quantized) == 1
+    int8_run, float_run = table.model_runner(net, SIZE), table.model_runner(net, SIZE, float32=True)
+    assert len(quantized) == 2  # the int8 model, not the float32 reference
+    assert all(ms > 0 for ms in table.compare_ms(float_run, int8_run))
+
+
+def test_int8_timing_is_onnxruntime_on_the_cpu():
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        latency.LatencyTable(backend="eager", quantize="int4")
+    with pytest.raises(ValueError, match="needs the onnx backend on cpu, not eager on cpu"):
+        latency.LatencyTable(backend="eager", quantize="int8")
 
 
 def test_padded_ranks_cost_their_whole_block():
