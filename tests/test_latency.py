@@ -318,3 +318,19 @@ def test_a_corrected_request_beyond_reach_tries_the_most_the_layers_give():
                              latency_table=table)
     # The first plan and the one at the limit; no third (the limit is not asked twice).
     assert table.report["plans_tried"] == 2 and not table.report["within_tolerance"]
+
+
+def test_a_first_request_beyond_the_layers_reach_is_measured_before_it_is_refused():
+    # Layers timed alone pay a per-call overhead the whole model pays once (as int8 layers pay
+    # their own quantize/dequantize): the time model's limit understates the model's.  A request
+    # just past that limit is planned at the limit and measured, not refused; an absurd one is
+    # refused with what the limit measured.
+    net = _fc_net()
+    table = MacsTable(backend="eager", batch=2, cache_path=False, overhead=0.5)
+    with pytest.raises(ranks.BudgetError, match=r"out of reach.*measured whole at that limit: [\d.]+x") as info:
+        ranks.plan_decomposition(net, ranks.Policy(target_latency=1000.0, skip={"0": "kept"}), SIZE,
+                                 latency_table=table)
+    limit = info.value.reachable
+    plan = ranks.plan_decomposition(net, ranks.Policy(target_latency=1.05 * limit, skip={"0": "kept"}), SIZE,
+                                    latency_table=table)
+    assert table.report["plans_tried"] >= 2 and any(e["method"] == "tucker" for e in plan.values())
