@@ -270,12 +270,17 @@ class LatencyTable:
         key = signature(module, in_shape)
         if key not in self._times:
             example = torch.randn(self.batch, *in_shape, device=self.device)
-            if any(p.device != self.device for p in module.parameters()):
-                module = copy.deepcopy(module).to(self.device)  # never move the caller's layer
+            module = self._on_device(module)
             self._times[key] = self._time(module, example, rank_multiple=None, warmup=self.warmup,
                                           repeats=self.repeats)
             self.measured += 1
         return self._times[key]
+
+    def _on_device(self, module: nn.Module) -> nn.Module:
+        """``module``, or a copy of it on the table's device (the caller's layer is never moved)."""
+        if any(p.device != self.device for p in module.parameters()):
+            return copy.deepcopy(module).to(self.device)
+        return module
 
     def _model_example(self, model: nn.Module, input_size: Sequence[int]) -> torch.Tensor:
         param = next(model.parameters())
@@ -287,7 +292,9 @@ class LatencyTable:
 
     def model_runner(self, model: nn.Module, input_size: Sequence[int], *, float32: bool = False):
         """A zero-argument call running ``model`` on one batch as ``--eval`` runs it, for :meth:`compare_ms`
-        (in int8 when the table quantizes, unless ``float32``: a latency budget's reference)."""
+        (in int8 when the table quantizes, unless ``float32``: a latency budget's reference), on the
+        table's device (int8: the CPU, wherever the model was trained)."""
+        model = self._on_device(model)
         example = self._model_example(model, input_size)
         predictor = self._predictor(model, example, rank_multiple=self.rank_multiple, float32=float32)
         return lambda: predictor(example)

@@ -17,6 +17,9 @@ decomposition took, and with ``--ft_after N`` the accuracy after N fine-tuning e
 per seed in ``--out_dir``; ``--summarize`` tabulates them.  ``--size``, ``--train_images`` and
 ``--test_images`` run the same protocol on other folders, e.g. CIFAR-10 at 32 px (the shared
 JPEG folders, extracted with ``tar xzf``); ``--cache_dir`` keeps each seed's trained model.
+``--int8`` adds each data-aware model's and the original's accuracy in int8 (the tool's
+``--quantize int8``: onnxruntime QDQ, calibrated on 64 of the calibration images) beside
+their float32 accuracy through onnxruntime, and the ONNX file sizes.
 
     python benchmarks/bench_calibration_vgg.py /tmp/cifar --weights "$(python -c 'import main; print(main.demo_weights())')" \
         --size 32 --train_images 10000 --test_images 2000 --epochs 1 --methods tucker --targets vbmf,2,3,5 \
@@ -81,6 +84,30 @@ def _loader(ds, args: argparse.Namespace, seed: int, *, train: bool):
     return loaders[0] if train else loaders[1]
 
 
+def _int8(net: nn.Module, test_loader, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """``net`` through onnxruntime in float32 and in int8 (``--quantize int8``): test accuracy of
+    both, how often their classes agree, the file sizes."""
+    import inference
+
+    calib, count = [], 0
+    for batch in batches:  # the tool's 64 calibration images for int8
+        calib.append(batch[:main_cli.INT8_CALIBRATION_IMAGES - count].cpu())
+        count += len(calib[-1])
+        if count >= main_cli.INT8_CALIBRATION_IMAGES:
+            break
+    float_bytes, int8_bytes = inference.onnx_float_and_int8(copy.deepcopy(net).cpu(), calib[0], calib)
+    runs = {"float32": inference.onnx_runner(float_bytes), "int8": inference.onnx_runner(int8_bytes)}
+    correct, agree, seen = {k: 0 for k in runs}, 0, 0
+    for inputs, targets in test_loader:
+        preds = {k: run(inputs.cpu()).argmax(1) for k, run in runs.items()}
+        for k, pred in preds.items():
+            correct[k] += int((pred == targets).sum())
+        agree += int((preds["float32"] == preds["int8"]).sum())
+        seen += len(targets)
+    return {"acc_onnx_float32": correct["float32"] / seen, "acc_int8": correct["int8"] / seen,
+            "int8_agreement": agree / seen, "bytes_float32": len(float_bytes), "bytes_int8": len(int8_bytes)}
+
+
 def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[str, Any]:
     progress = not args.quiet
     size = args.size
@@ -116,6 +143,9 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[
     loader, _ = dataset.build_calibration_loader(train_dir, image_size=size, images=args.calibration,
                                                  batch_size=args.batch_size, workers=args.workers, seed=seed)
     batches = calibration.collect(loader, device=device)
+    if args.int8:
+        result["int8_original"] = _int8(model, test_loader, batches)
+        logger.info("seed %d: original int8 %.2f%%", seed, 100 * result["int8_original"]["acc_int8"])
     first = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     macs0 = report.count_macs(model, input_size)
     for method in args.methods:
@@ -134,6 +164,8 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[
                 row = {"method": method, "target": target, "variant": variant,
                        "macs_ratio": macs0 / report.count_macs(net, input_size), "acc": acc, "seconds": seconds,
                        "data_free_layers": [r.name for r in rows if "data-free" in (r.reason or "")]}
+                if args.int8 and variant == "data-aware":
+                    row.update(_int8(net, test_loader, batches))
                 if args.ft_after:
                     # At the rate --fine_tune uses for this model (benchmarks: one short epoch of the
                     # training images, augmented).
@@ -174,6 +206,24 @@ def summarize(runs: list[dict[str, Any]]) -> str:
                      f"{_mean_sd(tuned) if (tuned := [100 * row['acc_ft'] for _, row in pairs if 'acc_ft' in row]) else '-'} | "
                      f"{_mean_sd(d) if (d := [100 * (r['acc_original'] - row['acc_ft']) for r, row in pairs if 'acc_ft' in row]) else '-'} | "
                      f"{statistics.fmean(row['seconds'] for _, row in pairs):.1f} |")
+    int8 = [(r, row) for r in runs for row in r["rows"] if "acc_int8" in row]
+    if int8:
+        lines += ["", "int8 (onnxruntime QDQ, 64 calibration images) against float32 through onnxruntime, "
+                  "straight after decomposition; mean ± sd over seeds", "",
+                  "| model | float32 | int8 | int8 - float32 | classes agree | file float32 -> int8 |",
+                  "|---|--:|--:|--:|--:|--:|"]
+        originals = [r["int8_original"] for r in runs if "int8_original" in r]
+        groups = [("original", originals)] + [
+            (f"{m} {t} data-aware", [row for _, row in int8 if (row["method"], row["target"]) == (m, t)])
+            for m, t in dict.fromkeys((row["method"], row["target"]) for _, row in int8)]
+        for name, rows in groups:
+            if rows:
+                lines.append(
+                    f"| {name} | {_mean_sd([100 * x['acc_onnx_float32'] for x in rows])} | "
+                    f"{_mean_sd([100 * x['acc_int8'] for x in rows])} | "
+                    f"{_mean_sd([100 * (x['acc_int8'] - x['acc_onnx_float32']) for x in rows])} | "
+                    f"{_mean_sd([100 * x['int8_agreement'] for x in rows])}% | "
+                    f"{rows[0]['bytes_float32'] / 2**20:.1f} -> {rows[0]['bytes_int8'] / 2**20:.1f} MB |")
     return "\n".join(lines)
 
 
@@ -193,6 +243,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", help="keep each seed's trained model here and reuse it")
     parser.add_argument("--ft_after", type=int, default=0, help="fine-tuning epochs after each decomposition")
     parser.add_argument("--ft_images", type=int, default=0, help="seeded subset of train/ that the fine-tuning epochs go through (0: all)")
+    parser.add_argument("--int8", action="store_true", help="also each data-aware model's accuracy in int8")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--fc_rank_ratio", type=float, default=bench_real.DEFAULT_FC_RANK_RATIO)
     parser.add_argument("--batch_size", type=int, default=32)
