@@ -683,3 +683,20 @@ def test_rate_probe_says_when_no_rate_lowered_the_loss(caplog):
     assert factor == 0.5
     assert any(r.levelno == logging.WARNING and "no rate tried lowered the loss" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("losses, chosen", [
+    ((0.717, 0.706, 0.692, 0.699), 1.0),  # a tie from a random start (ResNet-18): the higher rate
+    ((0.703, 0.542, 0.354, 0.575), 0.3),  # a clear win (VGG16's trained convs): the lower rate
+    ((0.700, 0.720, 0.690, 0.695), 0.3),  # within the margin but above the start: never kept
+    ((0.815, 18.0, 1.52, 0.445, 0.617), 0.1),
+])
+def test_rate_probe_keeps_the_highest_rate_as_good_as_the_best(monkeypatch, losses, chosen):
+    """The probe's choice from the losses it measures (the start's, then each candidate's)."""
+    loader = DataLoader(blobs(96), batch_size=8)
+    seed_everything(0)
+    run, _ = finetune._start_run(mlp(), loader, Recipe(epochs=1, lr=0.05, rate_probe=finetune.DEFAULT_RATE_PROBE),
+                                 CPU, None)
+    measured = iter(losses)
+    monkeypatch.setattr(finetune, "_probe_loss", lambda *a, **kw: next(measured))
+    assert finetune._probe_rates(run, loader, device=CPU, group=None, log=None) == chosen
