@@ -8,7 +8,8 @@ machine's peak, and onnxruntime's blocked CPU kernels count channels in blocks o
 will run the model, as a lookup table in the manner of NetAdapt [1]_, and the times in
 between are interpolated.  Measurements are cached in a JSON file keyed by the machine, the
 library versions, the backend, the thread count and the batch, so a second plan on the same
-machine measures nothing.
+machine measures nothing.  A table built with ``quantize="int8"`` times everything as
+``--quantize int8`` deploys it (onnxruntime's QDQ model on the CPU), under its own keys.
 
 References
 ----------
