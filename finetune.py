@@ -1082,6 +1082,7 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
             # Past a best that lowered the loss.  A candidate that diverged or ended above the
             # start only sends the probe lower: a rate that made things worse is never kept.
             break
+    lowest_at = best_factor
     if best_loss < reference:  # the highest rate as good as the best within the margin
         best_factor = next(f for f, loss in losses if loss < reference and loss <= best_loss + PROBE_MARGIN * reference)
     _restore_training_state(start, run)
@@ -1089,9 +1090,11 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
         _scale_learning_rates(run.optimizer, run.scheduler, best_factor)
         run.rate_factor *= best_factor
     if log is not None:
+        margin = "" if best_factor == lowest_at else (
+            f", the highest within {PROBE_MARGIN:.0%} of the start's loss of the lowest (x{lowest_at:g})")
         log.info("rate probe (loss on %d batches after training on %d others): %s; "
-                 "training at x%g of the rates (%s)", len(judged), len(batches), ", ".join(tried), best_factor,
-                 ", ".join(f"{lr_:.3g}" for lr_ in run.scheduler.base_lrs))
+                 "training at x%g of the rates (%s)%s", len(judged), len(batches), ", ".join(tried), best_factor,
+                 ", ".join(f"{lr_:.3g}" for lr_ in run.scheduler.base_lrs), margin)
         if not best_loss < reference:
             log.warning("rate probe: no rate tried lowered the loss below the start's (%s); training at x%g, the %s",
                         ", ".join(tried), best_factor,

@@ -141,8 +141,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                "on features of any scale train stably; fixed: --lr as given")
     training.add_argument("--lr_probe", "--lr-probe", default="auto", choices=("auto", "on", "off"),
                           help="before training, try the rates at x1, x0.3, x0.1, ... for 8 steps each from the "
-                               "same start and train at the one that left the lowest loss, or the highest within 5%% "
-                               "of it (auto: on for --train "
+                               "same start and train at the one that left the lowest loss, or at the highest one "
+                               "within 5%% of the start's loss of it (auto: on for --train "
                                "from weights without --lr)")
     training.add_argument("--freeze_features", "--freeze-features", action="store_true",
                           help="train only the classifier")

@@ -15,8 +15,9 @@ speedup and the speedup as a share of the planned ratio.
         [--batch_size 8] [--json OUT]
 
 The models are built with the planned structure and default weights
-(``decompositions.apply_plan``): no factorization is computed (CP's ALS on VGG16 would take
-minutes and change no timing).
+(``decompositions.apply_plan``): no factorization of the weights is computed (CP's ALS on
+VGG16 would take minutes and change no timing; ``--conv auto`` still runs the short CP fits
+its planning measures errors with).
 
 Time it alone: another process on the 2 cores changes every figure.
 """

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import inference
 import main
 import models
 import report
@@ -657,6 +658,7 @@ def test_target_latency_plans_on_measured_time(capsys, tmp_path, small_model):
     assert "onnx on cpu" in key and "batch 8" in key and len(times) > 10
 
 
+@pytest.mark.skipif("onnx" not in inference.available_backends(), reason="onnxruntime not installed")
 def test_target_latency_in_int8_plans_against_the_float32_original(capsys, tmp_path, small_model, monkeypatch):
     # The wiring, not this machine's speed: every time is faked as MACs, a third of them in int8.
     import latency

@@ -691,7 +691,7 @@ def test_rate_probe_says_when_no_rate_lowered_the_loss(caplog):
     ((0.700, 0.720, 0.690, 0.695), 0.3),  # within the margin but above the start: never kept
     ((0.815, 18.0, 1.52, 0.445, 0.617), 0.1),
 ])
-def test_rate_probe_keeps_the_highest_rate_as_good_as_the_best(monkeypatch, losses, chosen):
+def test_rate_probe_keeps_the_highest_rate_as_good_as_the_best(monkeypatch, caplog, losses, chosen):
     """The probe's choice from the losses it measures (the start's, then each candidate's)."""
     loader = DataLoader(blobs(96), batch_size=8)
     seed_everything(0)
@@ -699,4 +699,8 @@ def test_rate_probe_keeps_the_highest_rate_as_good_as_the_best(monkeypatch, loss
                                  CPU, None)
     measured = iter(losses)
     monkeypatch.setattr(finetune, "_probe_loss", lambda *a, **kw: next(measured))
-    assert finetune._probe_rates(run, loader, device=CPU, group=None, log=None) == chosen
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        assert finetune._probe_rates(run, loader, device=CPU, group=None, log=finetune.logger) == chosen
+    # The log says when the margin, not the lowest loss, chose.
+    said = "the highest within 5% of the start's loss of the lowest (x0.3)" in caplog.text
+    assert said == (losses[0] == 0.717)

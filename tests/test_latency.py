@@ -301,10 +301,11 @@ def test_next_request_steps():
     assert 0.693 <= ranks._next_request(history, 1.0) <= 0.70
 
 
-def test_a_corrected_request_beyond_reach_tries_the_most_the_layers_give():
+def test_a_corrected_request_beyond_reach_tries_the_most_the_layers_give(caplog):
     # A per-conv cost the layers timed alone do not show makes every factorized plan (three convs
     # for one) measure short of its request: near the limit the correction asks for more than the
-    # time model can give, and the loop then plans once at that limit instead of stopping.
+    # time model can give, and the loop then plans once at that limit instead of stopping; short
+    # there too, the request is out of reach and said so in the user's terms.
     net = _net()
     table = MacsTable(backend="eager", batch=2, cache_path=False, conv_overhead=0.5)
     most = None
@@ -314,10 +315,15 @@ def test_a_corrected_request_beyond_reach_tries_the_most_the_layers_give():
     except ranks.BudgetError as exc:
         most = exc.reachable
     assert most is not None and most > 1
-    ranks.plan_decomposition(net, ranks.Policy(target_latency=0.95 * most, skip={"0": "kept"}), SIZE,
-                             latency_table=table)
+    asked = 0.95 * most
+    with caplog.at_level("INFO", logger="ranks"), pytest.raises(
+            ranks.BudgetError, match=rf"a {asked:g}x reduction in latency is out of reach: .*measured [\d.]+x") as info:
+        ranks.plan_decomposition(net, ranks.Policy(target_latency=asked, skip={"0": "kept"}), SIZE,
+                                 latency_table=table)
+    assert info.value.reachable == most
     # The first plan and the one at the limit; no third (the limit is not asked twice).
-    assert table.report["plans_tried"] == 2 and not table.report["within_tolerance"]
+    measured = [r for r in caplog.records if "planned for" in r.getMessage()]
+    assert len(measured) == 2 and f"planned for {most:.3g}x" in measured[-1].getMessage()
 
 
 def test_a_first_request_beyond_the_layers_reach_is_measured_before_it_is_refused():
@@ -327,7 +333,8 @@ def test_a_first_request_beyond_the_layers_reach_is_measured_before_it_is_refuse
     # refused with what the limit measured.
     net = _fc_net()
     table = MacsTable(backend="eager", batch=2, cache_path=False, overhead=0.5)
-    with pytest.raises(ranks.BudgetError, match=r"out of reach.*measured whole at that limit: [\d.]+x") as info:
+    refused = r"a 1000x reduction in latency is out of reach: .*measured [\d.]+x"
+    with pytest.raises(ranks.BudgetError, match=refused) as info:
         ranks.plan_decomposition(net, ranks.Policy(target_latency=1000.0, skip={"0": "kept"}), SIZE,
                                  latency_table=table)
     limit = info.value.reachable
