@@ -1066,22 +1066,15 @@ def evaluate_int8(model: torch.nn.Module, args: argparse.Namespace, test_loader,
         raise UserError(f"--quantize int8 needs the onnx and onnxruntime packages ({exc}); "
                         f"pip install onnx onnxruntime") from None
     runners = {"float32": inference.onnx_runner(float_bytes), "int8": inference.onnx_runner(int8_bytes)}
-    correct = {k: 0 for k in runners}
-    agree = seen = 0
-    for inputs, targets in test_loader:
-        preds = {k: run(inputs).argmax(1) for k, run in runners.items()}
-        for k, p in preds.items():
-            correct[k] += int((p == targets).sum())
-        agree += int((preds["float32"] == preds["int8"]).sum())
-        seen += len(targets)
+    top1 = inference.float_and_int8_top1(runners["float32"], runners["int8"], test_loader)
     times = inference.time_interleaved({k: (lambda run=run: run(example)) for k, run in runners.items()}, warmup=3,
                                        repeats=args.latency_repeats, devices=[torch.device("cpu")])
     return {"backend": "onnxruntime (CPU)", "calibration_images": sum(len(b) for b in batches),
-            "float32": {"accuracy": correct["float32"] / seen, "bytes": len(float_bytes),
+            "float32": {"accuracy": top1["accuracy_float32"], "bytes": len(float_bytes),
                         "latency_ms_median": statistics.median(times["float32"])},
-            "int8": {"accuracy": correct["int8"] / seen, "bytes": len(int8_bytes),
+            "int8": {"accuracy": top1["accuracy_int8"], "bytes": len(int8_bytes),
                      "latency_ms_median": statistics.median(times["int8"])},
-            "top1_agreement": agree / seen}
+            "top1_agreement": top1["agreement"]}
 
 
 def _print_eval(result: dict) -> None:

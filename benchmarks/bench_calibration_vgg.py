@@ -96,16 +96,10 @@ def _int8(net: nn.Module, test_loader, batches: list[torch.Tensor]) -> dict[str,
         if count >= main_cli.INT8_CALIBRATION_IMAGES:
             break
     float_bytes, int8_bytes = inference.onnx_float_and_int8(copy.deepcopy(net).cpu(), calib[0], calib)
-    runs = {"float32": inference.onnx_runner(float_bytes), "int8": inference.onnx_runner(int8_bytes)}
-    correct, agree, seen = {k: 0 for k in runs}, 0, 0
-    for inputs, targets in test_loader:
-        preds = {k: run(inputs.cpu()).argmax(1) for k, run in runs.items()}
-        for k, pred in preds.items():
-            correct[k] += int((pred == targets).sum())
-        agree += int((preds["float32"] == preds["int8"]).sum())
-        seen += len(targets)
-    return {"acc_onnx_float32": correct["float32"] / seen, "acc_int8": correct["int8"] / seen,
-            "int8_agreement": agree / seen, "bytes_float32": len(float_bytes), "bytes_int8": len(int8_bytes)}
+    top1 = inference.float_and_int8_top1(inference.onnx_runner(float_bytes), inference.onnx_runner(int8_bytes),
+                                         test_loader)
+    return {"acc_onnx_float32": top1["accuracy_float32"], "acc_int8": top1["accuracy_int8"],
+            "int8_agreement": top1["agreement"], "bytes_float32": len(float_bytes), "bytes_int8": len(int8_bytes)}
 
 
 def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[str, Any]:

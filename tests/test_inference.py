@@ -349,3 +349,15 @@ def test_int8_needs_calibration_batches():
     pytest.importorskip("onnxruntime")
     with pytest.raises(ValueError, match="at least one calibration batch"):
         inference.quantize_int8(b"", [])
+
+
+def test_float_and_int8_top1_counts_agreement_and_accuracy():
+    # Fake runners: float32 always right; int8 wrong on the second of the four images of each batch.
+    x = torch.zeros(4, 3)
+    labels = torch.tensor([0, 1, 0, 1])
+    flipped = labels ^ torch.tensor([0, 1, 0, 0])
+    run_float = lambda inputs: nn.functional.one_hot(labels, 2).float()  # noqa: E731
+    run_int8 = lambda inputs: nn.functional.one_hot(flipped, 2).float()  # noqa: E731
+    result = inference.float_and_int8_top1(run_float, run_int8, [(x, labels), [x, labels]])
+    assert result == {"agreement": 0.75, "accuracy_float32": 1.0, "accuracy_int8": 0.75}
+    assert inference.float_and_int8_top1(run_float, run_int8, [x]) == {"agreement": 0.75}
