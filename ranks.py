@@ -861,7 +861,8 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
         total = float(total)
         reference = total if reference is None else float(reference)
     else:
-        total = float(report.count_macs(model, input_size) if metric == "macs" else report.count_params(model))
+        total = reference = float(report.count_macs(model, input_size) if metric == "macs"
+                                  else report.count_params(model))
     movable: list[_BudgetSite] = []
     fixed = total
     entries_ms, entries_keep_ms = 0.0, 0.0  # latency: the fixed entries' replacements, and their originals
@@ -897,8 +898,6 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
                 s.name for s in sites if s.name in plan and plan[s.name]["method"] != "none"})
             modelled = fixed - entries_ms + entries_keep_ms + sum(m.keep for m in movable)
             reference, total = reference * modelled / total, modelled
-    else:
-        reference = total
     allowed = reference / target
     rule = policy.budget_rule
     # One parameter x in [0, 1] for both rules; the total cost only falls as x grows.
