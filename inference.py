@@ -595,7 +595,7 @@ def _root_log_level(level: int):
         root.setLevel(saved)
 
 
-def quantize_int8(model_bytes: bytes, batches: Sequence[torch.Tensor]) -> bytes:
+def quantize_int8(model_bytes: bytes, batches: Sequence[torch.Tensor], *, keep_float: Sequence[str] = ()) -> bytes:
     """Static post-training int8 quantization of an ONNX model of :func:`export_onnx`.
 
     onnxruntime's ``quantize_static`` [1]_: QDQ format, int8 weights per output channel
@@ -611,6 +611,12 @@ def quantize_int8(model_bytes: bytes, batches: Sequence[torch.Tensor]) -> bytes:
         A float32 ONNX model (input ``ONNX_INPUT_NAME``, dynamic batch).
     batches : sequence of tensors ``(B, 3, H, W)``
         Calibration inputs.
+    keep_float : sequence of str, optional
+        ONNX node names left in float32 (onnxruntime's ``nodes_to_exclude``; the exporter
+        names a layer's node after its module, e.g. ``/features/features.2/features.2.0/Conv``).
+        Measured on the 10x VGG16 plan (RESULTS.md): keeping the 224 px layers in float32
+        made the model slower, not faster (the Q/DQ pairs at each boundary cost more than
+        the int8 convs saved), so the tool itself quantizes every conv and matmul.
 
     Returns
     -------
@@ -622,7 +628,7 @@ def quantize_int8(model_bytes: bytes, batches: Sequence[torch.Tensor]) -> bytes:
     ImportError
         If onnxruntime (with its quantization tools) is not importable.
     ValueError
-        If ``batches`` is empty.
+        If ``batches`` is empty or ``keep_float`` names a node the model does not have.
 
     References
     ----------
@@ -647,10 +653,17 @@ def quantize_int8(model_bytes: bytes, batches: Sequence[torch.Tensor]) -> bytes:
             # The pre-processing onnxruntime asks for: shapes inferred, constants folded into
             # initializers (else conv biases stay float and are not quantized with their conv).
             quant_pre_process(raw, source)
+            if keep_float:
+                import onnx
+
+                names = {node.name for node in onnx.load(source).graph.node}
+                unknown = sorted(set(keep_float) - names)
+                if unknown:
+                    raise ValueError(f"keep_float names nodes the model does not have: {unknown[:3]}")
             quantize_static(source, target, _Batches(batches), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(keep_float))
         with open(target, "rb") as fh:
             return fh.read()
 

@@ -47,7 +47,8 @@ sys.path.insert(0, ROOT)
 #: probe and no input scaling (the rates as given).
 SWEEP_ARGS = ["--fresh_lr", "fixed", "--lr_probe", "off"]
 #: The defaults with one of their two adaptive parts off.
-ABLATIONS = {"no-probe": ["--lr_probe", "off"], "no-input-scaling": ["--fresh_lr", "fixed"]}
+ABLATIONS = {"no-probe": ["--lr_probe", "off"], "no-input-scaling": ["--fresh_lr", "fixed"],
+             "float32": ["--cpu_bf16", "off"]}
 #: Two CIFAR-10 classes that pretrained features tell apart well (room above chance to lose).
 CIFAR_CLASSES = ("automobile", "horse")
 CIFAR_SIZES = {"small": (50, 100), "large": (1000, 200)}  # per class: train, test
@@ -165,7 +166,8 @@ def main() -> None:
     parser.add_argument("--archs", default="vgg16")
     parser.add_argument("--sources", default="x0.2,x1,x5")
     parser.add_argument("--variants", default="default,0.003,0.001,0.0003",
-                        help="default (the tool's), no-probe, no-input-scaling, and --lr values of the sweep")
+                        help="default (the tool's), no-probe, no-input-scaling, float32 (--cpu_bf16 off), "
+                             "and --lr values of the sweep")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=16)

@@ -337,12 +337,34 @@ def test_int8_that_disagrees_with_float_is_not_written(model, tmp_path, monkeypa
     other = TinyNet().eval()
     torch.manual_seed(5)
     other_bytes = inference._onnx_bytes(other, _example(), opset=None)
-    monkeypatch.setattr(inference, "quantize_int8", lambda model_bytes, batches: other_bytes)
+    monkeypatch.setattr(inference, "quantize_int8", lambda model_bytes, batches, **kw: other_bytes)
     path = tmp_path / "int8.onnx"
     path.write_bytes(b"previous")
     with pytest.raises(inference.OutputMismatchError, match="int8 model's top-1 class agrees"):
         inference.export_onnx(model, path, _example(), int8_batches=[_example(64, seed=2)])
     assert path.read_bytes() == b"previous"
+
+
+def test_int8_keeps_named_nodes_in_float32(model):
+    """``keep_float`` leaves the named node's weight in float32 and quantizes the others; a name
+    the model does not have is refused rather than silently ignored."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    example, calibration = _example(), [_example(16, seed=2)]
+    float_bytes = inference._onnx_bytes(model, example, opset=None)
+    convs = [n.name for n in onnx.load_from_string(float_bytes).graph.node if n.op_type == "Conv"]
+    keep = convs[0]
+    graph = onnx.load_from_string(inference.quantize_int8(float_bytes, calibration, keep_float=[keep])).graph
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    by_name = {n.name: n for n in graph.node}
+    assert len(convs) >= 2 and set(convs) <= set(by_name)
+    assert by_name[keep].input[1] in floats
+    assert all(dequantized.get(by_name[n].input[1]) in int8 for n in convs[1:])
+    with pytest.raises(ValueError, match="keep_float names nodes the model does not have"):
+        inference.quantize_int8(float_bytes, calibration, keep_float=["/no/such/Conv"])
 
 
 def test_int8_needs_calibration_batches():
