@@ -264,12 +264,36 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- steps
+#: Options only --decompose reads: given without it, they would do nothing.
+DECOMPOSE_OPTIONS = ("cp", "method_per_layer", "rank_ratio", "vbmf_weaken", "target_macs", "target_params",
+                     "target_latency", "latency_cache", "rank_multiple", "budget_rule", "save_plan",
+                     "include_first_conv", "no_rescale", "calibration", "data_free", "ranks_from", "mean_correction",
+                     "bn_correction", "fc", "fc_rank", "fc_rank_ratio", "fc_bandwidth", "fc_anneal_epochs", "report")
+
+
+def _given(args: argparse.Namespace, names) -> list[str]:
+    """Those of ``names`` given on the command line (``args.explicit``, set by :func:`run`); for
+    a namespace built otherwise, those that differ from the parser's defaults."""
+    explicit = getattr(args, "explicit", None)
+    if explicit is not None:
+        return [n for n in names if n in explicit]
+    defaults = get_args_parser().parse_args([])
+    return [n for n in names if getattr(args, n) != getattr(defaults, n)]
+
+
 def _check_args(args: argparse.Namespace) -> None:
     import models
 
     if not (args.train or args.decompose or args.fine_tune or args.eval or args.demo or args.export):
         raise UserError("nothing to do: give one or more of --train, --decompose, --fine_tune, --eval, --export, "
                         "--demo")
+    unused = [f"--{n}" for n in _given(args, DECOMPOSE_OPTIONS)] if not args.decompose else []
+    if unused:
+        raise UserError(f"{', '.join(unused)} {'is an option' if len(unused) == 1 else 'are options'} of "
+                        f"--decompose, which this run does not do: add --decompose or drop "
+                        f"{'it' if len(unused) == 1 else 'them'}")
+    if args.json and not (args.eval or args.demo):
+        raise UserError("--json writes --eval's results: add --eval or drop --json")
     if args.export:
         fmt, out = args.export
         if fmt not in EXPORT_FORMATS:
@@ -470,14 +494,10 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
         if not args.decompose:
             raise UserError("--plan is applied by --decompose")
         # Flags that choose methods or ranks, given on the command line, would be ignored.
-        explicit = getattr(args, "explicit", None)
-        choosers = {"rank_ratio", "fc_rank", "fc_rank_ratio", "vbmf_weaken", "target_macs", "target_params",
-                    "target_latency",
-                    "budget_rule", "cp", "fc", "fc_bandwidth", "include_first_conv", "method_per_layer",
-                    "ranks_from", "rank_multiple"}
-        parser_defaults = get_args_parser().parse_args([])
-        given = [n for n in sorted(choosers) if (n in explicit if explicit is not None
-                                                 else getattr(args, n) != getattr(parser_defaults, n))]
+        choosers = ("budget_rule", "cp", "fc", "fc_bandwidth", "fc_rank", "fc_rank_ratio", "include_first_conv",
+                    "method_per_layer", "rank_multiple", "rank_ratio", "ranks_from", "target_latency", "target_macs",
+                    "target_params", "vbmf_weaken")
+        given = _given(args, choosers)
         if given:
             raise UserError(f"--plan gives every layer's method and ranks; drop {', '.join('--' + n for n in given)}")
         import ranks
@@ -1117,11 +1137,8 @@ def _apply_demo(args: argparse.Namespace) -> None:
     ``args.explicit`` (set by :func:`run`) names the options given on the command
     line; without it, an option still at its parser default counts as not given.
     """
-    defaults = get_args_parser().parse_args([])
-    explicit = getattr(args, "explicit", None)
-
     def given(name: str) -> bool:
-        return name in explicit if explicit is not None else getattr(args, name) != getattr(defaults, name)
+        return bool(_given(args, [name]))
 
     args.train_path = args.train_path or os.path.join(DEMO_DIR, "train")
     args.test_path = args.test_path or os.path.join(DEMO_DIR, "test")

@@ -571,6 +571,13 @@ def test_malformed_plan_files(tmp_path, capsys, trained, content, needle):
     (["--export", "tflite", "{tmp}/m.tflite"], "format must be one of onnx"),
     (["--export", "onnx", "{tmp}/no/such/dir/m.onnx"], "does not exist"),
     (["--fine_tune", "--decomposed_model", "{tmp}/none"], "needs --train_path"),
+    # Options and output files of a step the run does not do: nothing would use or write them.
+    (["--eval", "--test_path", "{tmp}", "--save_plan", "{tmp}/p.json"],
+     "--save_plan is an option of --decompose, which this run does not do: add --decompose or drop it"),
+    (["--eval", "--test_path", "{tmp}", "--fc", "svd", "--target_macs", "2"],
+     "--target_macs, --fc are options of --decompose, which this run does not do"),
+    (["--export", "onnx", "{tmp}/m.onnx", "--calibration", "64"], "--calibration is an option of --decompose"),
+    (["--export", "onnx", "{tmp}/m.onnx", "--json", "{tmp}/e.json"], "--json writes --eval's results: add --eval"),
 ])
 def test_bad_options(tmp_path, capsys, trained, argv, needle):
     argv = [a.format(trained=trained, tmp=tmp_path) for a in argv]
