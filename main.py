@@ -87,12 +87,23 @@ MEMORY_SHARE = 0.5
 EXPORT_FORMATS = ("onnx",)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each option's help, except where the help already states
+    its default or there is none to state (an unset option, an on/off flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fine-tune a torchvision CNN, shrink it with Tucker-2/CP/SVD decompositions, "
                     "fine-tune again and evaluate.",
         add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     steps = parser.add_argument_group("steps (combine them; they run in this order)")
     steps.add_argument("--train", action="store_true", help="fine-tune a pretrained model, save --model")
@@ -110,7 +121,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--test_path", "--test-path", help="test folder with the same classes")
     data.add_argument("--image_size", "--image-size", type=int, default=None,
                       help=f"crop size (default: {DEFAULT_IMAGE_SIZE} for --train, the model's own otherwise)")
-    data.add_argument("--batch_size", "--batch-size", type=int, default=32)
+    data.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per training step")
     data.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes")
 
     files = parser.add_argument_group("model files")
@@ -127,7 +138,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "conv kernels include --arch's conv stack (its FC layers are used where they fit)")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    training.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="epochs of --train / --fine_tune")
     training.add_argument("--lr", type=float, default=None,
                           help=f"learning rate (default: {DEFAULT_LR['train']} for --train; "
                                f"{DEFAULT_LR['tucker']} for Tucker, {DEFAULT_LR['cp']} for CP in --fine_tune)")
@@ -156,7 +167,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                "1.4x (VGG16) to 2.4x (its Tucker-2 model) faster per step at 64 px "
                                "(benchmarks/RESULTS.md); CUDA keeps its own mixed precision")
     training.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--seed", type=int, default=0,
+                          help="seeds the data order, augmentation, calibration draws and new layers")
     training.add_argument("--dist_timeout", "--dist-timeout", type=float, default=None, metavar="SECONDS",
                           help="under torchrun: how long a rank waits in a collective for the others before it "
                                "stops with one line (default 300)")
@@ -206,9 +218,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="decompose the first conv too (by default it is kept: it reads the 3 image channels, "
                           "holds few weights and costs accuracy when factorized, as in Kim et al. 2015)")
     dec.add_argument("--no_rescale", "--no-rescale", action="store_true",
-                     help="keep each factorized layer as the plain best approximation; by default every output "
-                          "filter is scaled back to its original norm, which keeps trained networks far more "
-                          "accurate before fine-tuning")
+                     help="keep each factorized layer as the plain best approximation; by default, for factors "
+                          "from the weights alone (data-free), every output filter is scaled back towards its "
+                          "original norm (at most 2x), which keeps trained networks far more accurate before "
+                          "fine-tuning")
     dec.add_argument("--calibration", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
                      help="images drawn from --train_path (no augmentation) that steer the decomposition: every "
                           "layer is fitted, in order, to the original layer's response on them; 0 uses no data "
