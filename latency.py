@@ -61,16 +61,31 @@ class TimingError(RuntimeError):
 def _read_cache(path: Path) -> dict[str, dict[str, float]]:
     """The tables of a cache file; ValueError/OSError when it is not one.  Entries that are not
     finite positive times are dropped (a hand-edited or damaged file)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:  # JSON nested deeper than Python's parser goes
+        raise ValueError("not a latency cache (nested too deeply)") from None
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("tables"), dict):
         raise ValueError(f"not a version-{CACHE_VERSION} latency cache")
     tables = {}
     for key, table in data["tables"].items():
         if not isinstance(table, dict):
             raise ValueError(f"table {str(key)[:40]!r} is not an object")
-        tables[str(key)] = {str(s): float(v) for s, v in table.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
+        times = {str(s): _positive_time(v) for s, v in table.items()}
+        tables[str(key)] = {s: v for s, v in times.items() if v is not None}
     return tables
+
+
+def _positive_time(value) -> float | None:
+    """A cached time as a float, or None when it is not a finite positive number (an integer
+    too large for a float included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def cache_problem(path: str | os.PathLike) -> str | None:

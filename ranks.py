@@ -102,10 +102,13 @@ FILL_SCORE_RTOL = 1e-6
 class BudgetError(UserError):
     """The requested budget cannot be met (the message names the best reachable ratio).
 
-    ``reachable`` holds that ratio when the budget is out of reach (None otherwise).
+    ``reachable`` holds that ratio when the budget is out of reach; ``floor`` the least ratio
+    that can be planned when layers with fixed ranks already give more than was asked (None
+    otherwise).
     """
 
     reachable: float | None = None
+    floor: float | None = None
 
 
 # ---------------------------------------------------------------------------- VBMF
@@ -923,9 +926,11 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
     if untouched < allowed / (1 + BUDGET_TOLERANCE):
         fixed_names = [s.name for s in sites if s.name in plan and plan[s.name]["method"] != "none"]
         gain = "faster" if metric == "latency" else f"smaller in {_metric_name(metric)}"
-        raise BudgetError(f"the layers with fixed ranks ({short_list(fixed_names)}) already make the model "
-                          f"{reference / untouched:.3g}x {gain}, more than the {target:g}x "
-                          f"asked for: ask for more, or let the budget choose their ranks")
+        error = BudgetError(f"the layers with fixed ranks ({short_list(fixed_names)}) already make the model "
+                            f"{reference / untouched:.3g}x {gain}, more than the {target:g}x "
+                            f"asked for: ask for more, or let the budget choose their ranks")
+        error.floor = reference / untouched
+        raise error
     low, high = 0.0, 1.0
     if spend(low) <= allowed:
         high = low
@@ -1023,9 +1028,12 @@ def _latency_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_si
     A table that times in int8 (``table.quantize``) plans the int8 model: layers and plans
     are timed quantized, the request stays relative to the float32 original.
     """
-    devices = [table.device] if table.device.type == "cuda" else []
     # Timing draws random inputs and default-initialised layers only where the cache misses:
     # the caller's random stream must not depend on what the cache held (fine-tuning after).
+    # The layers are built where the model is, the inputs where the table times (an int8 table
+    # on the CPU for a model on a GPU): both generators are restored.
+    where = {table.device, *(p.device for p in model.parameters())}
+    devices = sorted({d for d in where if d.type == "cuda"}, key=str)
     with torch.random.fork_rng(devices=devices):
         try:
             _latency_rounds(model, sites, policy, input_size, cache, plan, table)
@@ -1055,8 +1063,8 @@ def _latency_rounds(model: nn.Module, sites: list[_Site], policy: Policy, input_
         raise BudgetError(f"{table.quantize} alone makes the original {original / total:.3g}x faster ("
                           f"{table.describe()}), which meets the {target:g}x asked for: nothing to decompose; ask for "
                           f"more")
-    asked, tried, history, at_limit, refused = target, [], [], False, None
-    for _ in range(LATENCY_ROUNDS):
+    asked, tried, history, refused, edges = target, [], [], None, set()
+    while len(tried) < LATENCY_ROUNDS:  # plans timed; each edge below adds one untimed request at most
         trial = dict(plan)
         try:
             _budget_plan(model, sites, policy, input_size, cache, trial, table=table, target=asked, total=total,
@@ -1066,22 +1074,29 @@ def _latency_rounds(model: nn.Module, sites: list[_Site], policy: Policy, input_
             # before the request is refused (the first one too): layers timed alone can
             # understate what the whole model gains (each pays its own call, in int8 its own
             # quantize and dequantize, which a chain of layers fuses away: on VGG16 the float32
-            # layers allowed 9.66x and the plan measured 10.9x; benchmarks/RESULTS.md).
-            reachable = exc.reachable
-            if reachable is None or reachable <= 1 + LATENCY_MIN_REQUEST or reachable >= asked or at_limit:
+            # layers allowed 9.66x and the plan measured 10.9x; benchmarks/RESULTS.md).  A
+            # corrected request below what fixed layers (or int8 alone) already give: once, the
+            # plan at that floor.  The user's own request below it is theirs to change.
+            edge, side = (exc.reachable, "limit") if exc.reachable is not None else (exc.floor, "floor")
+            usable = (edge is not None and side not in edges and edge > 1 + LATENCY_MIN_REQUEST
+                      and (edge < asked if side == "limit" else edge > asked and bool(tried)))
+            if not usable:
                 if not tried:
                     raise refused or exc  # what was asked, not the limit tried after it
                 break
-            refused = exc
-            asked, at_limit = reachable, True
+            refused = exc if side == "limit" else refused
+            edges.add(side)
+            asked = edge
             continue
         skeleton = D.apply_plan(copy.deepcopy(model), {n: e for n, e in trial.items() if e["method"] != "none"})
         # The original and the plan in interleaved rounds: a drift of the machine hits both.
         before, after = table.compare_ms(original_run, table.model_runner(skeleton, input_size))
         reached = before / after
         logger.info("latency budget %gx: planned for %.3gx, measured %.3gx", target, asked, reached)
-        tried.append((abs(math.log(reached / target)), reached, trial, before, after))
-        if abs(reached / target - 1) <= LATENCY_TOLERANCE:
+        within = abs(reached / target - 1) <= LATENCY_TOLERANCE
+        # Kept: a plan within the tolerance before any outside it, then the closest in log ratio.
+        tried.append(((not within, abs(math.log(reached / target))), reached, trial, before, after))
+        if within:
             break
         history.append((math.log(asked), math.log(reached)))
         # A request must stay above 1 (a budget saves something); no new request: stop.
@@ -1095,7 +1110,7 @@ def _latency_rounds(model: nn.Module, sites: list[_Site], policy: Policy, input_
         # At the time model's limit and still short when measured: out of reach, like a MACs
         # budget beyond what the layers can give.
         error = BudgetError(f"a {target:g}x reduction in latency is out of reach: with each decomposed layer at "
-                            f"its cheapest rank ({refused.reachable:g}x by the layers' times) the planned model "
+                            f"its cheapest rank ({refused.reachable:g}x by the layers' times) the fastest plan "
                             f"measured {fastest:.3g}x ({table.describe()}; the first conv, the classifier and other "
                             f"kept or fixed layers count as they are)")
         error.reachable = refused.reachable
