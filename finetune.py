@@ -199,7 +199,8 @@ def train_one_epoch(
     ------
     NonFiniteLossError
         If a batch's loss is NaN or infinite, or ``guard`` says it diverged (on any rank);
-        no update is made from it.
+        no update is made from it.  Also when the epoch's last update left a weight NaN or
+        infinite (no later loss would show it before the next epoch).
     ValueError
         If the loader yields no batches, or ``amp_dtype`` is not a supported dtype.
     """
@@ -248,6 +249,13 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
                         refresh=False)
     bar.close()
+    # Each batch's loss is checked before its update, so the epoch's last update is checked
+    # here, on the weights: a blow-up there must restart this epoch, not become the start (and
+    # the checkpoint) of the next one, where every restart would meet it again.
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+    if not runtime.all_true(finite, device, group):
+        raise NonFiniteLossError(f"the weights became non-finite in the last update of epoch {epoch}; "
+                                 f"try a lower learning rate")
 
     loss_sum, correct, seen = runtime.all_reduce_sum([loss_sum, correct, seen], device, group)
     if seen == 0:

@@ -390,6 +390,25 @@ def test_two_restarts_in_one_epoch_lower_the_rate_twice():
         fit(_NanOnCall(mlp(), at=(1, 2, 3)), loader, recipe=Recipe(epochs=1, lr=0.2), device=CPU, show_progress=False)
 
 
+def test_a_blow_up_in_the_last_update_of_an_epoch_restarts_that_epoch():
+    """The last update of an epoch leaves no loss behind it to check: an infinite gradient there
+    restarts that epoch (whose start is clean), instead of carrying NaN weights into the next
+    epoch's start, its checkpoint and every restart from it."""
+    seed_everything(0)
+    model = mlp()
+    loader = DataLoader(blobs(32), batch_size=8)  # 4 batches per epoch
+    backwards = {"n": 0}
+
+    def poison(grad):
+        backwards["n"] += 1
+        return grad * float("inf") if backwards["n"] == 4 else grad  # epoch 1's last update
+
+    next(model.parameters()).register_hook(poison)
+    history = fit(model, loader, recipe=Recipe(epochs=2, lr=0.1), device=CPU, show_progress=False)
+    assert [r["restarts"] for r in history] == [1, 0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_fit_without_restarts_stops_at_once():
     flaky = _NanOnCall(mlp(), at=2)
     with pytest.raises(NonFiniteLossError, match="lower learning rate"):
