@@ -76,6 +76,11 @@ class _Stop(Exception):
     is not needed.  (An ``Exception`` and never a signal: caught right here.)"""
 
 
+class _NotCalled(ValueError):
+    """A module's forward pre-hook never fired: the forward does not call it (a model may loop
+    over an ``nn.Sequential``'s children, or slice it, instead of calling it)."""
+
+
 def _inputs_of(batch: Any) -> torch.Tensor:
     if isinstance(batch, torch.Tensor):
         return batch
@@ -305,7 +310,7 @@ def _capture(model: nn.Module, name: str, inputs: torch.Tensor) -> torch.Tensor:
     finally:
         handle.remove()
     if not captured:
-        raise ValueError(f"layer {name!r} is not used in the forward pass")
+        raise _NotCalled(f"layer {name!r} is not used in the forward pass")
     return captured[0]
 
 
@@ -360,11 +365,30 @@ class LayerInputs:
         # Chains off this layer's path will not be asked again soon: free their inputs.
         for key in [k for k in self._frontiers if k and not name.startswith(k + ".")]:
             del self._frontiers[key]
-        return self._inputs(name)
+        return self._or_from_the_images(name)
 
-    def _inputs(self, path: str) -> Iterable[torch.Tensor]:
+    def _or_from_the_images(self, name: str) -> Iterable[torch.Tensor]:
+        """:meth:`_inputs`, or where a chain on the path is not called as a whole (the model's
+        forward loops over its children), the whole network from the images to the layer."""
+        fast = self._inputs(name, copies=False)  # read by the layer (or its replacement) alone
+        try:
+            first = next(fast)
+        except StopIteration:
+            return
+        except _NotCalled:
+            self._frontiers.clear()
+            for batch in self.batches:
+                yield _capture(self.model, name, batch.clone())  # raises, naming the layer, if unused
+            return
+        yield first
+        yield from fast
+
+    def _inputs(self, path: str, *, copies: bool = True) -> Iterable[torch.Tensor]:
+        """``copies``: the reader runs modules on the tensors (which may begin in place, e.g.
+        ``LeakyReLU(inplace=True)``), so that the calibration batches and kept inputs it is given
+        are copies; the layer asked for only reads them."""
         if not path:
-            yield from self.batches
+            yield from (batch.clone() for batch in self.batches) if copies else self.batches
             return
         children = _chain(self.model.get_submodule(_parent(path)))
         if children is None:
@@ -377,9 +401,10 @@ class LayerInputs:
             for inputs in self._inputs(anchor):
                 yield _capture(module, inner, inputs)
             return
-        yield from self._advance(_parent(path), children, path.rpartition(".")[2])
+        yield from self._advance(_parent(path), children, path.rpartition(".")[2], copies=copies)
 
-    def _advance(self, chain: str, children: list[tuple[str, nn.Module]], child: str) -> Iterable[torch.Tensor]:
+    def _advance(self, chain: str, children: list[tuple[str, nn.Module]], child: str, *,
+                 copies: bool) -> Iterable[torch.Tensor]:
         index = [n for n, _ in children].index(child)
         modules = [m for _, m in children]
         # Taken out while the generator runs: it moves on past its kept inputs (an in-place ReLU may
@@ -397,6 +422,7 @@ class LayerInputs:
                 size += inputs.nbytes if isinstance(inputs, torch.Tensor) else budget + 1
                 if size <= budget:
                     kept.append(inputs)
+                    inputs = inputs.clone() if copies else inputs  # the kept ones stay as computed
                 else:
                     kept = None
             yield inputs
@@ -644,6 +670,22 @@ def _batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
 
 
+def _without_single_images(batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``batches`` with each batch of one image joined to a neighbour: a BatchNorm in training
+    mode cannot take the statistics of one value per channel (a BatchNorm1d, or a 1x1 feature
+    map), and a calibration set's last batch is whatever is left over (every one at batch 1)."""
+    merged: list[torch.Tensor] = []
+    carry = None
+    for batch in batches:
+        batch = batch if carry is None else torch.cat([carry, batch])
+        carry = batch if batch.shape[0] < 2 else None
+        if carry is None:
+            merged.append(batch)
+    if carry is not None:
+        merged[-1:] = [torch.cat([*merged[-1:], carry])]
+    return merged
+
+
 @torch.no_grad()
 def _calibration_stats(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
     """Every BatchNorm's running mean and variance re-estimated on ``batches``, as (mean, var);
@@ -656,9 +698,14 @@ def _calibration_stats(model: nn.Module, batches: Sequence[torch.Tensor]) -> dic
             model.eval()
             for m in norms.values():
                 m.reset_running_stats()
-                m.momentum = None  # a plain average over the batches
                 m.train()
-            for inputs in batches:
+            seen = 0
+            for inputs in _without_single_images(batches):
+                # The average of the batches' statistics weighted by their sizes (momentum=None
+                # would weigh a short last batch as much as a full one).
+                seen += inputs.shape[0]
+                for m in norms.values():
+                    m.momentum = inputs.shape[0] / seen
                 model(inputs)
             return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in norms.items()}
         finally:

@@ -1205,6 +1205,10 @@ def decompose_model(
         batches = calibration_data.collect(calibration, device=param.device, dtype=param.dtype)
         original = copy.deepcopy(model)  # the targets: every layer's response in the original network
     fit_data = batches is not None and data_aware
+    # The samples a layer's moments get are counted at the calibration images' own size (a
+    # library caller may calibrate at another size than the plan's input_size).
+    data_shapes = (report.record_input_shapes(model, tuple(batches[0].shape[1:]))
+                   if fit_data and tuple(batches[0].shape[1:]) != tuple(input_size) else shapes)
     # Each network's layer inputs, kept between layers (forward order): one pass, not one per layer.
     inputs = (calibration_data.LayerInputs(original, batches),
               calibration_data.LayerInputs(model, batches)) if fit_data else None
@@ -1233,7 +1237,8 @@ def decompose_model(
                 # Tucker-2's second look sees the core's inputs, R_in*kh*kw values per position.
                 dim = (min(int(entry["ranks"][1]), layer.in_channels) * math.prod(layer.kernel_size)
                        if method == "tucker" else None)
-                data, note = _data_for(original, model, name, layer, batches, in_shape, inputs, dim)
+                data, note = _data_for(original, model, name, layer, batches, data_shapes.get(name, shapes[name])[0],
+                                       inputs, dim)
             # Filter norms are restored on data-free factors only (a data-aware fit already matches
             # each channel's response), unless the caller said otherwise.
             rescale_layer = data is None if rescale is None else rescale
@@ -1259,6 +1264,7 @@ def decompose_model(
                 if _correct_mean(original, model, name, new, batches, inputs):
                     row.reason = "; ".join(x for x in (row.reason, "bias matched to the mean response") if x)
         if new is not None:
+            new.train(layer.training)  # the replacement in the mode of the layer it replaces
             replace_layer(model, name, new)
         row.why = entry.get("why", "")
         row.seconds = time.perf_counter() - start

@@ -139,6 +139,69 @@ def test_layer_inputs_recompute_after_an_earlier_layer_changes():
     assert not torch.equal(before[0], want[0])
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
+class _Looped(nn.Module):
+    """A model whose forward loops over an ``nn.Sequential``'s children instead of calling it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 14 * 14, 3))
+
+    def forward(self, x):
+        for module in self.features:
+            x = module(x)
+        return self.head(x)
+
+
+def _unchained_nets() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {"looped": _Looped(),
+            # A block that begins in place: it must not change inputs kept for the next layer.
+            "in-place": nn.Sequential(nn.Conv2d(3, 6, 3, padding=1),
+                                      nn.Sequential(nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(6, 6, 3)),
+                                      nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(6, 4, 3))}
+
+
+@pytest.mark.parametrize("arch", ["looped", "in-place"])
+def test_layer_inputs_of_unchained_and_in_place_networks(arch):
+    """A Sequential the forward does not call as a whole (its children looped over) and blocks
+    that begin in place: every layer still gets a full forward pass's input, and the
+    calibration batches are left as they were."""
+    model = _unchained_nets()[arch].eval()
+    batches = [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    saved = [b.clone() for b in batches]
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    cache = C.LayerInputs(model, batches)
+    with torch.no_grad():
+        got = {name: [t.clone() for t in cache(name)] for name in layers}
+        want = {name: [C._capture(model, name, x.clone()) for x in saved] for name in layers}
+    for name in layers:
+        assert all(torch.equal(a, b) for a, b in zip(got[name], want[name], strict=True)), name
+    assert all(torch.equal(a, b) for a, b in zip(batches, saved))
+
+
+def test_a_looped_sequential_is_decomposed_on_data():
+    model = _unchained_nets()["looped"].eval()
+    batches = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    plan = {"features.2": {"method": "tucker", "ranks": [4, 4]}}
+    rows = D.decompose_model(model, plan, input_size=(3, 16, 16), calibration=batches)
+    assert isinstance(model.features[2], D.TuckerConv2d), rows
+    assert "data-free" not in (rows[0].reason or "")
+    assert not any(m.training for m in model.modules())  # the replacement in the model's eval mode
+
+
+def test_samples_are_counted_at_the_calibration_images_size():
+    """The plan's input_size gives the MACs; whether a layer has enough samples for its moments
+    is counted on the calibration images as they are (here 16 px against a 4 px plan)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
+    batches = [torch.randn(2, 3, 16, 16)]   # 2 images x 14x14 positions; at 4 px only 2x2 each
+    rows = D.decompose_model(model, {"2": {"method": "tucker", "ranks": [8, 8]}}, input_size=(3, 4, 4),
+                             calibration=batches)
+    assert isinstance(model[2], D.TuckerConv2d) and "data-free" not in (rows[0].reason or ""), rows[0].reason
+
+
 def test_layer_stats_hands_the_original_outputs_on_to_the_next_layer(monkeypatch):
     """The conv response layer_stats computes becomes the kept input of the next layer (the conv
     does not run again in the original), and the data-aware decomposition is the same as when
@@ -462,6 +525,19 @@ def test_batchnorm_replacement_uses_the_calibration_statistics_and_restores_mode
     for k, v in weights.items():
         assert torch.equal(model.state_dict()[k], v), k
     assert C.reestimate_batchnorm(nn.Sequential(nn.Linear(3, 2)), [torch.rand(2, 3)]) == 0
+
+
+def test_batchnorm_statistics_weigh_batches_by_size_and_take_a_single_image_tail():
+    """The calibration set's last batch is what is left over: a short one counts for its images
+    only, and a batch of a single image (which a BatchNorm1d cannot take alone) joins a neighbour."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)).eval()
+    for sizes in ((8, 8, 3), (8, 8, 1), (1, 5), (1, 1, 1)):
+        batches = [torch.randn(n, 4) + 2 for n in sizes]
+        assert C.reestimate_batchnorm(model, batches) == 1
+        feats = torch.cat([model[0](x) for x in batches]).detach()
+        assert torch.allclose(model[1].running_mean, feats.mean(0), atol=1e-5), sizes
+        assert not model.training and model[1].momentum == 0.1
 
 
 def test_batchnorm_correction_after_data_free_factors_recovers_the_statistics():
