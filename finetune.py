@@ -123,6 +123,9 @@ def _check_amp(amp_dtype: torch.dtype | None) -> None:
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None and device.type not in ("cpu", "cuda"):
+        # torch before 2.5 refuses autocast on "mps" even disabled; nothing to disable there.
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
@@ -1032,10 +1035,24 @@ def _epoch_with_restarts(run: _Run, train_loader, test_loader, *, train_sampler,
                             ", ".join(f"{lr_:.3g}" for lr_ in run.scheduler.base_lrs))
 
 
+#: Sampler epochs for the rate probe's passes after the first over a short loader (any values the
+#: training epochs, numbered from 0, do not reach soon).
+PROBE_SAMPLER_EPOCH = 1_000_000
+
+
 def _probe_batches(train_loader, count: int) -> list:
-    """The first ``count`` training batches (the loader again from its start if shorter)."""
+    """The first ``count`` training batches (the loader again from its start if shorter, in
+    another order: a DistributedSampler repeats its order until its epoch changes, which would
+    judge the probe on the very batches it trained on)."""
     batches = []
+    sampler = getattr(train_loader, "sampler", None)
+    reorder = hasattr(sampler, "set_epoch")
+    epoch = getattr(sampler, "epoch", 0)
+    passes = 0
     while len(batches) < count:
+        if passes and reorder:
+            sampler.set_epoch(PROBE_SAMPLER_EPOCH + passes)
+        passes += 1
         before = len(batches)
         for batch in train_loader:
             batches.append(batch)
@@ -1043,6 +1060,8 @@ def _probe_batches(train_loader, count: int) -> list:
                 break
         if len(batches) == before:
             raise ValueError("the training loader yielded no batches")
+    if passes > 1 and reorder:
+        sampler.set_epoch(epoch)  # as it was: the epochs of the run number themselves
     return batches
 
 

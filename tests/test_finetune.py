@@ -409,6 +409,18 @@ def test_a_blow_up_in_the_last_update_of_an_epoch_restarts_that_epoch():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_the_probe_judges_a_short_distributed_loader_on_other_batches():
+    """A DistributedSampler repeats its order within an epoch: a loader shorter than the probe's
+    two halves is read again in another order, and the sampler's epoch is left as it was."""
+    data = TensorDataset(torch.arange(128.0)[:, None], torch.zeros(128, dtype=torch.long))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=0, seed=0)
+    loader = DataLoader(data, batch_size=8, sampler=sampler)  # 8 batches per rank
+    batches = finetune._probe_batches(loader, 2 * finetune.PROBE_STEPS)
+    trained, judged = batches[:finetune.PROBE_STEPS], batches[finetune.PROBE_STEPS:]
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(trained, judged))
+    assert sampler.epoch == 0
+
+
 def test_fit_without_restarts_stops_at_once():
     flaky = _NanOnCall(mlp(), at=2)
     with pytest.raises(NonFiniteLossError, match="lower learning rate"):
