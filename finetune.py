@@ -913,7 +913,8 @@ def fit(
 
     An epoch whose loss turns non-finite or diverges restarts at a lower rate
     (``recipe.max_restarts``); with a test loader the model ends with its best epoch's
-    weights (``recipe.keep_best``).  A run can continue after an interruption:
+    weights (``recipe.keep_best``), also when a later epoch runs out of restarts (the run
+    then stops there, with a warning, instead of raising).  A run can continue after an interruption:
     ``checkpoint`` is called after every epoch but the last with a function returning
     everything the next epochs depend on (:func:`training_checkpoint`), and ``resume``
     takes such a dict back; on CPU, with the same seed and a loader without worker
@@ -981,9 +982,20 @@ def fit(
             _probe_rates(run, train_loader, device=device, group=group, log=log if is_main else None)
         while run.epoch < recipe.epochs:
             start = time.perf_counter()
-            record = _epoch_with_restarts(run, train_loader, test_loader, train_sampler=train_sampler, device=device,
-                                          show_progress=show_progress, group=group, step_hook=step_hook,
-                                          log=log if is_main else None)
+            try:
+                record = _epoch_with_restarts(run, train_loader, test_loader, train_sampler=train_sampler,
+                                              device=device, show_progress=show_progress, group=group,
+                                              step_hook=step_hook, log=log if is_main else None)
+            except NonFiniteLossError as exc:
+                if run.best is None:  # no evaluated epoch to fall back on
+                    raise
+                # Out of restarts after good epochs: the run ends with the best of them rather
+                # than with nothing (a --resume would meet the same epoch again).
+                runtime.unwrap(run.model).load_state_dict(run.best["model"])
+                if is_main:
+                    log.warning("%s; stopping after %d of %d epochs with the best one so far", exc, run.epoch,
+                                recipe.epochs)
+                break
             record["seconds"] = time.perf_counter() - start
             if epoch_hook is not None:
                 epoch_hook(record)

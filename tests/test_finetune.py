@@ -421,6 +421,45 @@ def test_the_probe_judges_a_short_distributed_loader_on_other_batches():
     assert sampler.epoch == 0
 
 
+class _NanWhileTraining(nn.Module):
+    """``inner``, except that training-mode forward calls after the first ``good`` return NaN."""
+
+    def __init__(self, inner: nn.Module, good: int) -> None:
+        super().__init__()
+        self.inner, self.good, self.calls = inner, good, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.good:
+                return out * float("nan")
+        return out
+
+
+def test_a_late_epoch_out_of_restarts_ends_with_the_best_epoch(caplog):
+    """Good epochs, then one that blows up on every try: the run stops there with the best
+    evaluated epoch's weights and says so; without a test set there is none to keep, and it raises."""
+    seed_everything(0)
+    loader = DataLoader(blobs(32), batch_size=8)  # 4 batches per epoch
+    flaky = _NanWhileTraining(mlp(), good=4)     # epoch 1 trains, every later step blows up
+    after_epoch_1 = {}
+
+    def snapshot(record):
+        if record["epoch"] == 1:
+            after_epoch_1.update({k: v.clone() for k, v in flaky.state_dict().items()})
+
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        history = fit(flaky, loader, loader, recipe=Recipe(epochs=3, lr=0.1, max_restarts=1), device=CPU,
+                      show_progress=False, epoch_hook=snapshot)
+    assert [r["epoch"] for r in history] == [1] and history[0]["kept"]
+    assert any("stopping after 1 of 3 epochs with the best one so far" in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(v, after_epoch_1[k]) for k, v in flaky.state_dict().items())
+    with pytest.raises(NonFiniteLossError, match="restarted 1 time"):
+        fit(_NanWhileTraining(mlp(), good=4), loader, recipe=Recipe(epochs=3, lr=0.1, max_restarts=1), device=CPU,
+            show_progress=False)
+
+
 def test_fit_without_restarts_stops_at_once():
     flaky = _NanOnCall(mlp(), at=2)
     with pytest.raises(NonFiniteLossError, match="lower learning rate"):
