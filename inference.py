@@ -68,6 +68,7 @@ import copy
 import importlib
 import io
 import logging
+import math
 import os
 import time
 import warnings
@@ -164,6 +165,12 @@ def _relative_diff(output: torch.Tensor, reference: torch.Tensor) -> tuple[float
     reference = reference.detach().to("cpu", torch.float64)
     if output.shape != reference.shape:
         raise OutputMismatchError(f"output shape {tuple(output.shape)} != eager shape {tuple(reference.shape)}")
+    # NaN compares false with any tolerance: without these, a NaN output would pass every check.
+    if not bool(torch.isfinite(reference).all()):
+        raise OutputMismatchError("the model's own (eager) outputs are not finite on the example: a weight holds "
+                                  "NaN or infinity, or the activations overflow")
+    if not bool(torch.isfinite(output).all()):
+        return math.inf, math.inf
     max_abs = float((output - reference).abs().max()) if reference.numel() else 0.0
     scale = float(reference.abs().max()) if reference.numel() else 0.0
     return max_abs, max_abs / max(scale, _TINY)
@@ -447,6 +454,10 @@ def _ort_session(model_bytes: bytes, device: torch.device):
     return ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
 
 
+def _ort_has_cuda() -> bool:
+    return "CUDAExecutionProvider" in _import_onnxruntime().get_available_providers()
+
+
 def _ort_runner(session, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
         # onnxruntime reads host numpy arrays; results go back to the caller's device.
@@ -537,7 +548,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
               "export_s": export_s, "checked": check, "batch_sizes": None, "max_abs_diff": None,
               "max_rel_diff": None}
     if check:
-        run = _ort_runner(_ort_session(model_bytes, device), example.dtype, device)
+        # The check runs where this onnxruntime can (the CPU build has no GPU or MPS provider);
+        # outputs come back to the model's device for the comparison.
+        ort_device = device if device.type == "cuda" and _ort_has_cuda() else torch.device("cpu")
+        run = _ort_runner(_ort_session(model_bytes, ort_device), example.dtype, device)
         # A second, different batch size proves the batch dimension really is dynamic.
         batches = (example, torch.cat([example, example[:1]]))
         worst_abs = worst_rel = 0.0
@@ -562,7 +576,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
         result["bytes"] = len(model_bytes)
     with atomic_open(path, "wb") as fh:
         fh.write(model_bytes)
-    logger.info("wrote %s (%.1f MB)", path, len(model_bytes) / 2**20)
+    logger.info("wrote %s (%.1f MB)", path, len(model_bytes) / 1e6)
     return result
 
 

@@ -1080,7 +1080,12 @@ def _calibration_batches(args, image_size: int, classes: list[str], *, images: i
                                                      seed=args.seed)
     if found != classes:
         raise _classes_differ("the calibration folder's", found, classes)
-    return calibration.collect(loader, device=device)
+    try:
+        return calibration.collect(loader, device=device)
+    except UserError:
+        raise
+    except ValueError as exc:  # e.g. not one readable image among those drawn
+        raise UserError(f"calibration images from {args.train_path}: {exc}") from None
 
 
 def evaluate_int8(model: torch.nn.Module, args: argparse.Namespace, test_loader, image_size: int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import sys
 
@@ -343,6 +345,21 @@ def test_int8_that_disagrees_with_float_is_not_written(model, tmp_path, monkeypa
     with pytest.raises(inference.OutputMismatchError, match="int8 model's top-1 class agrees"):
         inference.export_onnx(model, path, _example(), int8_batches=[_example(64, seed=2)])
     assert path.read_bytes() == b"previous"
+
+
+def test_non_finite_outputs_never_pass_a_check(model, tmp_path):
+    """NaN compares false with any tolerance: a backend whose output has NaN fails its check, and a
+    model whose own outputs are not finite is refused by name before anything is written."""
+    x = _example()
+    reference = _eager(model, x)
+    assert inference._relative_diff(reference.clone().fill_(float("nan")), reference) == (math.inf, math.inf)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    path = tmp_path / "m.onnx"
+    with pytest.raises(inference.OutputMismatchError, match="eager\\) outputs are not finite"):
+        inference.export_onnx(broken, path, x)
+    assert not path.exists()
 
 
 def test_int8_keeps_named_nodes_in_float32(model):
