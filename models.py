@@ -365,8 +365,10 @@ def load_checkpoint(path: str, *, config: dict[str, Any]) -> dict[str, Any]:
             or not isinstance(state.get("config"), dict)):
         raise UserError(f"{path} is not a training checkpoint of this tool")
     saved = state["config"]
-    differ = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in config.items()
-              if saved.get(key) != value]
+    # The options are plain values (a file could hold anything there: compared only as such).
+    plain = (type(None), bool, int, float, str)
+    differ = [f"{key} {str(saved.get(key))[:40]!r} there, {value!r} here" for key, value in config.items()
+              if not isinstance(saved.get(key), plain) or saved.get(key) != value]
     if differ:
         raise UserError(f"checkpoint {path} is from a run with other options ({'; '.join(differ)[:300]}); resume "
                         f"with the interrupted run's options, or drop --resume to start over")
@@ -435,6 +437,11 @@ def _file_kind(path: str) -> str:
     return "neither a zip archive nor a pickle"
 
 
+#: Tensor types a model file may hold: floating weights (converted to float32) and integer buffers.
+_FILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8,
+                torch.int8, torch.int16, torch.bool)
+
+
 def _float32_weights(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """The state_dict with every floating tensor in float32; non-finite weights refused.
 
@@ -442,6 +449,15 @@ def _float32_weights(state: dict[str, torch.Tensor], path: str) -> dict[str, tor
     double precision (by another script) is converted, with a warning, rather than fail
     later with a dtype mismatch deep in a forward pass.
     """
+    # A tensor is checked against the storage the file holds for it before any element is read:
+    # a view with stride 0 (or overlapping strides) can claim 10^12 elements in a 2 kB file.
+    for key, v in state.items():
+        if v.numel() * v.element_size() > v.untyped_storage().nbytes():
+            raise UserError(f"model file {path}: tensor {key!r} of shape {tuple(v.shape)} is larger than the data "
+                            f"stored for it (a strided view)")
+        if v.is_complex() or v.dtype not in _FILE_DTYPES:
+            raise UserError(f"model file {path}: tensor {key!r} has dtype {str(v.dtype).replace('torch.', '')}, "
+                            f"not a real floating or integer type")
     other = sorted({str(v.dtype).replace("torch.", "") for v in state.values()
                     if v.is_floating_point() and v.dtype != torch.float32})
     if other:
@@ -486,6 +502,9 @@ def load_model(path: str, *, device: torch.device | str = "cpu") -> tuple[nn.Mod
         check_image_size(arch, image_size)
     except UserError as exc:
         raise UserError(f"model file {path}: {exc}") from None
+    meta = payload.get("meta", {})
+    if not isinstance(meta, dict):
+        raise UserError(f"model file {path} has malformed metadata (a {type(meta).__name__}, not a mapping)")
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
@@ -502,7 +521,14 @@ def load_model(path: str, *, device: torch.device | str = "cpu") -> tuple[nn.Mod
         with torch.device(next(model.parameters()).device):
             _replace_head(model, len(classes))
             decompositions.apply_plan(model, plan)
+        expected = {k: t.dtype for k, t in model.state_dict().items()}
+        wrong = [k for k, v in state.items() if k in expected and v.dtype != expected[k]]
+        if wrong:
+            raise UserError(f"model file {path}: {wrong[0]!r} is {str(state[wrong[0]].dtype).replace('torch.', '')}, "
+                            f"the model's is {str(expected[wrong[0]]).replace('torch.', '')}")
         model.load_state_dict(state, strict=True, assign=True)
+    except UserError:
+        raise
     except (ValueError, RuntimeError) as exc:
         detail = str(exc).strip().splitlines()
         raise UserError(f"model file {path} does not match its architecture {arch}: "
@@ -515,5 +541,5 @@ def load_model(path: str, *, device: torch.device | str = "cpu") -> tuple[nn.Mod
         raise UserError(f"model file {path} lacks tensors for {', '.join(leftover[:3])}")
     model.to(device).eval()
     info = {k: payload[k] for k in ("arch", "classes", "image_size", "plan")}
-    info["meta"] = payload.get("meta", {})
+    info["meta"] = meta
     return model, info

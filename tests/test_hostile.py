@@ -76,6 +76,14 @@ MALFORMED = {
     "arch not text": (lambda p: p.update(arch=["vgg16"]), "malformed architecture name"),
     "NaN weights": (lambda p: p["state_dict"]["features.0.weight"].fill_(float("nan")),
                     "non-finite weights (NaN or Inf) in features.0.weight"),
+    # 10^12 elements claimed by a view of one stored float (a 2 kB file): refused before reading.
+    "strided view": (lambda p: p["state_dict"].update({"features.0.weight": torch.zeros(1).as_strided(
+        (10**6, 10**6), (0, 0))}), "is larger than the data stored for it"),
+    "complex weights": (lambda p: p["state_dict"].update({"features.0.weight": p["state_dict"][
+        "features.0.weight"].to(torch.complex64)}), "not a real floating or integer type"),
+    "integer bias": (lambda p: p["state_dict"].update({"features.0.bias": p["state_dict"][
+        "features.0.bias"].long()}), "'features.0.bias' is int64, the model's is float32"),
+    "meta not a mapping": (lambda p: p.update(meta=5), "malformed metadata (a int, not a mapping)"),
 }
 
 

@@ -235,3 +235,16 @@ def test_archs_without_a_linear_head_or_of_fixed_size_are_refused_with_one_line(
     with pytest.raises(UserError, match="vit_b_16 does not take 256 px"):
         models.check_image_size("vit_b_16", 256)
     models.check_image_size("resnet18", 32)
+
+
+def test_a_checkpoint_whose_options_are_not_plain_values_is_refused(tmp_path):
+    """The run's options in a checkpoint are compared as plain values: a tensor there (a crafted
+    or foreign file) is a difference named in one line, not an ambiguous-truth-value crash."""
+    from finetune import CHECKPOINT_FORMAT
+
+    path = str(tmp_path / "model.ckpt")
+    models.save_checkpoint(path, {"format": CHECKPOINT_FORMAT}, config={"lr": torch.tensor([0.1, 0.2]), "seed": 0})
+    with pytest.raises(UserError, match="is from a run with other options .*lr"):
+        models.load_checkpoint(path, config={"lr": 0.1, "seed": 0})
+    models.save_checkpoint(path, {"format": CHECKPOINT_FORMAT}, config={"lr": 0.1, "seed": 0})
+    assert models.load_checkpoint(path, config={"lr": 0.1, "seed": 0})["config"] == {"lr": 0.1, "seed": 0}
