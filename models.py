@@ -367,7 +367,7 @@ def load_checkpoint(path: str, *, config: dict[str, Any]) -> dict[str, Any]:
     saved = state["config"]
     # The options are plain values (a file could hold anything there: compared only as such).
     plain = (type(None), bool, int, float, str)
-    differ = [f"{key} {str(saved.get(key))[:40]!r} there, {value!r} here" for key, value in config.items()
+    differ = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in config.items()
               if not isinstance(saved.get(key), plain) or saved.get(key) != value]
     if differ:
         raise UserError(f"checkpoint {path} is from a run with other options ({'; '.join(differ)[:300]}); resume "
