@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -197,6 +198,15 @@ def check_image_folder(path: PathLike, *, role: str) -> list[str]:
             f"{role} folder {root} has no class subfolders "
             f"(expected {os.path.join(root, '<class>', '<image>')})"
         )
+    # A class folder that is a link to another class (or into one) would give the same images
+    # two labels.
+    real = {c: os.path.realpath(os.path.join(root, c)) for c in classes}
+    for a in sorted(classes, key=lambda c: not os.path.islink(os.path.join(root, c))):  # name a link first
+        for b in classes:
+            if a != b and (real[a] == real[b] or real[a].startswith(real[b] + os.sep)):
+                where = "the same folder as" if real[a] == real[b] else "inside"
+                raise UserError(f"{role} folder {root}: class folder {a!r} is {where} {b!r} (a link): its images "
+                                f"would get two labels")
     empty = [c for c in classes if not _list_images(os.path.join(root, c))]
     if empty:
         raise UserError(
@@ -214,6 +224,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Return ``img`` as a 3-channel RGB image (grey, RGBA, palette, CMYK, ...)."""
     if img.mode == "RGB":
         return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        # 16-bit and float pixels: Pillow's convert clips them to 0..255 (a 16-bit scan turns
+        # white, a float image in 0..1 black); scaled to 8 bits by their type's range instead.
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0          # 0..65535 -> 0..255
+        elif img.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0          # 0..1 -> 0..255
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         # Going through RGBA avoids Pillow's warning about palette transparency.
         img = img.convert("RGBA")

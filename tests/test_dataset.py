@@ -24,6 +24,7 @@ from dataset import (
     build_loaders,
     build_transforms,
     check_image_folder,
+    to_rgb,
 )
 from errors import UserError
 
@@ -162,6 +163,26 @@ def test_non_rgb_images_become_three_channels(tmp_path, mode):
         # Grey replicated to RGB: equal channels once the normalization is undone.
         raw = x * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
         assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_16_bit_and_float_images_keep_their_contrast(mode):
+    """Pillow's convert clips 16-bit pixels to 255 (a 16-bit scan turns white) and float ones to
+    0 (a 0..1 image turns black): to_rgb scales them by their type's range."""
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    values = (ramp * 65535).astype(np.uint16) if mode == "I;16" else ramp.astype(np.float32)
+    img = Image.fromarray(values)
+    assert img.mode == mode
+    rgb = np.asarray(to_rgb(img))
+    assert rgb.shape == (8, 8, 3) and rgb[..., 0].min() == 0 and rgb[..., 0].max() == 255
+    assert abs(float(rgb[..., 0].mean()) - 127.5) < 2
+
+
+def test_a_class_folder_linked_to_another_class_is_refused(tmp_path):
+    train, _ = make_image_folder(tmp_path / "data", n_train=2, n_test=1, size=8)
+    (train / "wolf").symlink_to("dog")
+    with pytest.raises(UserError, match="class folder 'wolf' is the same folder as 'dog' .*two labels"):
+        check_image_folder(train, role="train")
 
 
 @pytest.mark.parametrize("train", [True, False])
