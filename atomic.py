@@ -40,6 +40,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: The target's name in its temporary's: the rest (".", ".<pid>.<8 random>.tmp") must still fit
+#: the 255 bytes a file name may have on common file systems.
+TMP_STEM_BYTES = 200
+
+
+def _tmp_stem(name: str) -> str:
+    """``name`` cut to :data:`TMP_STEM_BYTES` bytes (whole characters) for a temporary's name."""
+    return name.encode()[:TMP_STEM_BYTES].decode(errors="ignore")
+
+
 def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
     """Delete the temporary files that interrupted writes of ``path`` left behind, with a warning.
 
@@ -48,9 +58,10 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
     """
     path = os.fspath(path)
     directory, name = os.path.split(os.path.abspath(path))
+    stem = _tmp_stem(name)
     removed = []
-    for tmp in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")):
-        match = _TMP_PID.search(os.path.basename(tmp)[len(name) + 1:])  # ".<pid>.<random>.tmp"
+    for tmp in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(stem)}.*.tmp")):
+        match = _TMP_PID.search(os.path.basename(tmp)[len(stem) + 1:])  # ".<pid>.<random>.tmp"
         if match and not _alive(int(match.group(1))):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -98,7 +109,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     directory = os.path.dirname(os.path.abspath(path))
     remove_stale_temporaries(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{_tmp_stem(os.path.basename(path))}.{os.getpid()}.",
+                                   suffix=".tmp")
     except OSError as exc:
         if exc.errno in _NO_ROOM:  # no inode left for the temporary file
             raise DiskFullError(f"cannot write {path}: {os.strerror(exc.errno)} (nothing written)") from None

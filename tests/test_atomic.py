@@ -142,3 +142,18 @@ def test_a_full_disk_on_the_command_line_exits_1_with_one_line(tmp_path, monkeyp
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         f"error: cannot write {tmp_path / 'small'}: No space left on device (nothing written)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_target_name_near_the_limit_is_written(tmp_path):
+    """The temporary adds a pid, a random part and '.tmp' to the target's name: for a name near
+    the file system's 255 bytes it is cut so that it still fits, and stale ones are still found."""
+    path = tmp_path / ("m" * 250)
+    with atomic_open(path, "w") as fh:
+        fh.write("ok")
+    assert path.read_text() == "ok" and os.listdir(tmp_path) == [path.name]
+    import atomic
+
+    stale = tmp_path / f".{atomic._tmp_stem(path.name)}.999999999.abcd1234.tmp"  # a write that died
+    stale.write_text("half")
+    with pytest.warns(UserWarning, match="interrupted write"):
+        assert atomic.remove_stale_temporaries(path) == [str(stale)]
