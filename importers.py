@@ -292,7 +292,9 @@ def _onnx_name(node, weight_name: str) -> str:
 # ----------------------------------------------------------------------------- Keras
 def _natural_key(text: str) -> list:
     """Sort key comparing digit runs as numbers: ``conv2d_2`` < ``conv2d_10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+    # re.split with a group alternates text and digit runs, so the kinds line up between keys
+    # (str.isdigit would also take "²", which int() refuses).
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text))]
 
 
 #: The largest kernel or bias read from a Keras file, in elements (VGG16's fc1 is 103M; about
@@ -316,15 +318,20 @@ def _read_keras(path: str) -> tuple[list[Layer], list[Layer]]:
         raise UserError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0][:200]})") from None
     except _Refused as exc:
         raise UserError(f"{path}: {exc}") from None
+    except UnicodeDecodeError:  # h5py hands such names over as bytes, and fails on them later
+        raise UserError(f"{path}: a group or dataset name is not UTF-8 (not a Keras weights file)") from None
     convs: list[Layer] = []
     denses: list[Layer] = []
     for name, kernel, bias in groups:
         if kernel.ndim == 4:  # HWIO -> OIHW
             convs.append(Layer(name, _tensor(np.transpose(kernel, (3, 2, 0, 1))), _tensor(bias)))
         elif kernel.ndim == 2:  # (in, out) -> (out, in)
-            # Keras flattens NHWC maps: the first dense layer after convs sees (h, w, c).
-            denses.append(Layer(name, _tensor(kernel.T), _tensor(bias),
-                                channels_last_input=not denses and bool(convs)))
+            denses.append(Layer(name, _tensor(kernel.T), _tensor(bias)))
+    if convs and denses:
+        # Keras flattens NHWC maps: the first dense layer after the convs sees (h, w, c).  Not
+        # "the first dense read after a conv": a Keras 3 file names its groups by class, and a
+        # Sequential around a conv base stores "layers/dense" before "layers/functional/...".
+        denses[0] = dataclasses.replace(denses[0], channels_last_input=True)
     return convs, denses
 
 

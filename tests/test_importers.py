@@ -227,6 +227,30 @@ def test_keras_flatten_order_is_converted_for_the_first_dense_layer(tmp_path):
     np.testing.assert_allclose(got, np.maximum(keras_flat @ dense, 0), rtol=1e-5, atol=1e-5)
 
 
+def test_keras3_flatten_order_when_the_dense_layers_are_stored_first(tmp_path):
+    """A Keras 3 Sequential around a conv base stores "layers/dense" before "layers/functional/...":
+    its first dense layer still gets the NHWC flatten order converted, and an odd group name
+    ("²", a digit to str.isdigit but not to int) sorts without a crash."""
+    rng = np.random.default_rng(4)
+    size, channels, hidden = 3, 4, 5
+    conv_hwio = rng.standard_normal((3, 3, 3, channels)).astype(np.float32)
+    dense = rng.standard_normal((size * size * channels, hidden)).astype(np.float32)
+    path = tmp_path / "tiny.weights.h5"
+    with h5py.File(path, "w") as fh:
+        fh["layers/dense/vars/0"], fh["layers/dense/vars/1"] = dense, np.zeros(hidden, np.float32)
+        conv = fh.create_group("layers/functional/layers/conv2d/vars")
+        conv["0"], conv["1"] = conv_hwio, np.zeros(channels, np.float32)
+        fh.create_group("\u00b2")
+    model = Tiny(channels, size, hidden)
+    importers.load_into(model, importers.read_layers(path), arch="tiny")
+    x = torch.from_numpy(rng.standard_normal((2, 3, size, size)).astype(np.float32))
+    with torch.no_grad():
+        fmap = model.features(x)
+        got = model.hidden(x).numpy()
+    keras_flat = fmap.permute(0, 2, 3, 1).reshape(2, -1).numpy()
+    np.testing.assert_allclose(got, np.maximum(keras_flat @ dense, 0), rtol=1e-5, atol=1e-5)
+
+
 def test_keras_file_without_the_stack(tmp_path):
     path = tmp_path / "small.h5"
     with h5py.File(path, "w") as fh:
@@ -385,6 +409,8 @@ def _hostile_h5(tmp_path, case: str) -> Path:
         elif case == "dataset_for_group":
             del fh["conv"]
             fh["conv"] = conv
+        elif case == "group_name_not_utf8":
+            group.create_group(b"\xfe")["kernel:0"] = conv
         else:
             raise AssertionError(case)
     return path
@@ -409,6 +435,7 @@ HOSTILE_H5 = {
     "layer_names_not_utf8": "not UTF-8",
     "layer_names_slash": "holds '/', not a layer name",
     "dataset_for_group": "is a dataset, not a group of weights",
+    "group_name_not_utf8": "a group or dataset name is not UTF-8",
 }
 
 
