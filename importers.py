@@ -262,11 +262,17 @@ def _onnx_layers(graph, numpy_helper) -> tuple[list[Layer], list[Layer]]:
             weight = constant(node.input[1])
             if weight is None or weight.ndim != 2:
                 continue
-            # Gemm computes A @ B (+ C); with transB it is A @ B.T, B then being (out, in).
+            # Gemm computes alpha * A @ B + beta * C; with transB it is A @ B.T, B then being (out, in).
+            if node.op_type == "Gemm" and _attr(node, "transA"):
+                raise _Refused(f"Gemm node {node.name[:60]!r} transposes its input (transA): not a dense layer")
+            alpha, beta = ((1.0 if v is None else float(v)) for v in
+                           ((_attr(node, "alpha"), _attr(node, "beta")) if node.op_type == "Gemm" else (None, None)))
             if not (node.op_type == "Gemm" and _attr(node, "transB")):
                 weight = weight.T
+            weight = weight * alpha if alpha != 1.0 else weight
             out_features = weight.shape[0]
             bias = vector(node.input[2], out_features) if node.op_type == "Gemm" and len(node.input) > 2 else None
+            bias = bias * beta if bias is not None and beta != 1.0 else bias
             if bias is None:
                 bias = bias_after(node.output[0], out_features)
             first = not denses

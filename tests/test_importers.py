@@ -321,8 +321,10 @@ def test_a_deeper_network_of_the_same_family_is_refused(tmp_path):
     assert models.build_pretrained("vgg19", 2, weights=str(path))[1]  # as the arch it is, it loads
 
 
-def test_onnx_gemm_with_a_broadcast_bias(tmp_path):
-    """Gemm (transB=1) whose bias C has shape (1, N), as the ONNX spec allows."""
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (2.0, 0.5)])
+def test_onnx_gemm_with_a_broadcast_bias(tmp_path, alpha, beta):
+    """Gemm (transB=1) whose bias C has shape (1, N), as the ONNX spec allows; its alpha and beta
+    scale the weight and the bias (alpha * A @ B.T + beta * C)."""
     rng = np.random.default_rng(4)
     conv_w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     gemm_w = rng.standard_normal((5, 36)).astype(np.float32)  # (out, in)
@@ -331,7 +333,7 @@ def test_onnx_gemm_with_a_broadcast_bias(tmp_path):
              numpy_helper.from_array(gemm_b, "fc_b")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Flatten", ["c"], ["f"]),
-             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1)]
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1, alpha=alpha, beta=beta)]
     graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 3, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], initializer=inits)
     path = tmp_path / "gemm.onnx"
@@ -340,8 +342,8 @@ def test_onnx_gemm_with_a_broadcast_bias(tmp_path):
     result = importers.load_into(model, importers.read_layers(path), arch="tiny")
     assert result["loaded"] == ["features.0", "classifier.1"]
     assert torch.equal(model.features[0].bias, torch.zeros(4))  # no conv bias in the file
-    assert torch.equal(model.classifier[1].weight, torch.from_numpy(gemm_w))
-    assert torch.equal(model.classifier[1].bias, torch.from_numpy(gemm_b.reshape(5)))
+    assert torch.equal(model.classifier[1].weight, torch.from_numpy(gemm_w * np.float32(alpha)))
+    assert torch.equal(model.classifier[1].bias, torch.from_numpy(gemm_b.reshape(5) * np.float32(beta)))
 
 
 # ------------------------------------------------------------- hostile HDF5 files
