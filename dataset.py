@@ -249,6 +249,10 @@ class ToRGB:
         return f"{type(self).__name__}()"
 
 
+#: Images more elongated than this are treated as unreadable (see :func:`load_rgb`).
+MAX_ASPECT_RATIO = 50
+
+
 def load_rgb(path: str) -> Image.Image:
     """Decode the image at ``path`` fully, as RGB.
 
@@ -262,6 +266,12 @@ def load_rgb(path: str) -> Image.Image:
         # (https://github.com/python-pillow/Pillow/issues/835).
         with open(path, "rb") as f:
             img = Image.open(f)
+            # Checked from the header, before decoding: resizing the short side to the
+            # network's size scales the long side too (a 1 x 100000 px strip of a few hundred
+            # bytes would become 256 x 25.6M px, 20 GB).
+            width, height = img.size
+            if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+                raise ValueError(f"{width} x {height} px: an aspect ratio beyond {MAX_ASPECT_RATIO}:1")
             img.load()  # decode now, while the file is open (RGB is not converted)
             return to_rgb(img)
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ...

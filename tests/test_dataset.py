@@ -178,6 +178,16 @@ def test_16_bit_and_float_images_keep_their_contrast(mode):
     assert abs(float(rgb[..., 0].mean()) - 127.5) < 2
 
 
+def test_an_extremely_elongated_image_is_refused_before_it_is_decoded(tmp_path):
+    """A 1 x 100000 px strip is a few hundred bytes, and 20 GB once its short side is resized."""
+    path = tmp_path / "strip.png"
+    Image.new("L", (100000, 1)).save(path)
+    with pytest.raises(ImageLoadError, match="an aspect ratio beyond 50:1"):
+        dataset.load_rgb(str(path))
+    Image.new("L", (400, 10)).save(path)   # 40:1 is still read
+    assert dataset.load_rgb(str(path)).size == (400, 10)
+
+
 def test_a_class_folder_linked_to_another_class_is_refused(tmp_path):
     train, _ = make_image_folder(tmp_path / "data", n_train=2, n_test=1, size=8)
     (train / "wolf").symlink_to("dog")
