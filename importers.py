@@ -43,6 +43,7 @@ import dataclasses
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,10 +138,16 @@ def _read_onnx(path: str) -> tuple[list[Layer], list[Layer]]:
     except ImportError:
         raise UserError("reading ONNX weights needs the onnx package: pip install onnx") from None
     try:
+        # Tensors in external data files beside the model are loaded by onnx itself, which (since
+        # 1.13, CVE-2022-25882) refuses absolute paths and paths out of the model's folder.
         model = onnx.load(path)
     except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, missing external data, ...
         raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no detail'})") from None
+    norms = sum(node.op_type == "BatchNormalization" for node in model.graph.node)
+    if norms:
+        warnings.warn(f"{path} has {norms} BatchNormalization layer(s): only conv and dense weights are read, "
+                      f"so features computed with them will differ", stacklevel=3)
     try:
         return _onnx_layers(model.graph, numpy_helper)
     except _Refused as exc:

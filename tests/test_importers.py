@@ -346,6 +346,21 @@ def test_onnx_gemm_with_a_broadcast_bias(tmp_path, alpha, beta):
     assert torch.equal(model.classifier[1].bias, torch.from_numpy(gemm_b.reshape(5) * np.float32(beta)))
 
 
+def test_onnx_batchnorm_layers_are_named_as_not_read(tmp_path):
+    """Only conv and dense weights are read: a file whose convs feed BatchNormalization says so."""
+    ones = np.ones(4, np.float32)
+    inits = [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")] + [
+        numpy_helper.from_array(ones, n) for n in ("s", "b", "m", "v")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 3])], initializer=inits)
+    path = tmp_path / "bn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    with pytest.warns(UserWarning, match="1 BatchNormalization layer.*only conv and dense weights are read"):
+        assert len(importers.read_layers(path).convs) == 1
+
+
 # ------------------------------------------------------------- hostile HDF5 files
 SECRET = np.full((3, 3, 3, 4), 7.25, np.float32)  # bytes of "another file" that must never become weights
 
