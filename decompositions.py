@@ -425,6 +425,10 @@ def _solve_gram(mttkrp: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     takes the minimum-norm ``gelsd`` solution.
     """
     gram64, rhs = gram.double(), mttkrp.double().T
+    if not (bool(torch.isfinite(gram64).all()) and bool(torch.isfinite(rhs).all())):
+        # LAPACK's gelsd fails on NaN with an internal error, not a diagnosis: stop the ALS here
+        # so that the caller's retry from another start (and its Tucker-2 fallback) takes over.
+        raise CPDiverged("non-finite CP factors")
     with lapack_threads():
         chol, info = torch.linalg.cholesky_ex(gram64)
         diag = chol.diagonal().abs()

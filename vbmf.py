@@ -159,15 +159,14 @@ def _singular_values(tensor: torch.Tensor) -> tuple[np.ndarray, float]:
     """
     shape = tuple(tensor.shape)
     # ||Y||_F^2 straight from the matrix: one cheap pass that also detects
-    # NaN/inf (they propagate into the sum) before LAPACK/cuSOLVER sees them.
-    frob2 = float(torch.linalg.vector_norm(tensor).square())
+    # NaN/inf (they propagate into the sum) before LAPACK/cuSOLVER sees them.  In float64:
+    # squares of float32 entries overflow above ~1e19 and underflow below ~1e-23, where the
+    # singular values are still exact and would then disagree with it.
+    frob2 = float(torch.linalg.vector_norm(tensor, dtype=torch.float64).square())
     if not math.isfinite(frob2):
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"matrix of shape {shape} contains non-finite values (NaN or inf)")
-        # Finite entries whose squares overflow the input dtype: redo in float64.
-        frob2 = float(torch.linalg.vector_norm(tensor, dtype=torch.float64).square())
-        if not math.isfinite(frob2):
-            raise ValueError(f"matrix of shape {shape} is too large in magnitude: ||Y||_F^2 overflows float64")
+        raise ValueError(f"matrix of shape {shape} is too large in magnitude: ||Y||_F^2 overflows float64")
     # Singular values are those of Y^T too; LAPACK's SVD is several times
     # faster on the tall orientation (rows >= cols), which .mT gives as a free view.
     tall = tensor if shape[0] >= shape[1] else tensor.mT

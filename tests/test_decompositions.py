@@ -488,3 +488,10 @@ def test_a_diagonal_band_that_would_not_shrink_the_layer_is_not_decomposed():
     with pytest.raises(ValueError, match="at most 63 here"):
         D.decompose_model(model, {"head.1": {"method": "diagonal", "bandwidth": 64}}, input_size=(3, 8, 8))
     assert not any(isinstance(m, D.DiagonalLinear) for m in model.modules())
+
+
+def test_a_non_finite_gram_in_cp_als_is_a_divergence_not_a_lapack_error():
+    """LAPACK's gelsd fails on NaN with an internal error: the ALS step says CPDiverged instead,
+    which the decomposition answers with a restart from another start, then Tucker-2."""
+    with pytest.raises(D.CPDiverged, match="non-finite"):
+        D._solve_gram(torch.ones(4, 3), torch.full((3, 3), float("nan")))

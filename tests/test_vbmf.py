@@ -66,6 +66,14 @@ def test_evbmf_recovers_planted_rank_and_noise_variance(rank, orientation, backe
     assert result.shape == tuple(matrix.shape)
 
 
+@pytest.mark.parametrize("scale", [1e-20, 1e-23])
+def test_the_rank_does_not_depend_on_a_tiny_scale_in_float32(scale):
+    """||Y||_F^2 of float32 entries near 1e-23 underflows in float32 while the singular values do
+    not: both are taken in float64, so the planted rank is found at any scale."""
+    matrix = torch.tensor(planted(*WIDE_SHAPE, 5, seed=5) * scale, dtype=torch.float32)
+    assert estimate_rank(matrix) == 5
+
+
 @pytest.mark.parametrize("shape", [(100, 300), (300, 100), (200, 200), (64, 27), (27, 64), (1, 50), (50, 1)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_pure_noise_has_rank_zero(shape, seed):
