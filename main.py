@@ -476,6 +476,18 @@ def _check_decompose_args(args: argparse.Namespace) -> None:
     targets = [f"--{n}" for n in ("target_macs", "target_params", "target_latency") if getattr(args, n) is not None]
     if len(targets) > 1:
         raise UserError(f"give one budget, not {' and '.join(targets)}")
+    # Options that would do nothing with the others given (the demo's own settings are consistent).
+    # (With --plan, any of them is refused below as a chooser the plan overrides.)
+    given = set() if args.plan else set(_given(args, ("fc_rank", "fc_rank_ratio", "fc_bandwidth", "budget_rule")))
+    if {"fc_rank", "fc_rank_ratio"} <= given:
+        raise UserError("give --fc_rank or --fc_rank_ratio, not both")
+    if args.fc != "svd" and given & {"fc_rank", "fc_rank_ratio"}:
+        raise UserError(f"--{min(given & {'fc_rank', 'fc_rank_ratio'})} sets the SVD rank of the FC layers: add "
+                        f"--fc svd (now --fc {args.fc})")
+    if args.fc != "diagonal" and "fc_bandwidth" in given:
+        raise UserError(f"--fc_bandwidth is the band of --fc diagonal (now --fc {args.fc})")
+    if "budget_rule" in given and not targets:
+        raise UserError("--budget_rule spreads a budget: give --target_macs, --target_params or --target_latency")
     if args.rank_multiple is not None and args.rank_multiple < 2:
         raise UserError(f"--rank_multiple must be a block size >= 2 (e.g. 16), got {args.rank_multiple}")
     if args.latency_cache and args.target_latency is None:

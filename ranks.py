@@ -917,9 +917,11 @@ def _budget_plan(model: nn.Module, sites: list[_Site], policy: Policy, input_siz
     least = fixed + sum(min(m.keep, float(m.values.min()) if len(m.values) else m.keep) for m in movable)
     if least > allowed * (1 + COST_RTOL):
         best = math.floor(reference / least * 1000) / 1000  # rounded down: asking for it succeeds
-        error = BudgetError(f"a {target:g}x reduction in {_metric_name(metric)} is out of reach: the most these "
-                            f"layers can give is {best:g}x (each decomposed layer at its cheapest rank; the first "
-                            f"conv, the classifier and other kept or fixed layers count as they are)")
+        most = (f"the most these layers can give is {best:g}x" if best > 1 else
+                "these layers cannot reduce it at all")  # a ratio of 1 cannot be asked for
+        error = BudgetError(f"a {target:g}x reduction in {_metric_name(metric)} is out of reach: {most} (each "
+                            f"decomposed layer at its cheapest rank; the first conv, the classifier and other kept "
+                            f"or fixed layers count as they are)")
         error.reachable = best
         raise error
     untouched = fixed + sum(m.keep for m in movable)

@@ -508,6 +508,12 @@ def test_budget_save_plan_and_replay(tmp_path, capsys, trained):
     (["--plan", "{plan}", "--budget_rule", "minimax"], "drop --budget_rule"),
     (["--plan", "{plan}", "--fc_bandwidth", "2"], "drop --fc_bandwidth"),
     (["--vbmf_weaken", "0.5", "--rank_ratio", "0.3"], "--vbmf_weaken weakens VBMF ranks, and these settings choose none"),
+    # Options that did nothing with the others given.
+    (["--fc_rank", "8"], "--fc_rank sets the SVD rank of the FC layers: add --fc svd (now --fc none)"),
+    (["--fc", "diagonal", "--fc_rank_ratio", "0.1"], "--fc_rank_ratio sets the SVD rank of the FC layers"),
+    (["--fc", "svd", "--fc_rank", "8", "--fc_rank_ratio", "0.5"], "give --fc_rank or --fc_rank_ratio, not both"),
+    (["--fc", "svd", "--fc_bandwidth", "2"], "--fc_bandwidth is the band of --fc diagonal (now --fc svd)"),
+    (["--budget_rule", "minimax"], "--budget_rule spreads a budget: give --target_macs"),
 ])
 def test_bad_budget_and_plan_options(tmp_path, capsys, trained, argv, needle):
     plan = tmp_path / "plan.json"

@@ -266,6 +266,18 @@ def test_impossible_budget_names_the_best_reachable_ratio(zoo):
         ranks.plan_decomposition(model, ranks.Policy(target_macs=best * 1.01, skip=policy.skip), (3, 63, 63))
 
 
+def test_a_budget_the_layers_cannot_move_says_so_instead_of_naming_1x():
+    """A ratio rounded down to 1x cannot be asked for (a budget is > 1): the message says the
+    layers cannot reduce the model at all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 1, 1),  # no SVD shrinks it
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2)).eval()
+    policy = ranks.Policy(target_macs=2.0, skip={"0": "first conv kept"})
+    with pytest.raises(ranks.BudgetError, match="out of reach: these layers cannot reduce it at all") as info:
+        ranks.plan_decomposition(model, policy, (3, 16, 16))
+    assert info.value.reachable <= 1
+
+
 # -------------------------------------------------------------------------- plan files
 def test_plan_round_trips_through_json_and_a_model_file(tmp_path):
     torch.manual_seed(3)
