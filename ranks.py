@@ -287,11 +287,13 @@ class _Site:
     in_shape: torch.Size | None  # None: not reached by a forward pass
     macs: int
     params: int
+    calls: int = 1              # times the forward pass calls it
 
 
 def _sites(model: nn.Module, policy: Policy, input_size: Sequence[int]) -> list[_Site]:
     """The layers the policy decomposes, in model order (already decomposed ones excluded)."""
-    shapes = report.record_input_shapes(model, input_size)
+    calls: dict[str, int] = {}
+    shapes = report.record_input_shapes(model, input_size, calls=calls)
     sites = []
     candidates = D.candidate_layers(model)
     linears = [n for n, m in candidates if isinstance(m, nn.Linear)]
@@ -305,7 +307,7 @@ def _sites(model: nn.Module, policy: Policy, input_size: Sequence[int]) -> list[
         if kind == "linear" and policy.keep_last_linear and name == linears[-1]:
             method = "keep-last"
         in_shape, macs = shapes.get(name, (None, 0))
-        sites.append(_Site(name, layer, kind, method, in_shape, macs, D.count_params(layer)))
+        sites.append(_Site(name, layer, kind, method, in_shape, macs, D.count_params(layer), calls.get(name, 0)))
     return sites
 
 
@@ -317,6 +319,9 @@ def _site_reason(site: _Site, policy: Policy) -> str | None:
         return "last Linear (classifier) kept dense"
     if site.in_shape is None:
         return "not used in the forward pass"
+    if site.calls > 1:
+        # Its cost and its inputs are those of one call: a budget would count the others wrong.
+        return f"called {site.calls} times in a forward pass (shared weights)"
     if site.kind == "conv" and site.layer.groups != 1:
         return f"grouped convolution (groups={site.layer.groups})"
     if site.method in ("tucker", "cp", "svd", "auto") and min(site.layer.weight.shape[:2]) < 2:

@@ -78,8 +78,10 @@ def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
     return total
 
 
-def record_input_shapes(model: nn.Module, input_size: Sequence[int]) -> dict[str, tuple[torch.Size, int]]:
-    """For each conv/Linear layer: (input shape, MACs) of its first call on one image."""
+def record_input_shapes(model: nn.Module, input_size: Sequence[int], *,
+                        calls: dict[str, int] | None = None) -> dict[str, tuple[torch.Size, int]]:
+    """For each conv/Linear layer: (input shape, MACs) of its first call on one image; ``calls``,
+    when given, is filled with how many times each layer is called in the forward pass."""
     param = next(model.parameters())
     example = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
     shapes: dict[str, tuple[torch.Size, int]] = {}
@@ -87,6 +89,8 @@ def record_input_shapes(model: nn.Module, input_size: Sequence[int]) -> dict[str
     def hook(name):
         def fn(module, args, out):
             shapes.setdefault(name, (args[0].shape, module_macs(module, args[0], out)))
+            if calls is not None:
+                calls[name] = calls.get(name, 0) + 1
         return fn
 
     _run_with_hooks(model, example, hook)

@@ -278,6 +278,29 @@ def test_a_budget_the_layers_cannot_move_says_so_instead_of_naming_1x():
     assert info.value.reachable <= 1
 
 
+class _Shared(nn.Module):
+    """A conv applied twice (shared weights): its cost and inputs differ between the calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.c = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.other, self.head = nn.Conv2d(32, 32, 3, padding=1), nn.Linear(32, 2)
+
+    def forward(self, x):
+        x = self.c(torch.relu(self.c(self.stem(x))))
+        return self.head(self.other(x).mean((2, 3)))
+
+
+def test_a_layer_called_twice_is_kept_with_the_reason():
+    """Planned from one call, a shared layer's MACs were half counted: a 1.5x plan measured 3x."""
+    torch.manual_seed(0)
+    model = _Shared().eval()
+    plan = ranks.plan_decomposition(model, ranks.Policy(target_macs=1.3, skip={"stem": "first conv kept"}),
+                                    (3, 16, 16))
+    assert plan["c"] == {"method": "none", "reason": "called 2 times in a forward pass (shared weights)"}
+    assert plan["other"]["method"] == "tucker"
+
+
 # -------------------------------------------------------------------------- plan files
 def test_plan_round_trips_through_json_and_a_model_file(tmp_path):
     torch.manual_seed(3)
