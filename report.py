@@ -37,12 +37,20 @@ def module_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
     weight = getattr(module, "weight", None)
     if getattr(module, "method", None) == "diagonal" and weight is not None:
         return inp.numel() // batch // module.in_features * weight.numel()
+    if isinstance(module, nn.MultiheadAttention):
+        # Its projections are functional calls on its weights (no Linear forward to hook):
+        # q, k, v and the output projection, E^2 each per token, and the two L x L products
+        # (self-attention: the query's length for all three).
+        tokens = inp.shape[1] if module.batch_first or inp.dim() == 2 else inp.shape[0]
+        embed = module.embed_dim
+        return 4 * tokens * embed * embed + 2 * tokens * tokens * embed
     return 0
 
 
 def _leaf_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) or getattr(module, "method", None) == "diagonal":
+        if (isinstance(module, (nn.Conv2d, nn.Linear, nn.MultiheadAttention))
+                or getattr(module, "method", None) == "diagonal"):
             yield name, module
 
 

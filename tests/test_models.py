@@ -248,3 +248,29 @@ def test_a_checkpoint_whose_options_are_not_plain_values_is_refused(tmp_path):
         models.load_checkpoint(path, config={"lr": 0.1, "seed": 0})
     models.save_checkpoint(path, {"format": CHECKPOINT_FORMAT}, config={"lr": 0.1, "seed": 0})
     assert models.load_checkpoint(path, config={"lr": 0.1, "seed": 0})["config"] == {"lr": 0.1, "seed": 0}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_macs_of_attention_count_its_functional_projections(batch_first):
+    """nn.MultiheadAttention computes with its weights in functional calls (no Linear forward for a
+    hook): its q, k, v and output projections (E^2 MACs per token each) and its two L x L
+    products are counted.  (torch's FlopCounterMode is no reference here: it misses the fused
+    fast path that eval-mode attention takes.)"""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 32, 2, stride=2)
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+            self.fc = nn.Linear(32, 2)
+
+        def forward(self, x):
+            tokens = self.conv(x).flatten(2).transpose(1, 2)          # (N, L, E)
+            tokens = tokens if batch_first else tokens.transpose(0, 1)
+            out = self.attn(tokens, tokens, tokens, need_weights=False)[0]
+            return self.fc(out.mean(1 if batch_first else 0))
+
+    tokens, embed = 64, 32                                              # 8 x 8 positions of 32 channels
+    conv, fc = tokens * embed * 3 * 2 * 2, embed * 2
+    attention = 4 * tokens * embed * embed + 2 * tokens * tokens * embed
+    assert report.count_macs(Net().eval(), (3, 16, 16)) == conv + attention + fc
