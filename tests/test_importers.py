@@ -206,17 +206,27 @@ def test_keras3_weights_h5_orders_layers_by_number(tmp_path):
     assert "classifier.4.weight" in pretrained and "classifier.1.weight" not in pretrained
 
 
-def test_keras_flatten_order_is_converted_for_the_first_dense_layer(tmp_path):
-    """Keras flattens NHWC: its first dense layer, read from h5, computes the same in torch."""
+@pytest.mark.parametrize("layout", ["keras2", "keras3 dense stored first"])
+def test_keras_flatten_order_is_converted_for_the_first_dense_layer(tmp_path, layout):
+    """Keras flattens NHWC: its first dense layer, read from h5, computes the same in torch.  A
+    Keras 3 Sequential around a conv base stores "layers/dense" before "layers/functional/...":
+    the first dense layer is still the one converted, and an odd group name ("²", a digit to
+    str.isdigit but not to int) sorts without a crash."""
     rng = np.random.default_rng(3)
     size, channels, hidden = 3, 4, 5
     conv_hwio = rng.standard_normal((3, 3, 3, channels)).astype(np.float32)
     dense = rng.standard_normal((size * size * channels, hidden)).astype(np.float32)
     path = tmp_path / "tiny.h5"
     with h5py.File(path, "w") as fh:
-        fh["conv/conv/kernel:0"], fh["conv/conv/bias:0"] = conv_hwio, np.zeros(channels, np.float32)
-        fh["fc/fc/kernel:0"], fh["fc/fc/bias:0"] = dense, np.zeros(hidden, np.float32)
-        fh.attrs["layer_names"] = [b"conv", b"fc"]
+        if layout == "keras2":
+            fh["conv/conv/kernel:0"], fh["conv/conv/bias:0"] = conv_hwio, np.zeros(channels, np.float32)
+            fh["fc/fc/kernel:0"], fh["fc/fc/bias:0"] = dense, np.zeros(hidden, np.float32)
+            fh.attrs["layer_names"] = [b"conv", b"fc"]
+        else:
+            fh["layers/dense/vars/0"], fh["layers/dense/vars/1"] = dense, np.zeros(hidden, np.float32)
+            conv = fh.create_group("layers/functional/layers/conv2d/vars")
+            conv["0"], conv["1"] = conv_hwio, np.zeros(channels, np.float32)
+            fh.create_group("\u00b2")
     model = Tiny(channels, size, hidden)
     importers.load_into(model, importers.read_layers(path), arch="tiny")
     x = torch.from_numpy(rng.standard_normal((2, 3, size, size)).astype(np.float32))
@@ -224,30 +234,6 @@ def test_keras_flatten_order_is_converted_for_the_first_dense_layer(tmp_path):
         fmap = model.features(x)  # (N, C, H, W)
         got = model.hidden(x).numpy()
     keras_flat = fmap.permute(0, 2, 3, 1).reshape(2, -1).numpy()  # Keras: flatten of NHWC
-    np.testing.assert_allclose(got, np.maximum(keras_flat @ dense, 0), rtol=1e-5, atol=1e-5)
-
-
-def test_keras3_flatten_order_when_the_dense_layers_are_stored_first(tmp_path):
-    """A Keras 3 Sequential around a conv base stores "layers/dense" before "layers/functional/...":
-    its first dense layer still gets the NHWC flatten order converted, and an odd group name
-    ("²", a digit to str.isdigit but not to int) sorts without a crash."""
-    rng = np.random.default_rng(4)
-    size, channels, hidden = 3, 4, 5
-    conv_hwio = rng.standard_normal((3, 3, 3, channels)).astype(np.float32)
-    dense = rng.standard_normal((size * size * channels, hidden)).astype(np.float32)
-    path = tmp_path / "tiny.weights.h5"
-    with h5py.File(path, "w") as fh:
-        fh["layers/dense/vars/0"], fh["layers/dense/vars/1"] = dense, np.zeros(hidden, np.float32)
-        conv = fh.create_group("layers/functional/layers/conv2d/vars")
-        conv["0"], conv["1"] = conv_hwio, np.zeros(channels, np.float32)
-        fh.create_group("\u00b2")
-    model = Tiny(channels, size, hidden)
-    importers.load_into(model, importers.read_layers(path), arch="tiny")
-    x = torch.from_numpy(rng.standard_normal((2, 3, size, size)).astype(np.float32))
-    with torch.no_grad():
-        fmap = model.features(x)
-        got = model.hidden(x).numpy()
-    keras_flat = fmap.permute(0, 2, 3, 1).reshape(2, -1).numpy()
     np.testing.assert_allclose(got, np.maximum(keras_flat @ dense, 0), rtol=1e-5, atol=1e-5)
 
 
