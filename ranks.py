@@ -646,8 +646,12 @@ def _pareto_front(ranks: tuple[np.ndarray, ...], bound2: np.ndarray, value: np.n
     """The options no other one beats in both cost and error: ``(ranks, bound2, value)`` by cost.
 
     By cost, then bound, each option is kept whose bound is below every cheaper one's.  A
-    Tucker-2 layer's T x S options shrink to a few hundred.
+    Tucker-2 layer's T x S options shrink to a few hundred.  Options with no finite error (CP
+    ranks whose every ALS probe diverged) are none: neither rule could choose them, and the
+    "most these layers can give" must not count them.
     """
+    finite = np.isfinite(bound2)
+    ranks, bound2, value = tuple(r[finite] for r in ranks), bound2[finite], value[finite]
     order = np.lexsort((bound2, value))
     ranks, bound2, value = tuple(r[order] for r in ranks), bound2[order], value[order]
     front = np.ones(len(value), dtype=bool)

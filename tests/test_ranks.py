@@ -6,6 +6,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -481,3 +482,12 @@ def test_budget_with_rank_multiple_chooses_among_aligned_ranks_and_meets_the_bud
     assert len(tucker) >= 8 and all(r % 16 == 0 for e in tucker for r in e["ranks"])
     cost = ranks.plan_cost(model, plan, input_size)
     assert 5.0 <= cost["macs_ratio"] <= 5.0 * (1 + TOLERANCE)
+
+
+def test_options_without_a_finite_error_are_not_on_the_front():
+    """CP ranks whose every ALS probe diverged have an infinite error: kept as the cheapest option
+    they made a budget "reachable" that neither rule could then plan."""
+    ranks_, bound2, value = ranks._pareto_front((np.array([1, 2, 3]),), np.array([np.inf, 0.5, 0.1]),
+                                                np.array([1.0, 2.0, 3.0]))
+    assert list(ranks_[0]) == [2, 3] and list(value) == [2.0, 3.0]
+    assert [len(a) for a in ranks._pareto_front((np.array([1]),), np.array([np.inf]), np.array([1.0]))[1:]] == [0, 0]
