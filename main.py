@@ -1170,8 +1170,12 @@ def _apply_demo(args: argparse.Namespace) -> None:
     ``args.explicit`` (set by :func:`run`) names the options given on the command
     line; without it, an option still at its parser default counts as not given.
     """
+    # Read once, before any setting is filled in (without args.explicit, _given compares with
+    # the parser's defaults, which it would otherwise rebuild for every name).
+    chosen = set(_given(args, ["weights", "model", "decomposed_model", "fc", *DEMO_SETTINGS, *DEMO_SCRATCH_SETTINGS]))
+
     def given(name: str) -> bool:
-        return bool(_given(args, [name]))
+        return name in chosen
 
     args.train_path = args.train_path or os.path.join(DEMO_DIR, "train")
     args.test_path = args.test_path or os.path.join(DEMO_DIR, "test")
