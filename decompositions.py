@@ -425,16 +425,17 @@ def _solve_gram(mttkrp: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     takes the minimum-norm ``gelsd`` solution.
     """
     gram64, rhs = gram.double(), mttkrp.double().T
-    if not (bool(torch.isfinite(gram64).all()) and bool(torch.isfinite(rhs).all())):
-        # LAPACK's gelsd fails on NaN with an internal error, not a diagnosis: stop the ALS here
-        # so that the caller's retry from another start (and its Tucker-2 fallback) takes over.
-        raise CPDiverged("non-finite CP factors")
     with lapack_threads():
         chol, info = torch.linalg.cholesky_ex(gram64)
         diag = chol.diagonal().abs()
         if int(info) == 0 and bool(diag.min() > CHOLESKY_MIN_DIAG_RATIO * diag.max()):
             sol = torch.cholesky_solve(rhs, chol)
         else:
+            # Only here (a NaN Gram fails the test above, off the well-conditioned hot path):
+            # LAPACK's gelsd fails on NaN with an internal error, not a diagnosis, so the ALS
+            # stops as diverged and the caller's retry (then its Tucker-2 fallback) takes over.
+            if not (bool(torch.isfinite(gram64).all()) and bool(torch.isfinite(rhs).all())):
+                raise CPDiverged("non-finite CP factors")
             sol = torch.linalg.lstsq(gram64, rhs, driver="gelsd").solution
     return sol.T.to(mttkrp.dtype)
 
