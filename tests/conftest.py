@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
@@ -24,6 +25,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # (``python -m pytest`` adds the working directory, plain ``pytest`` does not).
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# pytest.ini runs the suite in two pytest-xdist workers, one per core of the CI machine.  Two
+# processes that each start an OpenMP team of every core stall each other (the teams spin-wait
+# for threads the other process holds), so each worker, and every process it starts, computes on
+# one thread: the two workers then use the two cores without oversubscribing them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Pixel levels of the synthetic images: a dim background with one bright
 # horizontal band whose position encodes the class, plus Gaussian noise.
