@@ -3,8 +3,9 @@
 MACs are counted per image, for the layers that carry the arithmetic: convolutions
 (``out_elements * in_channels / groups * kh * kw``), Linear layers
 (``out_features * in_features`` per row) and :class:`decompositions.DiagonalLinear`
-(one multiply-add per stored weight).  Pooling, activations and normalization are
-left out, as fvcore and thop do by default.
+(one multiply-add per stored weight); products computed outside those layers (Swin's and
+MaxViT's attention) from the operators.  Pooling, activations and normalization are left
+out, as fvcore and thop do by default.
 """
 
 from __future__ import annotations
@@ -70,20 +71,45 @@ def _run_with_hooks(model: nn.Module, example: torch.Tensor, hook) -> None:
 def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
     """MACs of one forward pass for one image of shape ``input_size`` (C, H, W).
 
-    A layer called twice is counted twice.
+    A layer called twice is counted twice.  Products a model computes outside any counted
+    layer -- the attention of Swin (``shifted_window_attention``) and MaxViT, written as
+    ``matmul`` / ``einsum`` in their forward functions -- are counted from the operators
+    themselves (:class:`torch.utils.flop_counter.FlopCounterMode`, FLOPs / 2): no module
+    hook sees them.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     param = next(model.parameters())
     example = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+    counter = FlopCounterMode(display=False)
     total = 0
+    depth = 0        # how many counted layers the forward pass is inside
+    entered_at = 0   # the operator count when the outermost one began
+    inside = 0       # operator FLOPs inside counted layers: already in ``total`` by their rule
+
+    def pre(module, args):
+        nonlocal depth, entered_at
+        if depth == 0:
+            entered_at = counter.get_total_flops()
+        depth += 1
 
     def hook(name):
         def fn(module, args, out):
-            nonlocal total
+            nonlocal total, depth, inside
             total += module_macs(module, args[0], out)
+            depth -= 1
+            if depth == 0:
+                inside += counter.get_total_flops() - entered_at
         return fn
 
-    _run_with_hooks(model, example, hook)
-    return total
+    handles = [m.register_forward_pre_hook(pre) for _, m in _leaf_modules(model)]
+    try:
+        with counter:
+            _run_with_hooks(model, example, hook)
+    finally:
+        for h in handles:
+            h.remove()
+    return total + (counter.get_total_flops() - inside) // 2
 
 
 def record_input_shapes(model: nn.Module, input_size: Sequence[int], *,

@@ -6,6 +6,7 @@ import urllib.error
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import models
@@ -274,3 +275,33 @@ def test_macs_of_attention_count_its_functional_projections(batch_first):
     conv, fc = tokens * embed * 3 * 2 * 2, embed * 2
     attention = 4 * tokens * embed * embed + 2 * tokens * tokens * embed
     assert report.count_macs(Net().eval(), (3, 16, 16)) == conv + attention + fc
+
+
+def test_macs_of_products_outside_any_layer_are_counted_once():
+    """A product in a forward function (Swin's and MaxViT's attention: ``q @ k.T``) has no module
+    to hook: it is counted from the operator, and a counted layer's own operators are not counted
+    a second time."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.mix = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            y = self.conv(x).flatten(2).transpose(1, 2)                 # (N, 16, 8)
+            attn = y @ y.transpose(1, 2)                                # (N, 16, 16): 16 * 16 * 8
+            return (attn @ y) @ self.mix                                # 16 * 8 * 16, then 16 * 8 * 8
+
+    conv = 16 * 8 * 3 * 3 * 3
+    assert report.count_macs(Net().eval(), (3, 4, 4)) == conv + 16 * 16 * 8 + 16 * 8 * 16 + 16 * 8 * 8
+
+
+@pytest.mark.parametrize("arch, weights", [("swin_t", "Swin_T_Weights"), ("maxvit_t", "MaxVit_T_Weights")])
+def test_macs_of_window_attention_match_torchvision_published_figure(arch, weights):
+    """torchvision's weights metadata gives each model's GFLOPS (multiply-adds) at 224 px:
+    4.491 for Swin-T and 5.558 for MaxViT-T, of which 1.5 / 0.2 are attention products
+    computed in forward functions (the hooks alone counted 2.963 / 5.381)."""
+    published = getattr(torchvision.models, weights).IMAGENET1K_V1.meta["_ops"]
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    assert report.count_macs(model, (3, 224, 224)) / 1e9 == pytest.approx(published, abs=0.001)
