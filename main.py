@@ -1011,7 +1011,8 @@ def evaluate_file(path: str, args, device) -> dict:
         raise _classes_differ("the test folder's", classes, info["classes"])
     metrics = finetune.evaluate(model, test_loader, device=device, show_progress=not args.quiet)
     latency = _latency(model, args, device, image_size)
-    int8 = evaluate_int8(model, args, test_loader, image_size, info["classes"]) if args.quantize == "int8" else None
+    int8 = (evaluate_int8(model, args, test_loader, image_size, info["classes"], float_bytes=latency["onnx_bytes"])
+            if args.quantize == "int8" else None)
     return {
         **({"int8": int8} if int8 is not None else {}),
         "model": path,
@@ -1047,7 +1048,9 @@ def _latency(model, args, device, image_size: int) -> dict:
         raise UserError(f"--backend {args.backend} does not reproduce this model: {exc}") from None
     times = inference.time_interleaved({"model": lambda: predictor(example)}, warmup=3,
                                        repeats=args.latency_repeats, devices=[device])["model"]
-    return {"median_ms": statistics.median(times), "backend": predictor.backend}
+    # The float32 ONNX model onnxruntime timed on the CPU is the one --quantize int8 quantizes.
+    onnx_bytes = predictor.onnx_bytes if device.type == "cpu" else None
+    return {"median_ms": statistics.median(times), "backend": predictor.backend, "onnx_bytes": onnx_bytes}
 
 
 def step_export(path: str, args, device) -> dict:
@@ -1104,9 +1107,10 @@ def _calibration_batches(args, image_size: int, classes: list[str], *, images: i
 
 
 def evaluate_int8(model: torch.nn.Module, args: argparse.Namespace, test_loader, image_size: int,
-                  classes: list[str]) -> dict:
+                  classes: list[str], *, float_bytes: bytes | None = None) -> dict:
     """--eval --quantize int8: the model through onnxruntime in float32 and in int8 -- accuracy
-    on the test images, file size, and latency timed interleaved on the CPU."""
+    on the test images, file size, and latency timed interleaved on the CPU.  ``float_bytes``:
+    the float32 ONNX model when the latency measurement exported it already."""
     import statistics
 
     import inference
@@ -1114,7 +1118,8 @@ def evaluate_int8(model: torch.nn.Module, args: argparse.Namespace, test_loader,
     batches = _int8_calibration(args, image_size, classes)
     example = torch.randn(args.latency_batch, 3, image_size, image_size)
     try:
-        float_bytes, int8_bytes = inference.onnx_float_and_int8(model.to("cpu"), example, batches)
+        float_bytes, int8_bytes = inference.onnx_float_and_int8(model.to("cpu"), example, batches,
+                                                                float_bytes=float_bytes)
     except ImportError as exc:
         raise UserError(f"--quantize int8 needs the onnx and onnxruntime packages ({exc}); "
                         f"pip install onnx onnxruntime") from None

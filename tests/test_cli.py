@@ -719,7 +719,7 @@ def test_target_latency_in_int8_plans_against_the_float32_original(capsys, tmp_p
     assert not (tmp_path / "d3").exists()
 
 
-def test_export_and_eval_in_int8(capsys, tmp_path, data, small_model):
+def test_export_and_eval_in_int8(capsys, tmp_path, data, small_model, monkeypatch):
     train, test = data
     out = tmp_path / "model_int8.onnx"
     code, stdout, err = run_cli(capsys, "--export", "onnx", out, "--model", small_model, "--quantize", "int8",
@@ -732,10 +732,14 @@ def test_export_and_eval_in_int8(capsys, tmp_path, data, small_model):
     assert any(n.op_type == "DequantizeLinear" for n in graph.node)
 
     report = tmp_path / "eval.json"
+    exports = []
+    real_export = inference._onnx_bytes
+    monkeypatch.setattr(inference, "_onnx_bytes", lambda *a, **k: exports.append(1) or real_export(*a, **k))
     code, stdout, err = run_cli(capsys, "--eval", "--model", small_model, "--quantize", "int8", "--train_path", train,
                                 "--test_path", test, "--json", report, "--workers", "0", "--quiet",
-                                "--latency_repeats", "1", "--latency_batch", "2")
+                                "--latency_repeats", "1", "--latency_batch", "2", "--backend", "onnx")
     assert code == 0, err
+    assert len(exports) == 1  # the float32 model onnxruntime timed is the one quantized, not exported again
     q = json.loads(report.read_text())["int8"]
     assert 0 <= q["int8"]["accuracy"] <= 1 and q["int8"]["bytes"] < q["float32"]["bytes"] / 3
     assert q["top1_agreement"] >= 0.5 and "int8 (onnxruntime (CPU)" in stdout
