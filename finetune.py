@@ -425,10 +425,10 @@ def input_scaled_rates(model: nn.Module, batches: Iterable, layers: Iterable[str
     factors = {}
     for name, (total, count) in sums.items():
         if count == 0:
-            raise ValueError(f"input_scaled_rates: layer {name!r} saw no input on the batches given")
+            raise ValueError(f"layer {name!r} saw no input on the batches given")
         mean_square = total / count
         if not math.isfinite(mean_square):
-            raise ValueError(f"input_scaled_rates: the inputs of {name!r} are not finite")
+            raise ValueError(f"the inputs of {name!r} are not finite on the training images")
         factors[name] = min(1.0, UNIT_MEAN_SQUARE / mean_square) if mean_square > 0 else 1.0
     return factors
 
@@ -1131,9 +1131,13 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
     if log is not None:
         margin = "" if best_factor == lowest_at else (
             f", the highest within {PROBE_MARGIN:.0%} of the start's loss of the lowest (x{lowest_at:g})")
-        log.info("rate probe (loss on %d batches after training on %d others): %s; "
-                 "training at x%g of the rates (%s)%s", len(judged), len(batches), ", ".join(tried), best_factor,
-                 ", ".join(f"{lr_:.3g}" for lr_ in run.scheduler.base_lrs), margin)
+        loader_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
+        judged_on = (f"loss on {len(judged)} batches after training on {len(batches)} others"
+                     if loader_batches is None or loader_batches >= len(batches) + len(judged) else
+                     f"loss on {len(judged)} batches after training on {len(batches)}: the folder has "
+                     f"{loader_batches}, so the same images again, augmented anew")
+        log.info("rate probe (%s): %s; training at x%g of the rates (%s)%s", judged_on, ", ".join(tried),
+                 best_factor, ", ".join(f"{lr_:.3g}" for lr_ in run.scheduler.base_lrs), margin)
         if not best_loss < reference:
             log.warning("rate probe: no rate tried lowered the loss below the start's (%s); training at x%g, the %s",
                         ", ".join(tried), best_factor,

@@ -85,8 +85,8 @@ from decompositions import CPConv2d, DiagonalLinear, SVDConv2d, TuckerConv2d
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "AUTO_ORDER", "ONNX_RANK_MULTIPLE", "Predictor", "available_backends", "prepare",
-           "export_onnx", "time_interleaved", "pad_ranks", "OutputMismatchError"]
+__all__ = ["BACKENDS", "AUTO_ORDER", "ONNX_RANK_MULTIPLE", "Int8AgreementError", "Predictor", "available_backends",
+           "prepare", "export_onnx", "time_interleaved", "pad_ranks", "OutputMismatchError"]
 
 #: Backends that :func:`prepare` accepts (plus ``"auto"``).
 BACKENDS = ("eager", "channels_last", "torchscript", "onnx", "amp")
@@ -132,6 +132,10 @@ _DEPRECATION_PATTERNS = (
 
 class OutputMismatchError(RuntimeError):
     """A backend's (or an exported model's) output differs from the eager model's."""
+
+
+class Int8AgreementError(OutputMismatchError):
+    """The float32 export matched; its int8 quantization picks other classes too often."""
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -567,7 +571,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
         int8_bytes = quantize_int8(model_bytes, int8_batches)
         agreement = int8_agreement(model_bytes, int8_bytes, int8_batches)
         if agreement < INT8_MIN_AGREEMENT:
-            raise OutputMismatchError(
+            raise Int8AgreementError(
                 f"the int8 model's top-1 class agrees with float32's on {100 * agreement:.1f}% of the calibration "
                 f"images (< {100 * INT8_MIN_AGREEMENT:.0f}%); {path!r} was not written")
         result["int8"] = {"bytes": len(int8_bytes), "float_bytes": len(model_bytes), "top1_agreement": agreement,

@@ -277,11 +277,31 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- steps
+#: How many of the layers' reasons "nothing left to decompose" quotes (in full, on one line).
+NOTHING_LEFT_REASONS = 4
+
 #: Options only --decompose reads: given without it, they would do nothing.
 DECOMPOSE_OPTIONS = ("cp", "method_per_layer", "rank_ratio", "vbmf_weaken", "target_macs", "target_params",
                      "target_latency", "latency_cache", "rank_multiple", "budget_rule", "save_plan",
                      "include_first_conv", "no_rescale", "calibration", "data_free", "ranks_from", "mean_correction",
                      "bn_correction", "fc", "fc_rank", "fc_rank_ratio", "fc_bandwidth", "fc_anneal_epochs", "report")
+
+
+#: Options only --train reads (the model it builds and how it trains it): the other steps take
+#: the architecture, weights and image size from their model file.
+TRAIN_OPTIONS = ("arch", "weights", "image_size", "pretrained_lr_scale", "fresh_lr", "freeze_features")
+#: Options of the training loop, read by --train and --fine_tune (--lr also by --decompose --fc
+#: diagonal, which anneals the FC layers to their band).
+TRAINING_OPTIONS = ("epochs", "lr", "lr_probe", "keep_last", "cpu_bf16")
+
+
+def _refuse_unused(names: list[str], owner: str, add: str) -> None:
+    """One line for options given to a run that does not do the step reading them."""
+    if names:
+        flags = ", ".join(f"--{n}" for n in names)
+        one = len(names) == 1
+        raise UserError(f"{flags} {'is an option' if one else 'are options'} of {owner}, which this run does not "
+                        f"do: add {add} or drop {'it' if one else 'them'}")
 
 
 def _given(args: argparse.Namespace, names) -> list[str]:
@@ -300,11 +320,14 @@ def _check_args(args: argparse.Namespace) -> None:
     if not (args.train or args.decompose or args.fine_tune or args.eval or args.demo or args.export):
         raise UserError("nothing to do: give one or more of --train, --decompose, --fine_tune, --eval, --export, "
                         "--demo")
-    unused = [f"--{n}" for n in _given(args, DECOMPOSE_OPTIONS)] if not args.decompose else []
-    if unused:
-        raise UserError(f"{', '.join(unused)} {'is an option' if len(unused) == 1 else 'are options'} of "
-                        f"--decompose, which this run does not do: add --decompose or drop "
-                        f"{'it' if len(unused) == 1 else 'them'}")
+    if not args.decompose:
+        _refuse_unused(_given(args, DECOMPOSE_OPTIONS), "--decompose", "--decompose")
+    if not args.train:
+        _refuse_unused(_given(args, TRAIN_OPTIONS), "--train", "--train")
+    if not (args.train or args.fine_tune):
+        anneals = args.decompose and args.fc == "diagonal"
+        _refuse_unused([n for n in _given(args, TRAINING_OPTIONS) if not (n == "lr" and anneals)],
+                       "--train and --fine_tune", "one of them")
     if args.json and not (args.eval or args.demo):
         raise UserError("--json writes --eval's results: add --eval or drop --json")
     if args.export:
@@ -383,9 +406,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--model and --decomposed_model must be different files (the input model is never "
                         "overwritten)")
     if not args.train:
-        source = args.decomposed_model if (args.fine_tune and not args.decompose) else args.model
+        decomposed = args.fine_tune and not args.decompose
+        source = args.decomposed_model if decomposed else args.model
         if (args.decompose or args.fine_tune or args.eval or args.export) and not os.path.exists(source):
-            raise UserError(f"model file {source} does not exist (run --train first, or pass --model)")
+            hint = "run --decompose first, or pass --decomposed_model" if decomposed else \
+                "run --train first, or pass --model"
+            raise UserError(f"model file {source} does not exist ({hint})")
 
 
 def check_activation_memory(batch: int, image_size: int, flag: str) -> None:
@@ -608,9 +634,17 @@ def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, cl
     if dist.enabled:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    history = finetune.fit(wrapped, train_loader, test_loader, recipe=recipe, device=device, train_sampler=sampler,
-                           show_progress=not args.quiet and dist.is_main, log=logger, group=dist.group,
-                           checkpoint=write_checkpoint, resume=resume)
+    try:
+        history = finetune.fit(wrapped, train_loader, test_loader, recipe=recipe, device=device,
+                               train_sampler=sampler, show_progress=not args.quiet and dist.is_main, log=logger,
+                               group=dist.group, checkpoint=write_checkpoint, resume=resume)
+    except ValueError as exc:
+        # BatchNorm in training mode normalizes each channel over the batch and the positions:
+        # one image whose maps have shrunk to 1 x 1 (ResNet-18 at 32 px) leaves one value.
+        if "more than 1 value per channel" not in str(exc):
+            raise
+        raise UserError(f"--batch_size {args.batch_size}: a BatchNorm layer of this model sees one value per "
+                        f"channel at {image_size} px and cannot train on it; use --batch_size 2 or more") from None
     return history, classes
 
 
@@ -777,7 +811,10 @@ def step_decompose(args, device) -> dict:
     rows = [r.as_dict() for r in rows]
     if not any(not r["skipped"] for r in rows):
         reasons = sorted({r["reason"] for r in rows}) or ["no eligible layer"]
-        raise UserError(f"nothing left to decompose in {args.model}: {'; '.join(reasons)[:300]}")
+        shown = NOTHING_LEFT_REASONS
+        more = len(reasons) - shown
+        more = f"; and {more} other reason{'s' if more > 1 else ''}" if more > 0 else ""
+        raise UserError(f"nothing left to decompose in {args.model}: {'; '.join(reasons[:shown])}{more}")
     summary = report.totals(rows, params_total=(params_before, report.count_params(model)),
                             macs_total=(macs_before, report.count_macs(model, input_size)))
     summary["seconds"] = seconds
@@ -1068,6 +1105,9 @@ def step_export(path: str, args, device) -> dict:
     except ImportError as exc:
         raise UserError(f"--export onnx needs the onnx and onnxruntime packages ({exc}); "
                         f"pip install onnx onnxruntime") from None
+    except inference.Int8AgreementError as exc:  # the float32 export matched: quantization is the problem
+        raise UserError(f"--quantize int8 does not keep {path}'s predictions, nothing written: "
+                        f"{str(exc).splitlines()[0]}; export it in float32 (without --quantize)") from None
     except inference.OutputMismatchError as exc:
         raise UserError(f"the ONNX export of {path} does not match PyTorch's outputs, nothing written: "
                         f"{str(exc).splitlines()[0]}") from None

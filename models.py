@@ -258,17 +258,52 @@ def _layer_summary(result: dict[str, list[str]]) -> str:
 
 
 def _load_state_dict_file(model: nn.Module, path: str, arch: str) -> None:
+    """Load a state_dict file into ``model`` (torchvision's ``arch``, ImageNet head).
+
+    The head is replaced after loading, so a file whose head alone differs in shape (a model
+    fine-tuned on another number of classes) is loaded without it.  Anything else that does not
+    fit, and non-finite values, are one line naming what and how many.
+    """
     state = _torch_load(path, what="weights file")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"weights file {path} does not hold a state_dict of tensors")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = model.state_dict()
+    head = head_name(model) + "."
+    # BatchNorm fills in a missing num_batches_tracked itself (files from before it existed).
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    other_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if other_shape and all(k.startswith(head) for k in other_shape) and not missing and not unexpected:
+        logger.info("weights file %s: its head (%s, %d outputs) is not loaded; a new one is made for the data's "
+                    "classes", path, head[:-1], state[head + "weight"].shape[0] if head + "weight" in state else -1)
+        state = {k: v for k, v in state.items() if k not in other_shape}
+        missing = other_shape
+        other_shape = []
+    problems = []
+    if missing and not all(k.startswith(head) for k in missing):
+        problems.append(f"{len(missing)} of {arch}'s tensors missing ({short_list(missing, 3)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors {arch} does not have ({short_list(unexpected, 3)})")
+    if other_shape:
+        k = other_shape[0]
+        problems.append(f"{len(other_shape)} of another shape ({k}: {list(state[k].shape)} in the file, "
+                        f"{list(expected[k].shape)} in {arch})")
+    if problems:
+        raise UserError(f"weights file {path} is not a state_dict of {arch}: {'; '.join(problems)}")
+    not_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not_finite:
+        raise UserError(f"weights file {path}: {short_list(not_finite, 3)} "
+                        f"{'holds' if len(not_finite) == 1 else 'hold'} NaN or infinite values")
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
+        model.load_state_dict(state, strict=not missing)
+    except RuntimeError as exc:  # e.g. a dtype PyTorch cannot copy
         first = str(exc).strip().splitlines()
         raise UserError(f"weights file {path} is not a state_dict of {arch}: "
-                        f"{first[1].strip() if len(first) > 1 else first[0]}") from None
+                        f"{(first[1].strip() if len(first) > 1 else first[0])[:200]}") from None
 
 
 def _load_torchvision_weights(model: nn.Module, weights: str, arch: str) -> None:
@@ -349,6 +384,10 @@ def save_checkpoint(path: str, state: dict[str, Any], *, config: dict[str, Any])
         raise UserError(f"cannot write the checkpoint {path}: {exc.strerror or type(exc).__name__}") from None
 
 
+def _capped(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def load_checkpoint(path: str, *, config: dict[str, Any]) -> dict[str, Any]:
     """Read a checkpoint of :func:`save_checkpoint`, refusing one written by a run with other options.
 
@@ -367,11 +406,15 @@ def load_checkpoint(path: str, *, config: dict[str, Any]) -> dict[str, Any]:
     saved = state["config"]
     # The options are plain values (a file could hold anything there: compared only as such).
     plain = (type(None), bool, int, float, str)
-    differ = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in config.items()
-              if not isinstance(saved.get(key), plain) or saved.get(key) != value]
+    # Each value capped (a path, a file's edited string), three of them quoted, options the file
+    # has first (then those it lacks: a file from an older version).
+    keys = sorted(config, key=lambda k: k not in saved)
+    differ = [f"{key} {_capped(repr(saved.get(key)))} there, {_capped(repr(config[key]))} here"
+              for key in keys if not isinstance(saved.get(key), plain) or saved.get(key) != config[key]]
     if differ:
-        raise UserError(f"checkpoint {path} is from a run with other options ({'; '.join(differ)[:300]}); resume "
-                        f"with the interrupted run's options, or drop --resume to start over")
+        more = f"; {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise UserError(f"checkpoint {path} is from a run with other options ({'; '.join(differ[:3])}{more}); "
+                        f"resume with the interrupted run's options, or drop --resume to start over")
     return state
 
 

@@ -27,8 +27,9 @@ from conftest import REPO_ROOT, make_image_folder
 
 ALEXNET_SIZE = models.MIN_IMAGE_SIZE["alexnet"]
 NO_WEIGHTS = ["--weights", "none"]
-FAST = [*NO_WEIGHTS, "--epochs", "1", "--batch_size", "8", "--workers", "0", "--quiet",
-        "--latency_repeats", "1", "--latency_batch", "2"]
+FAST = ["--batch_size", "8", "--workers", "0", "--quiet", "--latency_repeats", "1", "--latency_batch", "2"]
+ONE_EPOCH = ["--epochs", "1"]            # --train and --fine_tune only: other steps refuse training options
+TRAIN_FAST = [*NO_WEIGHTS, *ONE_EPOCH]   # --train only
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -61,7 +62,7 @@ def trained(tmp_path_factory, data) -> Path:
     path = tmp_path_factory.mktemp("trained") / "model"
     train, test = data
     code = main.run(["--train", "--train_path", str(train), "--test_path", str(test), "--arch", "alexnet",
-                     "--image_size", str(ALEXNET_SIZE), "--model", str(path), *FAST])
+                     "--image_size", str(ALEXNET_SIZE), "--model", str(path), *TRAIN_FAST, *FAST])
     assert code == 0
     return path
 
@@ -137,7 +138,7 @@ def test_train_from_an_onnx_conv_stack_splits_the_learning_rate(tmp_path, capsys
     model_file = tmp_path / "model"
     argv = ["--train", "--arch", "alexnet", "--weights", onnx_file, "--image_size", ALEXNET_SIZE, "--train_path",
             train, "--test_path", test, "--model", model_file, "--lr", "0.02",
-            *[a for a in FAST if a not in NO_WEIGHTS]]
+            *ONE_EPOCH, *FAST]
     with caplog.at_level("INFO"):
         code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
@@ -162,7 +163,7 @@ def test_full_pipeline_in_one_call(tmp_path, capsys, arch, size):
         capsys, "--train", "--decompose", "--fine_tune", "--eval", "--arch", arch, "--image_size", size,
         "--train_path", train, "--test_path", test, "--model", model, "--decomposed_model", decomposed,
         "--rank_ratio", "0.25", "--fc", "svd", "--fc_rank", "16", "--json", out_json, "--report", report_json,
-        "--backend", "eager", *FAST)
+        "--backend", "eager", *TRAIN_FAST, *FAST)
     assert code == 0, err
     assert "total: params" in out and "test accuracy:" in out
     original, info = models.load_model(str(model))
@@ -196,7 +197,7 @@ def test_each_step_alone(tmp_path, capsys, data, trained):
     assert models.load_model(str(with_first))[1]["plan"]["features.0"]["method"] == "tucker"
     after_decompose = digest(decomposed)
     code, _, err = run_cli(capsys, "--fine_tune", "--model", trained, "--decomposed_model", decomposed,
-                           "--train_path", train, "--test_path", test, *FAST)
+                           "--train_path", train, "--test_path", test, *ONE_EPOCH, *FAST)
     assert code == 0, err
     assert digest(decomposed) != after_decompose  # fine-tuned and saved back
     payload = torch.load(decomposed, weights_only=True)
@@ -376,9 +377,9 @@ def test_train_bad_input(tmp_path, capsys, case):
     model = tmp_path / "model"
     model.write_bytes(b"previous model")
     args = make(tmp_path / "data")
-    argv = ["--train", *args, "--model", model, "--arch", "alexnet", "--image_size", ALEXNET_SIZE, *FAST, *extra]
-    if case == "bad weights file":
-        argv = argv[:-len(extra) - len(FAST)] + FAST[len(NO_WEIGHTS):] + extra
+    weights = [] if case == "bad weights file" else NO_WEIGHTS  # that case gives its own
+    argv = ["--train", *args, "--model", model, "--arch", "alexnet", "--image_size", ALEXNET_SIZE, *weights,
+            *ONE_EPOCH, *FAST, *extra]
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, needle)
     assert model.read_bytes() == b"previous model"
@@ -390,7 +391,7 @@ def test_single_corrupt_image_is_skipped_with_a_counted_warning(tmp_path, capsys
     train, test = make_image_folder(tmp_path / "data", n_train=3, n_test=1, size=ALEXNET_SIZE)
     (train / "cat" / "000.png").write_bytes(b"\x89PNG truncated")
     code, _, err = run_cli(capsys, "--train", "--train_path", train, "--test_path", test, "--arch", "alexnet",
-                           "--image_size", ALEXNET_SIZE, "--model", tmp_path / "model", *FAST)
+                           "--image_size", ALEXNET_SIZE, "--model", tmp_path / "model", *TRAIN_FAST, *FAST)
     assert code == 0, err
     warned = [line for line in err.splitlines() if line.startswith("warning: skipped 1 unreadable image")]
     assert len(warned) == 1 and "cat/000.png" in warned[0]
@@ -510,6 +511,8 @@ def test_budget_save_plan_and_replay(tmp_path, capsys, trained):
     (["--target_macs", "2", "--rank_ratio", "0.3"], "--target_macs chooses the conv ranks; drop --rank_ratio"),
     (["--vbmf_weaken", "-1"], "--vbmf_weaken must be a number >= 0"),
     (["--vbmf_weaken", "0"], "nothing left to decompose"),
+    # Every reason in full, never cut mid-word (the FC layers' is long).
+    (["--vbmf_weaken", "0", "--fc", "svd", "--fc_rank", "100000"], "would not shrink the layer ("),
     (["--plan", "{tmp}/missing.json"], "plan file {tmp}/missing.json does not exist"),
     (["--plan", "{plan}", "--cp"], "--plan gives every layer's method and ranks; drop --cp"),
     (["--plan", "{plan}", "--target_macs", "3"], "drop --target_macs"),
@@ -543,7 +546,8 @@ def test_bad_plan_stops_before_training(tmp_path, capsys, data):
     plan, model = tmp_path / "plan.json", tmp_path / "model"
     plan.write_text('{"features.3": {"method": "tucker"}}')
     code, _, err = run_cli(capsys, "--train", "--decompose", "--plan", plan, "--train_path", train, "--arch", "alexnet",
-                           "--image_size", ALEXNET_SIZE, "--model", model, "--decomposed_model", tmp_path / "d", *FAST)
+                           "--image_size", ALEXNET_SIZE, "--model", model, "--decomposed_model", tmp_path / "d",
+                           *TRAIN_FAST, *FAST)
     assert_one_line_error(code, err, "missing 'ranks'")
     assert sorted(os.listdir(tmp_path)) == ["plan.json"]
 
@@ -617,7 +621,7 @@ def test_fine_tune_on_other_classes_is_refused(tmp_path, capsys, trained):
     train, test = make_image_folder(tmp_path / "other", classes=("ant", "bee"), n_train=2, n_test=1,
                                     size=ALEXNET_SIZE)
     code, _, err = run_cli(capsys, "--fine_tune", "--decomposed_model", decomposed, "--model", trained,
-                           "--train_path", train, "--test_path", test, *FAST)
+                           "--train_path", train, "--test_path", test, *ONE_EPOCH, *FAST)
     assert_one_line_error(code, err, "differ")
     assert digest(decomposed) == before
 
@@ -630,6 +634,13 @@ def test_subprocess_error_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: model file {tmp_path / 'nope'} does not exist "
                                                 f"(run --train first, or pass --model)"]
     assert proc.stdout == ""
+
+
+def test_missing_decomposed_model_points_at_decompose(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--fine_tune", "--decomposed_model", tmp_path / "nosuch", "--train_path",
+                           tmp_path)
+    assert_one_line_error(code, err, f"model file {tmp_path / 'nosuch'} does not exist (run --decompose first, "
+                                     f"or pass --decomposed_model)")
 
 
 @pytest.mark.parametrize("flag, native, want", [("auto", True, True), ("auto", False, False), ("off", True, False),
@@ -650,10 +661,36 @@ def test_cpu_bf16_flag_fills_the_recipe(tmp_path, capsys, monkeypatch, flag, nat
     monkeypatch.setattr(finetune, "fit", fit)
     train, test = make_image_folder(tmp_path / "data", n_train=2, n_test=1, size=ALEXNET_SIZE)
     code, _, err = run_cli(capsys, "--train", "--train_path", train, "--test_path", test, "--arch", "alexnet",
-                           "--image_size", ALEXNET_SIZE, "--model", tmp_path / "model", "--cpu_bf16", flag, *FAST)
+                           "--image_size", ALEXNET_SIZE, "--model", tmp_path / "model", "--cpu_bf16", flag,
+                           *TRAIN_FAST, *FAST)
     assert code == 0, err
     assert [(r.cpu_bf16, r.channels_last) for r in recipes] == [(want, want)]
     assert ("no native bfloat16" in err) == (flag == "on" and not native)
+
+
+def test_batches_of_one_image_where_batchnorm_sees_one_value_are_one_line(tmp_path, capsys):
+    """ResNet-18 at 32 px ends in 1 x 1 maps: BatchNorm cannot train on a batch of one image there."""
+    train, test = make_image_folder(tmp_path / "data", n_train=2, n_test=1, size=32)
+    model = tmp_path / "model"
+    code, _, err = run_cli(capsys, "--train", "--arch", "resnet18", "--image_size", "32", "--train_path", train,
+                           "--test_path", test, "--model", model, *TRAIN_FAST, *FAST, "--batch_size", "1")
+    assert_one_line_error(code, err, "--batch_size 1: a BatchNorm layer of this model sees one value per channel "
+                                     "at 32 px", "use --batch_size 2 or more")
+    assert not model.exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--eval", "--arch", "alexnet"], "--arch is an option of --train, which this run does not do"),
+    (["--eval", "--image_size", "64", "--weights", "none"], "--weights, --image_size are options of --train"),
+    (["--decompose", "--freeze_features"], "--freeze_features is an option of --train"),
+    (["--fine_tune", "--pretrained_lr_scale", "0.5", "--train_path", "x"], "--pretrained_lr_scale is an option of"),
+    (["--eval", "--epochs", "3", "--lr", "0.1"], "--epochs, --lr are options of --train and --fine_tune"),
+    (["--decompose", "--lr_probe", "on"], "--lr_probe is an option of --train and --fine_tune"),
+    (["--decompose", "--fc", "svd", "--lr", "0.1"], "--lr is an option of --train and --fine_tune"),
+])
+def test_training_options_without_a_training_step_are_one_line(capsys, tmp_path, argv, needle):
+    code, _, err = run_cli(capsys, *argv, "--model", tmp_path / "m", "--test_path", tmp_path / "t")
+    assert_one_line_error(code, err, needle)
 
 
 # ------------------------------------------------------------------------ --quantize int8
@@ -665,7 +702,7 @@ def small_model(tmp_path_factory, data):
     train, test = data
     path = tmp_path_factory.mktemp("small") / "model"
     code = main.run(["--train", "--arch", "resnet18", "--image_size", "32", "--train_path", str(train),
-                     "--test_path", str(test), "--model", str(path), *FAST])
+                     "--test_path", str(test), "--model", str(path), *TRAIN_FAST, *FAST])
     assert code == 0
     return path
 
@@ -743,6 +780,17 @@ def test_export_and_eval_in_int8(capsys, tmp_path, data, small_model, monkeypatc
     q = json.loads(report.read_text())["int8"]
     assert 0 <= q["int8"]["accuracy"] <= 1 and q["int8"]["bytes"] < q["float32"]["bytes"] / 3
     assert q["top1_agreement"] >= 0.5 and "int8 (onnxruntime (CPU)" in stdout
+
+
+def test_int8_that_changes_predictions_is_named_as_the_problem(capsys, tmp_path, data, small_model, monkeypatch):
+    """The float32 export matched PyTorch; only the quantized model disagrees: the message says so."""
+    monkeypatch.setattr(inference, "int8_agreement", lambda *a, **k: 0.5)
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli(capsys, "--export", "onnx", out, "--model", small_model, "--quantize", "int8",
+                           "--train_path", data[0], "--workers", "0", "--quiet")
+    assert_one_line_error(code, err, "--quantize int8 does not keep", "agrees with float32's on 50.0%",
+                          "export it in float32 (without --quantize)")
+    assert "does not match PyTorch" not in err and not out.exists()
 
 
 @pytest.mark.parametrize("argv, needle", [

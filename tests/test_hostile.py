@@ -151,9 +151,9 @@ def test_fifo_as_model_file_is_refused_not_read(tmp_path, folder):
     (["--eval", "--latency_batch", "100000000"], "--latency_batch 100000000 at 63 px needs about"),
 ])
 def test_unbounded_sizes_are_bounded(tmp_path, capsys, folder, good, argv, needle):
-    code, _, err = run_cli(capsys, *argv, "--train_path", folder[0], "--test_path", folder[1], "--arch", "alexnet",
-                           "--weights", "none", "--model", good if "--eval" in argv else tmp_path / "m",
-                           "--workers", "0", "--quiet")
+    train_only = [] if "--eval" in argv else ["--arch", "alexnet", "--weights", "none"]
+    code, _, err = run_cli(capsys, *argv, "--train_path", folder[0], "--test_path", folder[1], *train_only,
+                           "--model", good if "--eval" in argv else tmp_path / "m", "--workers", "0", "--quiet")
     one_line_error(code, err, needle)
     assert os.listdir(tmp_path) == []
 

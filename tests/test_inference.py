@@ -342,7 +342,7 @@ def test_int8_that_disagrees_with_float_is_not_written(model, tmp_path, monkeypa
     monkeypatch.setattr(inference, "quantize_int8", lambda model_bytes, batches, **kw: other_bytes)
     path = tmp_path / "int8.onnx"
     path.write_bytes(b"previous")
-    with pytest.raises(inference.OutputMismatchError, match="int8 model's top-1 class agrees"):
+    with pytest.raises(inference.Int8AgreementError, match="int8 model's top-1 class agrees"):
         inference.export_onnx(model, path, _example(), int8_batches=[_example(64, seed=2)])
     assert path.read_bytes() == b"previous"
 

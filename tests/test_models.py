@@ -50,6 +50,43 @@ def test_image_size_too_small_is_a_user_error():
     models.build_model("alexnet", 2).features(torch.zeros(1, 3, 63, 63))
 
 
+def test_weights_file_with_another_head_loads_without_it(tmp_path):
+    """A state_dict fine-tuned on 10 classes (or saved from DataParallel, keys "module.*") is a
+    start like an ImageNet one: the head is replaced anyway, so it is the one thing not loaded."""
+    torch.manual_seed(2)
+    source = torchvision.models.resnet18(weights=None)
+    source.fc = nn.Linear(512, 10)
+    path = tmp_path / "r18_10.pth"
+    torch.save(source.state_dict(), path)
+    model, pretrained = models.build_pretrained("resnet18", 3, weights=str(path))
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert torch.equal(model.bn1.running_var, source.bn1.running_var)
+    assert model.fc.out_features == 3 and "fc.weight" not in pretrained and "conv1.weight" in pretrained
+    parallel = tmp_path / "dp.pth"
+    torch.save({"module." + k: v for k, v in source.state_dict().items()}, parallel)
+    assert torch.equal(models.build_model("resnet18", 3, weights=str(parallel)).conv1.weight, source.conv1.weight)
+
+
+def test_weights_file_of_another_arch_or_with_nan_is_one_short_line(tmp_path):
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), tmp_path / "alexnet.pth")
+    with pytest.raises(UserError) as info:
+        models.build_model("resnet18", 2, weights=str(tmp_path / "alexnet.pth"))
+    message = str(info.value)
+    assert "not a state_dict of resnet18: 102 of resnet18's tensors missing (conv1.weight" in message
+    assert "16 tensors resnet18 does not have (features.0.weight" in message and len(message) < 400
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(UserError, match="nan.pth: layer1.0.conv1.weight holds NaN or infinite values"):
+        models.build_model("resnet18", 2, weights=str(tmp_path / "nan.pth"))
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = state["conv1.weight"][:32]
+    torch.save(state, tmp_path / "narrow.pth")
+    with pytest.raises(UserError, match=r"1 of another shape \(conv1.weight: \[32, 3, 7, 7\] in the file, "
+                                        r"\[64, 3, 7, 7\] in resnet18\)"):
+        models.build_model("resnet18", 2, weights=str(tmp_path / "narrow.pth"))
+
+
 def test_unknown_arch():
     with pytest.raises(UserError, match="unknown architecture 'resnet5000'.*vgg16.*list_models"):
         models.build_model("resnet5000", 2)

@@ -20,8 +20,8 @@ import models
 from conftest import REPO_ROOT, make_image_folder
 
 SIZE = models.MIN_IMAGE_SIZE["alexnet"]
-COMMON = ["--arch", "alexnet", "--image_size", str(SIZE), "--weights", "none", "--batch_size", "8", "--workers",
-          "0", "--quiet", "--device", "cpu"]
+COMMON = ["--batch_size", "8", "--workers", "0", "--quiet", "--device", "cpu"]
+TRAIN_ONLY = ["--arch", "alexnet", "--image_size", str(SIZE), "--weights", "none"]  # the other steps refuse them
 KILL_TIMEOUT_S = 300
 
 
@@ -48,14 +48,14 @@ def trained(tmp_path_factory, data):
     """--train for two epochs, uninterrupted: the reference, and the model the fine-tune tests start from."""
     path = tmp_path_factory.mktemp("reference") / "model"
     assert main.run([str(a) for a in ("--train", "--train_path", data[0], "--model", path, "--epochs", "2",
-                                      *COMMON)]) == 0
+                                      *TRAIN_ONLY, *COMMON)]) == 0
     return path
 
 
 def test_ctrl_c_in_training_then_resume_gives_the_uninterrupted_weights(tmp_path, capsys, caplog, monkeypatch,
                                                                         data, trained):
     out = tmp_path / "new"  # a folder the run creates: the first checkpoint comes before the model
-    argv = ["--train", "--train_path", data[0], "--model", out / "model", "--epochs", "2", *COMMON]
+    argv = ["--train", "--train_path", data[0], "--model", out / "model", "--epochs", "2", *TRAIN_ONLY, *COMMON]
     calls = []
     real = finetune.train_one_epoch
 
@@ -85,7 +85,7 @@ def test_ctrl_c_in_training_then_resume_gives_the_uninterrupted_weights(tmp_path
 
 
 def test_resume_refuses_other_options_and_a_missing_checkpoint(tmp_path, capsys, data):
-    base = ["--train", "--train_path", data[0], "--model", tmp_path / "model", *COMMON]
+    base = ["--train", "--train_path", data[0], "--model", tmp_path / "model", *TRAIN_ONLY, *COMMON]
     code, err = run(capsys, *base, "--epochs", "2", "--resume")
     assert code == 2 and f"nothing to resume: no checkpoint {tmp_path / 'model'}.checkpoint" in err
     torch.save({"format": finetune.CHECKPOINT_FORMAT, "epoch": 1, "config": {"lr": 0.5, "epochs": 2}},
@@ -125,7 +125,7 @@ def _fine_tune(path: Path, train: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_mid_fine_tune_then_resume_gives_the_uninterrupted_weights(tmp_path, data, trained):
+def test_sigkill_mid_fine_tune_then_resume_gives_the_uninterrupted_weights(tmp_path, capsys, data, trained):
     decomposed = _decomposed(tmp_path, trained)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     reference.write_bytes(decomposed.read_bytes())
@@ -153,9 +153,10 @@ def test_sigkill_mid_fine_tune_then_resume_gives_the_uninterrupted_weights(tmp_p
     assert_same_weights(killed, reference)
     # That checkpoint belongs to the model before fine-tuning: resuming it into another is refused.
     checkpoint.write_bytes(kept)
-    code = main.run([str(a) for a in ("--fine_tune", "--decomposed_model", killed, "--train_path", data[0],
-                                      "--epochs", "4", "--resume", *COMMON)])
-    assert code == 2 and killed.read_bytes() != decomposed.read_bytes()
+    code, err = run(capsys, "--fine_tune", "--decomposed_model", killed, "--train_path", data[0], "--epochs", "4",
+                    "--resume", *COMMON)
+    assert code == 2 and "is from a run with other options (source_sha256" in err
+    assert killed.read_bytes() != decomposed.read_bytes()
     # --decompose replaces the model a fine-tuning checkpoint belongs to, and drops the checkpoint.
     assert main.run([str(a) for a in ("--decompose", "--model", trained, "--decomposed_model", killed, "--fc",
                                       "svd", "--fc_rank", "16", "--rank_ratio", "0.5", *COMMON)]) == 0

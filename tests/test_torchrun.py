@@ -25,8 +25,10 @@ from conftest import REPO_ROOT, make_image_folder
 
 SIZE = models.MIN_IMAGE_SIZE["alexnet"]
 TIMEOUT_S = 300
-COMMON = ["--arch", "alexnet", "--image_size", str(SIZE), "--weights", "none", "--epochs", "1", "--batch_size", "8",
-          "--workers", "0", "--quiet", "--latency_repeats", "1", "--latency_batch", "2", "--device", "cpu"]
+COMMON = ["--batch_size", "8", "--workers", "0", "--quiet", "--latency_repeats", "1", "--latency_batch", "2",
+          "--device", "cpu"]
+# Options of --train (and --epochs, of --fine_tune too): the other steps refuse them.
+TRAIN_ONLY = ["--arch", "alexnet", "--image_size", str(SIZE), "--weights", "none", "--epochs", "1"]
 # Small FC layers (SVD rank 16) keep DDP's gradient reduction and the ONNX file small.
 DECOMPOSE = ["--fc", "svd", "--fc_rank", "16", "--target_macs", "3"]
 
@@ -61,10 +63,10 @@ def pipeline(tmp_path_factory):
     eval, export."""
     root = tmp_path_factory.mktemp("torchrun")
     train, test = make_image_folder(root / "data", n_train=8, n_test=4, size=SIZE)
-    # --epochs 2 comes after COMMON's 1: one epoch checkpoint, written by rank 0 under DDP.
+    # --epochs 2 comes after TRAIN_ONLY's 1: one epoch checkpoint, written by rank 0 under DDP.
     proc = torchrun(root, "--train", "--decompose", "--fine_tune", "--eval", "--train_path", train, "--test_path",
-                    test, *COMMON, "--epochs", "2", *DECOMPOSE, "--save_plan", "plan.json", "--json", "eval.json",
-                    "--export", "onnx", "m.onnx")
+                    test, *TRAIN_ONLY, *COMMON, "--epochs", "2", *DECOMPOSE, "--save_plan", "plan.json", "--json",
+                    "eval.json", "--export", "onnx", "m.onnx")
     return root, train, test, proc
 
 
@@ -155,8 +157,8 @@ def test_ranks_with_different_data_stop_with_one_line_before_training(tmp_path):
     small, _ = make_image_folder(tmp_path / "small", n_train=4, n_test=1, size=SIZE)
     large, _ = make_image_folder(tmp_path / "large", n_train=12, n_test=1, size=SIZE)
     port = _free_port()
-    procs = [_rank(r, port, tmp_path, "--train", "--train_path", path, "--model", tmp_path / f"m{r}", *COMMON)
-             for r, path in enumerate((small, large))]
+    procs = [_rank(r, port, tmp_path, "--train", "--train_path", path, "--model", tmp_path / f"m{r}", *TRAIN_ONLY,
+                   *COMMON) for r, path in enumerate((small, large))]
     for proc in procs:
         _, err = proc.communicate(timeout=TIMEOUT_S)
         assert proc.returncode == 2
@@ -172,7 +174,7 @@ def test_a_killed_rank_stops_the_other_with_one_line(tmp_path):
 
     train, _ = make_image_folder(tmp_path / "data", n_train=16, n_test=1, size=SIZE)
     port = _free_port()
-    argv = ["--train", "--train_path", train, *COMMON, "--epochs", "1000", "--batch_size", "4"]
+    argv = ["--train", "--train_path", train, *TRAIN_ONLY, *COMMON, "--epochs", "1000", "--batch_size", "4"]
     procs = [_rank(r, port, tmp_path, *argv, "--model", tmp_path / f"m{r}") for r in (0, 1)]
     try:
         deadline = time.monotonic() + TIMEOUT_S
