@@ -1134,8 +1134,8 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
         loader_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
         judged_on = (f"loss on {len(judged)} batches after training on {len(batches)} others"
                      if loader_batches is None or loader_batches >= len(batches) + len(judged) else
-                     f"loss on {len(judged)} batches after training on {len(batches)}: the folder has "
-                     f"{loader_batches}, so the same images again, augmented anew")
+                     f"loss on {len(judged)} batches after training on {len(batches)}: an epoch has "
+                     f"{loader_batches}, so partly the same images again, augmented anew")
         log.info("rate probe (%s): %s; training at x%g of the rates (%s)%s", judged_on, ", ".join(tried),
                  best_factor, ", ".join(f"{lr_:.3g}" for lr_ in run.scheduler.base_lrs), margin)
         if not best_loss < reference:

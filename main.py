@@ -304,6 +304,18 @@ def _refuse_unused(names: list[str], owner: str, add: str) -> None:
                         f"do: add {add} or drop {'it' if one else 'them'}")
 
 
+def _anneals(args: argparse.Namespace) -> bool:
+    """Whether --decompose puts FC layers on a diagonal band (annealed at --lr with --train_path):
+    by --fc diagonal, or by a replayed plan's entries."""
+    import ranks
+
+    if not args.decompose:
+        return False
+    if args.plan:
+        return any(entry.get("method") == "diagonal" for entry in ranks.read_plan(args.plan).values())
+    return args.fc == "diagonal"
+
+
 def _given(args: argparse.Namespace, names) -> list[str]:
     """Those of ``names`` given on the command line (``args.explicit``, set by :func:`run`); for
     a namespace built otherwise, those that differ from the parser's defaults."""
@@ -325,9 +337,10 @@ def _check_args(args: argparse.Namespace) -> None:
     if not args.train:
         _refuse_unused(_given(args, TRAIN_OPTIONS), "--train", "--train")
     if not (args.train or args.fine_tune):
-        anneals = args.decompose and args.fc == "diagonal"
-        _refuse_unused([n for n in _given(args, TRAINING_OPTIONS) if not (n == "lr" and anneals)],
-                       "--train and --fine_tune", "one of them")
+        given = _given(args, TRAINING_OPTIONS)
+        if "lr" in given and _anneals(args):
+            given.remove("lr")
+        _refuse_unused(given, "--train and --fine_tune", "one of them")
     if args.json and not (args.eval or args.demo):
         raise UserError("--json writes --eval's results: add --eval or drop --json")
     if args.export:
@@ -601,7 +614,10 @@ def _fit(args, model, *, step: str, lr: float, image_size: int, device, dist, cl
               "weights": args.weights if step == "train" else None, "lr": lr, "epochs": args.epochs,
               "batch_size": args.batch_size, "seed": args.seed, "image_size": image_size,
               "train_path": os.path.abspath(args.train_path), "workers": args.workers,
-              "world_size": dist.world_size, "freeze_features": args.freeze_features, "keep_last": args.keep_last,
+              "world_size": dist.world_size, "keep_last": args.keep_last,
+              # --train's own (fine-tuning trains every layer): None for --fine_tune, so that a
+              # --fine_tune --resume, which refuses --freeze_features, matches its checkpoint.
+              "freeze_features": args.freeze_features if step == "train" else None,
               # Only when on: a float32 run's checkpoint has the form it had before the option.
               **({"cpu_bf16": True} if speed["cpu_bf16"] else {}),
               "pretrained_lr_scale": args.pretrained_lr_scale if step == "train" else None,

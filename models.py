@@ -273,18 +273,20 @@ def _load_state_dict_file(model: nn.Module, path: str, arch: str) -> None:
         state = {k.removeprefix("module."): v for k, v in state.items()}
     expected = model.state_dict()
     head = head_name(model) + "."
+    # The head is replaced after loading: whatever the file holds there (another number of
+    # classes, no bias, nothing) is never loaded, and only the rest has to fit.
+    file_head = [k for k in state if k.startswith(head)]
+    if any(k not in expected or state[k].shape != expected[k].shape for k in file_head):
+        logger.info("weights file %s: its head (%s) is not %s's ImageNet one; a new head is made for the data's "
+                    "classes either way", path, head[:-1], arch)
+    state = {k: v for k, v in state.items() if not k.startswith(head)}
+    body = [k for k in expected if not k.startswith(head)]
     # BatchNorm fills in a missing num_batches_tracked itself (files from before it existed).
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    missing = [k for k in body if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
-    other_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if other_shape and all(k.startswith(head) for k in other_shape) and not missing and not unexpected:
-        logger.info("weights file %s: its head (%s, %d outputs) is not loaded; a new one is made for the data's "
-                    "classes", path, head[:-1], state[head + "weight"].shape[0] if head + "weight" in state else -1)
-        state = {k: v for k, v in state.items() if k not in other_shape}
-        missing = other_shape
-        other_shape = []
+    other_shape = [k for k in body if k in state and state[k].shape != expected[k].shape]
     problems = []
-    if missing and not all(k.startswith(head) for k in missing):
+    if missing:
         problems.append(f"{len(missing)} of {arch}'s tensors missing ({short_list(missing, 3)})")
     if unexpected:
         problems.append(f"{len(unexpected)} tensors {arch} does not have ({short_list(unexpected, 3)})")
@@ -299,7 +301,9 @@ def _load_state_dict_file(model: nn.Module, path: str, arch: str) -> None:
         raise UserError(f"weights file {path}: {short_list(not_finite, 3)} "
                         f"{'holds' if len(not_finite) == 1 else 'hold'} NaN or infinite values")
     try:
-        model.load_state_dict(state, strict=not missing)
+        # Not strict: the head is left out on purpose, and a file without num_batches_tracked
+        # keeps the model's own (a count, not a weight).
+        model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # e.g. a dtype PyTorch cannot copy
         first = str(exc).strip().splitlines()
         raise UserError(f"weights file {path} is not a state_dict of {arch}: "
@@ -408,9 +412,10 @@ def load_checkpoint(path: str, *, config: dict[str, Any]) -> dict[str, Any]:
     plain = (type(None), bool, int, float, str)
     # Each value capped (a path, a file's edited string), three of them quoted, options the file
     # has first (then those it lacks: a file from an older version).
-    keys = sorted(config, key=lambda k: k not in saved)
-    differ = [f"{key} {_capped(repr(saved.get(key)))} there, {_capped(repr(config[key]))} here"
-              for key in keys if not isinstance(saved.get(key), plain) or saved.get(key) != config[key]]
+    # Options written only when on (cpu_bf16, rate_probe, fresh_lr) count when the file has them.
+    keys = sorted(config, key=lambda k: k not in saved) + [k for k in saved if k not in config]
+    differ = [f"{key} {_capped(repr(saved.get(key)))} there, {_capped(repr(config.get(key)))} here"
+              for key in keys if not isinstance(saved.get(key), plain) or saved.get(key) != config.get(key)]
     if differ:
         more = f"; {len(differ) - 3} more" if len(differ) > 3 else ""
         raise UserError(f"checkpoint {path} is from a run with other options ({'; '.join(differ[:3])}{more}); "

@@ -693,6 +693,19 @@ def test_training_options_without_a_training_step_are_one_line(capsys, tmp_path,
     assert_one_line_error(code, err, needle)
 
 
+def test_lr_is_taken_by_a_replayed_plan_that_anneals_fc_layers(capsys, tmp_path):
+    """A plan with diagonal FC layers anneals them at --lr (as --fc diagonal does); one without
+    reads no rate."""
+    diagonal, tucker = tmp_path / "diagonal.json", tmp_path / "tucker.json"
+    diagonal.write_text(json.dumps({"classifier.1": {"method": "diagonal", "bandwidth": 2}}))
+    tucker.write_text(json.dumps({"features.3": {"method": "tucker", "ranks": [4, 4]}}))
+    missing = tmp_path / "no_model"
+    code, _, err = run_cli(capsys, "--decompose", "--plan", diagonal, "--lr", "0.003", "--model", missing)
+    assert_one_line_error(code, err, f"model file {missing} does not exist")  # past the option checks
+    code, _, err = run_cli(capsys, "--decompose", "--plan", tucker, "--lr", "0.003", "--model", missing)
+    assert_one_line_error(code, err, "--lr is an option of --train and --fine_tune")
+
+
 # ------------------------------------------------------------------------ --quantize int8
 
 

@@ -689,7 +689,7 @@ def test_rate_probe_finds_a_stable_rate_and_starts_from_the_same_weights(caplog)
     probe = [r.getMessage() for r in caplog.records if "rate probe" in r.getMessage()]
     assert len(probe) == 1 and "training at x1 " not in probe[0]
     # 12 batches: the 8 it judges on repeat images of the 8 it trained on, and the log says so.
-    assert "after training on 8: the folder has 12, so the same images again, augmented anew" in probe[0]
+    assert "after training on 8: an epoch has 12, so partly the same images again, augmented anew" in probe[0]
     assert [r["restarts"] for r in history] == [0, 0, 0]
     assert history[-1]["test_acc"] == 1.0
 

@@ -67,12 +67,24 @@ def test_weights_file_with_another_head_loads_without_it(tmp_path):
     assert torch.equal(models.build_model("resnet18", 3, weights=str(parallel)).conv1.weight, source.conv1.weight)
 
 
+def test_weights_file_head_is_never_loaded(tmp_path):
+    """The head is replaced after loading: a file's head without a bias, or with NaN, does not matter."""
+    torch.manual_seed(3)
+    source = torchvision.models.resnet18(weights=None)
+    source.fc = nn.Linear(512, 10, bias=False)
+    state = source.state_dict()
+    state["fc.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "head.pth")
+    model = models.build_model("resnet18", 2, weights=str(tmp_path / "head.pth"))
+    assert torch.equal(model.conv1.weight, source.conv1.weight) and bool(torch.isfinite(model.fc.weight).all())
+
+
 def test_weights_file_of_another_arch_or_with_nan_is_one_short_line(tmp_path):
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), tmp_path / "alexnet.pth")
     with pytest.raises(UserError) as info:
         models.build_model("resnet18", 2, weights=str(tmp_path / "alexnet.pth"))
     message = str(info.value)
-    assert "not a state_dict of resnet18: 102 of resnet18's tensors missing (conv1.weight" in message
+    assert "not a state_dict of resnet18: 100 of resnet18's tensors missing (conv1.weight" in message
     assert "16 tensors resnet18 does not have (features.0.weight" in message and len(message) < 400
     state = torchvision.models.resnet18(weights=None).state_dict()
     state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
@@ -286,6 +298,29 @@ def test_a_checkpoint_whose_options_are_not_plain_values_is_refused(tmp_path):
         models.load_checkpoint(path, config={"lr": 0.1, "seed": 0})
     models.save_checkpoint(path, {"format": CHECKPOINT_FORMAT}, config={"lr": 0.1, "seed": 0})
     assert models.load_checkpoint(path, config={"lr": 0.1, "seed": 0})["config"] == {"lr": 0.1, "seed": 0}
+
+
+def test_a_checkpoint_option_written_only_when_on_must_match_too(tmp_path):
+    """cpu_bf16 / rate_probe are written only when on: a bfloat16 run's checkpoint resumed with
+    --cpu_bf16 off (a config without the key) is another run, not silently the same one."""
+    from finetune import CHECKPOINT_FORMAT
+
+    path = str(tmp_path / "model.ckpt")
+    models.save_checkpoint(path, {"format": CHECKPOINT_FORMAT}, config={"lr": 0.1, "cpu_bf16": True})
+    with pytest.raises(UserError, match="other options \\(cpu_bf16 True there, None here\\)"):
+        models.load_checkpoint(path, config={"lr": 0.1})
+    assert models.load_checkpoint(path, config={"lr": 0.1, "cpu_bf16": True})["config"]["cpu_bf16"] is True
+
+
+def test_a_state_dict_without_num_batches_tracked_loads(tmp_path):
+    """Files from before BatchNorm counted its batches lack num_batches_tracked (with or without
+    the version metadata that tells BatchNorm to fill it in)."""
+    state = torchvision.models.resnet18(weights=None).state_dict()   # an OrderedDict with _metadata
+    for key in [k for k in state if k.endswith("num_batches_tracked")]:
+        del state[key]
+    torch.save(state, tmp_path / "old.pth")
+    model = models.build_model("resnet18", 2, weights=str(tmp_path / "old.pth"))
+    assert torch.equal(model.layer1[0].bn1.running_mean, state["layer1.0.bn1.running_mean"])
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

@@ -112,6 +112,31 @@ def test_resume_refuses_other_options_and_a_missing_checkpoint(tmp_path, capsys,
     assert code == 2 and "the checkpoint is damaged: no 'optimizer'" in err and "Traceback" not in err
 
 
+def test_a_pipeline_with_freeze_features_resumes_its_fine_tuning(tmp_path, capsys, monkeypatch, data):
+    """--train --freeze_features --decompose --fine_tune interrupted while fine-tuning resumes with
+    --fine_tune --resume (which refuses --freeze_features): the option is --train's alone."""
+    calls = []
+    real = finetune.train_one_epoch
+
+    def interrupted_in_fine_tuning_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # train 1, 2, fine-tune 1, then fine-tune 2
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_one_epoch", interrupted_in_fine_tuning_epoch_2)
+    decomposed = tmp_path / "d"
+    code, _ = run(capsys, "--train", "--freeze_features", *TRAIN_ONLY, "--decompose", "--fc", "svd", "--fc_rank", "8",
+                  "--rank_ratio", "0.5", "--fine_tune", "--train_path", data[0], "--model", tmp_path / "m",
+                  "--decomposed_model", decomposed, "--epochs", "2", *COMMON)
+    assert code == 130 and Path(f"{decomposed}.checkpoint").exists()
+    monkeypatch.setattr(finetune, "train_one_epoch", real)
+    code, err = run(capsys, "--fine_tune", "--decomposed_model", decomposed, "--train_path", data[0], "--epochs", "2",
+                    "--resume", *COMMON)
+    assert code == 0, err
+    assert not Path(f"{decomposed}.checkpoint").exists()
+
+
 def _decomposed(tmp_path: Path, trained: Path) -> Path:
     path = tmp_path / "decomposed"
     assert main.run([str(a) for a in ("--decompose", "--model", trained, "--decomposed_model", path, "--fc", "svd",
