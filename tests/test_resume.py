@@ -103,7 +103,7 @@ def test_resume_refuses_other_options_and_a_missing_checkpoint(tmp_path, capsys,
     config = {**config, "lr": main.DEFAULT_LR["train"], "epochs": 2, "batch_size": 8, "seed": 0, "step": "train",
               "arch": "alexnet", "weights": "none", "image_size": SIZE, "train_path": os.path.abspath(data[0]),
               "workers": 0, "world_size": 1, "freeze_features": False, "keep_last": False,
-              "pretrained_lr_scale": main.DEFAULT_PRETRAINED_LR_SCALE, "fresh_lr": "scaled", "rate_probe": False,
+              "pretrained_lr_scale": main.DEFAULT_PRETRAINED_LR_SCALE, "fresh_lr": "scaled",
               "test_path": None, "device": "cpu",
               "source_sha256": None, **({"cpu_bf16": True} if main.runtime.cpu_bf16_supported() else {})}
     torch.save({"format": finetune.CHECKPOINT_FORMAT, "epoch": 1, "config": config, "model": {"x": torch.ones(1)}},
