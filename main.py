@@ -290,8 +290,8 @@ DECOMPOSE_OPTIONS = ("cp", "method_per_layer", "rank_ratio", "vbmf_weaken", "tar
 #: Options only --train reads (the model it builds and how it trains it): the other steps take
 #: the architecture, weights and image size from their model file.
 TRAIN_OPTIONS = ("arch", "weights", "image_size", "pretrained_lr_scale", "fresh_lr", "freeze_features")
-#: Options of the training loop, read by --train and --fine_tune (--lr also by --decompose --fc
-#: diagonal, which anneals the FC layers to their band).
+#: Options of the training loop, read by --train and --fine_tune (--lr also by --decompose when it
+#: anneals FC layers onto a diagonal band: --fc diagonal, or a plan with diagonal entries).
 TRAINING_OPTIONS = ("epochs", "lr", "lr_probe", "keep_last", "cpu_bf16")
 
 
