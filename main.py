@@ -827,10 +827,8 @@ def step_decompose(args, device) -> dict:
     rows = [r.as_dict() for r in rows]
     if not any(not r["skipped"] for r in rows):
         reasons = sorted({r["reason"] for r in rows}) or ["no eligible layer"]
-        shown = NOTHING_LEFT_REASONS
-        more = len(reasons) - shown
-        more = f"; and {more} other reason{'s' if more > 1 else ''}" if more > 0 else ""
-        raise UserError(f"nothing left to decompose in {args.model}: {'; '.join(reasons[:shown])}{more}")
+        raise UserError(f"nothing left to decompose in {args.model}: "
+                        f"{short_list(reasons, NOTHING_LEFT_REASONS, sep='; ')}")
     summary = report.totals(rows, params_total=(params_before, report.count_params(model)),
                             macs_total=(macs_before, report.count_macs(model, input_size)))
     summary["seconds"] = seconds

@@ -257,6 +257,11 @@ def _layer_summary(result: dict[str, list[str]]) -> str:
             f"{short_list(result['fresh'], 8)}; ignored in the file: {short_list(result['ignored'], 8)}")
 
 
+def _non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def _load_state_dict_file(model: nn.Module, path: str, arch: str) -> None:
     """Load a state_dict file into ``model`` (torchvision's ``arch``, ImageNet head).
 
@@ -296,7 +301,7 @@ def _load_state_dict_file(model: nn.Module, path: str, arch: str) -> None:
                         f"{list(expected[k].shape)} in {arch})")
     if problems:
         raise UserError(f"weights file {path} is not a state_dict of {arch}: {'; '.join(problems)}")
-    not_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    not_finite = _non_finite(state)
     if not_finite:
         raise UserError(f"weights file {path}: {short_list(not_finite, 3)} "
                         f"{'holds' if len(not_finite) == 1 else 'hold'} NaN or infinite values")
@@ -354,7 +359,7 @@ def save_model(path: str, model: nn.Module, *, arch: str, classes: list[str], im
     """
     model = runtime.unwrap(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = _non_finite(state)
     if bad:
         raise ValueError(f"refusing to save a model with non-finite weights in {', '.join(bad[:3])}")
     payload = {
@@ -417,8 +422,7 @@ def load_checkpoint(path: str, *, config: dict[str, Any]) -> dict[str, Any]:
     differ = [f"{key} {_capped(repr(saved.get(key)))} there, {_capped(repr(config.get(key)))} here"
               for key in keys if not isinstance(saved.get(key), plain) or saved.get(key) != config.get(key)]
     if differ:
-        more = f"; {len(differ) - 3} more" if len(differ) > 3 else ""
-        raise UserError(f"checkpoint {path} is from a run with other options ({'; '.join(differ[:3])}{more}); "
+        raise UserError(f"checkpoint {path} is from a run with other options ({short_list(differ, 3, sep='; ')}); "
                         f"resume with the interrupted run's options, or drop --resume to start over")
     return state
 
@@ -511,7 +515,7 @@ def _float32_weights(state: dict[str, torch.Tensor], path: str) -> dict[str, tor
     if other:
         warnings.warn(f"model file {path} holds {', '.join(other)} weights: converted to float32", stacklevel=3)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = _non_finite(state)
     if bad:
         raise UserError(f"model file {path} has non-finite weights (NaN or Inf) in {short_list(bad, 3)}")
     return state

@@ -55,8 +55,13 @@ def _leaf_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
             yield name, module
 
 
-def _run_with_hooks(model: nn.Module, example: torch.Tensor, hook) -> None:
-    handles = [m.register_forward_hook(hook(name)) for name, m in _leaf_modules(model)]
+def _run_with_hooks(model: nn.Module, example: torch.Tensor, hook, pre=None) -> None:
+    """One eval-mode forward pass with ``hook(name)`` (and ``pre``, a forward pre-hook, when
+    given) on every counted layer; the hooks and the training mode are restored after."""
+    leaves = list(_leaf_modules(model))
+    handles = [m.register_forward_hook(hook(name)) for name, m in leaves]
+    if pre is not None:
+        handles += [m.register_forward_pre_hook(pre) for _, m in leaves]
     was_training = model.training
     try:
         model.eval()
@@ -102,13 +107,8 @@ def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
                 inside += counter.get_total_flops() - entered_at
         return fn
 
-    handles = [m.register_forward_pre_hook(pre) for _, m in _leaf_modules(model)]
-    try:
-        with counter:
-            _run_with_hooks(model, example, hook)
-    finally:
-        for h in handles:
-            h.remove()
+    with counter:
+        _run_with_hooks(model, example, hook, pre)
     return total + (counter.get_total_flops() - inside) // 2
 
 
@@ -146,11 +146,12 @@ def totals(rows: Sequence[dict], *, params_total: tuple[int, int], macs_total: t
     }
 
 
-def short_list(items: Sequence[str], limit: int = 4) -> str:
-    """``a, b, c and N more``: a list capped for one line of output ("none" when empty)."""
+def short_list(items: Sequence[str], limit: int = 4, *, sep: str = ", ") -> str:
+    """``a, b, c and N more``: a list capped for one line of output ("none" when empty);
+    ``sep="; "`` for items that hold commas themselves (whole reasons)."""
     if not items:
         return "none"
-    shown = ", ".join(items[:limit])
+    shown = sep.join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
