@@ -130,6 +130,7 @@ def original_model(args, device) -> nn.Module:
     finetune.fit(model, train_loader(args, 0, 0), None,
                  recipe=finetune.Recipe(epochs=args.finetune_first, lr=main_cli.DEFAULT_LR["train"]), device=device,
                  show_progress=False)
+    os.makedirs(args.cache_dir, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()
 

@@ -126,6 +126,8 @@ def run_once(folder: str, arch: str, weights: str, variant: str, seed: int, args
             cmd += ABLATIONS[variant]
         elif variant != "default":
             cmd += ["--lr", variant, *SWEEP_ARGS]
+        if args.probe_only:
+            return probe_once(cmd)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     text = proc.stdout + proc.stderr
     accs = [float(a) for a in re.findall(r"test loss \S+ acc ([\d.]+)%", text)]
@@ -133,8 +135,32 @@ def run_once(folder: str, arch: str, weights: str, variant: str, seed: int, args
     probe = re.findall(r"training at x([\d.e-]+) of the rates", text)
     return {"rc": proc.returncode, "acc": float(kept[0]) if kept else (accs[-1] if accs else None),
             "epochs_acc": accs, "restarts": len(re.findall(r"restarting epoch", text)),
-            "probe": float(probe[0]) if probe else None,
+            "probe": float(probe[0]) if probe else None, "probe_losses": probe_losses(text),
             "error": text.strip().splitlines()[-1][:300] if proc.returncode else None}
+
+
+def probe_losses(text: str) -> dict | None:
+    """The rate probe's losses from its log line ("start: 0.7171, x1: 0.7057, ..."), or None."""
+    line = re.search(r"rate probe \(.*?\): (start: .*?); training at x", text)
+    if not line:
+        return None
+    return {name: float(loss) for name, loss in re.findall(r"(start|x[\d.e-]+): ([\d.e+-]+|inf)", line.group(1))}
+
+
+def probe_once(cmd: list[str]) -> dict:
+    """Run ``cmd`` only until the rate probe has logged its choice (the probe is the first thing a
+    run trains, and its figures do not depend on ``--epochs``), then stop it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    text = ""
+    for line in proc.stdout:
+        text += line
+        if "training at x" in line:
+            break
+    proc.kill()
+    proc.wait()
+    probe = re.findall(r"training at x([\d.e-]+) of the rates", text)
+    return {"rc": None if probe else proc.returncode, "acc": None, "probe": float(probe[0]) if probe else None,
+            "probe_losses": probe_losses(text), "error": None if probe else text.strip()[-300:]}
 
 
 def summarize(path: str) -> None:
@@ -175,6 +201,8 @@ def main() -> None:
     parser.add_argument("--weights_dir", default=os.path.join(tempfile.gettempdir(), "recipe-weights"))
     parser.add_argument("--json", default="benchmarks/results/recipe/recipe.jsonl")
     parser.add_argument("--summarize", action="store_true", help="only tabulate --json")
+    parser.add_argument("--probe_only", action="store_true",
+                        help="stop each run once the rate probe has chosen: record its losses, no accuracy")
     args = parser.parse_args()
     if args.make_cifar:
         make_cifar(args.make_cifar, args.out)
