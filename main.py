@@ -291,7 +291,7 @@ DECOMPOSE_OPTIONS = ("cp", "method_per_layer", "rank_ratio", "vbmf_weaken", "tar
 #: the architecture, weights and image size from their model file.
 TRAIN_OPTIONS = ("arch", "weights", "image_size", "pretrained_lr_scale", "fresh_lr", "freeze_features")
 #: Options of the training loop, read by --train and --fine_tune (--lr also by --decompose when it
-#: anneals FC layers onto a diagonal band: --fc diagonal, or a plan with diagonal entries).
+#: anneals FC layers onto a diagonal band with --train_path: --fc diagonal, or a plan with diagonal entries).
 TRAINING_OPTIONS = ("epochs", "lr", "lr_probe", "keep_last", "cpu_bf16")
 
 
@@ -305,11 +305,11 @@ def _refuse_unused(names: list[str], owner: str, add: str) -> None:
 
 
 def _anneals(args: argparse.Namespace) -> bool:
-    """Whether --decompose puts FC layers on a diagonal band (annealed at --lr with --train_path):
-    by --fc diagonal, or by a replayed plan's entries."""
+    """Whether --decompose anneals FC layers onto a diagonal band at --lr: by --fc diagonal, or by
+    a replayed plan's entries, with --train_path (without it the band is cut data-free)."""
     import ranks
 
-    if not args.decompose:
+    if not (args.decompose and args.train_path):
         return False
     if args.plan:
         return any(entry.get("method") == "diagonal" for entry in ranks.read_plan(args.plan).values())

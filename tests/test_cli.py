@@ -700,10 +700,15 @@ def test_lr_is_taken_by_a_replayed_plan_that_anneals_fc_layers(capsys, tmp_path)
     diagonal.write_text(json.dumps({"classifier.1": {"method": "diagonal", "bandwidth": 2}}))
     tucker.write_text(json.dumps({"features.3": {"method": "tucker", "ranks": [4, 4]}}))
     missing = tmp_path / "no_model"
-    code, _, err = run_cli(capsys, "--decompose", "--plan", diagonal, "--lr", "0.003", "--model", missing)
+    data = ("--train_path", tmp_path / "train")
+    code, _, err = run_cli(capsys, "--decompose", "--plan", diagonal, "--lr", "0.003", "--model", missing, *data)
     assert_one_line_error(code, err, f"model file {missing} does not exist")  # past the option checks
-    code, _, err = run_cli(capsys, "--decompose", "--plan", tucker, "--lr", "0.003", "--model", missing)
+    code, _, err = run_cli(capsys, "--decompose", "--plan", tucker, "--lr", "0.003", "--model", missing, *data)
     assert_one_line_error(code, err, "--lr is an option of --train and --fine_tune")
+    # Without training data the band is cut data-free: nothing reads the rate.
+    for flags in (("--plan", diagonal), ("--fc", "diagonal")):
+        code, _, err = run_cli(capsys, "--decompose", *flags, "--lr", "0.003", "--model", missing)
+        assert_one_line_error(code, err, "--lr is an option of --train and --fine_tune")
 
 
 # ------------------------------------------------------------------------ --quantize int8
