@@ -762,6 +762,11 @@ def test_rate_probe_says_when_no_rate_lowered_the_loss(caplog):
     ((0.703, 0.542, 0.354, 0.575), 0.3),  # a clear win (VGG16's trained convs): the lower rate
     ((0.700, 0.720, 0.690, 0.695), 0.3),  # within the margin but above the start: never kept
     ((0.815, 18.0, 1.52, 0.445, 0.617), 0.1),
+    # Nothing learnt (every loss near ln 3 = 1.099, a uniform guess over NUM_CLASSES): x1 rose,
+    # but not as far as the loss guard's 2x of the start, so the recipe's rate is kept ...
+    ((1.10, 1.70, 1.08, 1.09), 1.0),
+    # ... and a rate the guard would stop is not.
+    ((1.10, 2.50, 1.08, 1.09), 0.3),
 ])
 def test_rate_probe_keeps_the_highest_rate_as_good_as_the_best(monkeypatch, caplog, losses, chosen):
     """The probe's choice from the losses it measures (the start's, then each candidate's)."""
@@ -773,6 +778,9 @@ def test_rate_probe_keeps_the_highest_rate_as_good_as_the_best(monkeypatch, capl
     monkeypatch.setattr(finetune, "_probe_loss", lambda *a, **kw: next(measured))
     with caplog.at_level(logging.INFO, logger="finetune"):
         assert finetune._probe_rates(run, loader, device=CPU, group=None, log=finetune.logger) == chosen
-    # The log says when the margin, not the lowest loss, chose.
+    # The log says when the margin, not the lowest loss, chose, and when the figures were noise.
     said = "the highest within 5% of the start's loss of the lowest (x0.3)" in caplog.text
     assert said == (losses[0] == 0.717)
+    noise = "the highest the loss guard accepts: no rate brought the loss below 95% of a uniform guess's over 3"
+    assert (noise in caplog.text) == (losses[:2] == (1.10, 1.70))
+    assert "no rate tried lowered the loss" not in caplog.text
