@@ -756,7 +756,9 @@ class Recipe:
         the run's start at its peak rates, going down the list while the loss on those
         batches afterwards keeps falling (or has not yet fallen below the start's); the run
         then starts again from the same weights at the best one (a short learning-rate range
-        test, Smith 2017; a warning when no rate lowered the loss).  Empty: off.
+        test, Smith 2017; a warning when no rate lowered the loss), or at the highest rate the
+        loss guard accepts when no loss was clearly below a uniform guess's (see
+        :func:`_probe_rates`).  Empty: off.
     """
 
     epochs: int
@@ -1089,8 +1091,9 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
     and keep the highest one that left the loss on the batches after those it trained on below
     the start's and within :data:`PROBE_MARGIN` of the lowest (going down while the loss falls
     or is still above the start's); the run's rates are scaled by it.  When no candidate
-    brought the loss clearly below a uniform guess's (``ln C``), the figures are noise and it
-    keeps the highest rate whose loss the run's :class:`LossGuard` would accept.
+    brought the loss clearly below a uniform guess's (``ln C``) and the start was not below it
+    either, the figures are noise and it keeps the highest rate whose loss stayed within the
+    run's :class:`LossGuard` limit.
 
     Why: the rate a pretrained network tolerates depends on its weights' scale (a VGG16 whose
     last conv is 5x larger needs rates ~25x smaller: every layer below it sees its gradient
@@ -1122,21 +1125,24 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
             best_factor, best_loss = factor, loss
         elif best_loss < reference:
             # Past a best that lowered the loss.  A candidate that diverged or ended above the
-            # start only sends the probe lower: a rate that made things worse is never kept.
+            # start only sends the probe lower: a rate that made things worse is never kept
+            # (unless the figures are noise, below).
             break
     lowest_at = best_factor
     classes = _classes(run, judged[0], device=device)
+    guess = (1 - PROBE_MARGIN) * math.log(classes)
     limit = (run.recipe.divergence or DIVERGENCE_FACTOR) * max(reference, GUARD_MIN_REFERENCE)
-    # No candidate brought the loss clearly below a uniform guess's (ln C): a network from random
-    # init after 8 steps, whose figures are noise (ResNet-18 from torchvision's init, 60 runs: the
-    # best candidate 0.65-0.70 against ln 2 = 0.693, x1 rising to 0.82-1.19 on 10 of them, rates
-    # the full run, warmed up, trains well; trained VGG16 convs, 18 runs: best 0.21-0.65;
-    # benchmarks/RESULTS.md, "The --train recipe").  Then keep the highest rate the run's own
-    # loss guard would not stop.
-    noise = (best_loss >= (1 - PROBE_MARGIN) * math.log(classes)
-             and any(loss <= limit for _, loss in losses))
+    # Neither the start nor any candidate had the loss clearly below a uniform guess's (ln C): a
+    # network from random init after 8 steps, whose figures are noise (ResNet-18 from
+    # torchvision's init, 60 runs: the best candidate 0.65-0.70 against ln 2 = 0.693, x1 rising
+    # to 0.82-1.19 on 10 of them, rates the full run, warmed up, trains well; trained VGG16
+    # convs, 18 runs: best 0.21-0.65; benchmarks/RESULTS.md, "The --train recipe").  Then keep
+    # the highest rate whose loss stayed within the loss guard's limit.  (A start already below
+    # the guess, a model that had learnt, is judged as before: there a rise is real.)
+    kept = [f for f, loss in losses if math.isfinite(loss) and loss <= limit]
+    noise = math.isfinite(reference) and min(reference, best_loss) >= guess and bool(kept)
     if noise:
-        best_factor = next(f for f, loss in losses if loss <= limit)
+        best_factor = kept[0]
     elif best_loss < reference:  # the highest rate as good as the best within the margin
         best_factor = next(f for f, loss in losses if loss < reference and loss <= best_loss + PROBE_MARGIN * reference)
     _restore_training_state(start, run)
@@ -1145,8 +1151,10 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
         run.rate_factor *= best_factor
     if log is not None:
         margin = "" if best_factor == lowest_at else (
-            f", the highest the loss guard accepts: no rate brought the loss below {1 - PROBE_MARGIN:.0%} of a "
-            f"uniform guess's over {classes} classes ({math.log(classes):.4g}), too few steps to tell rates apart"
+            f", the highest whose loss stayed within {limit / max(reference, GUARD_MIN_REFERENCE):g}x of the "
+            f"start's (the loss guard's limit): neither the start nor any rate had the loss below "
+            f"{1 - PROBE_MARGIN:.0%} of a uniform guess's over {classes} classes ({math.log(classes):.4g}), "
+            f"too few steps to tell rates apart"
             if noise else
             f", the highest within {PROBE_MARGIN:.0%} of the start's loss of the lowest (x{lowest_at:g})")
         loader_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
@@ -1164,13 +1172,14 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
 
 
 def _classes(run: _Run, batch, *, device) -> int:
-    """The number of the model's outputs (its logits' last dimension), from one input of ``batch``."""
+    """The number of classes the model scores (its logits' dimension 1, cross-entropy's), from one
+    input of ``batch``."""
     net = runtime.unwrap(run.model)
     was_training = net.training
     net.eval()
     try:
         with torch.inference_mode():
-            return int(net(batch[0][:1].to(device)).shape[-1])
+            return int(net(batch[0][:1].to(device)).shape[1])
     finally:
         net.train(was_training)
 

@@ -765,8 +765,13 @@ def test_rate_probe_says_when_no_rate_lowered_the_loss(caplog):
     # Nothing learnt (every loss near ln 3 = 1.099, a uniform guess over NUM_CLASSES): x1 rose,
     # but not as far as the loss guard's 2x of the start, so the recipe's rate is kept ...
     ((1.10, 1.70, 1.08, 1.09), 1.0),
-    # ... and a rate the guard would stop is not.
-    ((1.10, 2.50, 1.08, 1.09), 0.3),
+    # ... and a rate the guard would stop is not (the lowest loss alone would keep x0.1).
+    ((1.10, 2.50, 1.50, 1.08, 1.09), 0.3),
+    # A start that had learnt (below the guess) which every rate ruined: a real rise, judged as
+    # before (the lowest loss, and a warning), not as noise.
+    ((0.60, 1.19, 1.10, 1.12, 1.15, 1.16), 0.3),
+    # A non-finite start: no noise rule, and a diverged candidate is never kept.
+    ((math.inf, math.inf, 1.10, 1.12, 1.15, 1.16), 0.3),
 ])
 def test_rate_probe_keeps_the_highest_rate_as_good_as_the_best(monkeypatch, caplog, losses, chosen):
     """The probe's choice from the losses it measures (the start's, then each candidate's)."""
@@ -781,6 +786,8 @@ def test_rate_probe_keeps_the_highest_rate_as_good_as_the_best(monkeypatch, capl
     # The log says when the margin, not the lowest loss, chose, and when the figures were noise.
     said = "the highest within 5% of the start's loss of the lowest (x0.3)" in caplog.text
     assert said == (losses[0] == 0.717)
-    noise = "the highest the loss guard accepts: no rate brought the loss below 95% of a uniform guess's over 3"
-    assert (noise in caplog.text) == (losses[:2] == (1.10, 1.70))
-    assert "no rate tried lowered the loss" not in caplog.text
+    noise = ("the highest whose loss stayed within 2x of the start's (the loss guard's limit): neither the start "
+             "nor any rate had the loss below 95% of a uniform guess's over 3 classes (1.099)")
+    assert (noise in caplog.text) == (losses[:2] in ((1.10, 1.70), (1.10, 2.50)))
+    warned = "no rate tried lowered the loss" in caplog.text
+    assert warned == (losses[0] == 0.60)
