@@ -100,8 +100,8 @@ DEFAULT_RATE_PROBE = (1.0, 0.3, 0.1, 0.03, 0.01)
 #: a few steps (ResNet-18, start 0.717: x1 0.706, x0.3 0.692), and the lower rate chosen on
 #: such a tie learnt far less over the run (58.7 +- 3.3% against 67.8 +- 3.7% without the
 #: probe, three seeds); the wins the probe exists for were 25% of the start or more
-#: (benchmarks/RESULTS.md, "The --train recipe").  The probe's figures count only when its best
-#: loss is this share below a uniform guess's (``_probe_rates``).
+#: (benchmarks/RESULTS.md, "The --train recipe").  The probe's figures count only when the
+#: start's loss or its best is this share below a uniform guess's (``_probe_rates``).
 PROBE_MARGIN = 0.05
 
 
@@ -1151,7 +1151,7 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
         run.rate_factor *= best_factor
     if log is not None:
         margin = "" if best_factor == lowest_at else (
-            f", the highest whose loss stayed within {limit / max(reference, GUARD_MIN_REFERENCE):g}x of the "
+            f", the highest whose loss stayed within {run.recipe.divergence or DIVERGENCE_FACTOR:g}x of the "
             f"start's (the loss guard's limit): neither the start nor any rate had the loss below "
             f"{1 - PROBE_MARGIN:.0%} of a uniform guess's over {classes} classes ({math.log(classes):.4g}), "
             f"too few steps to tell rates apart"
