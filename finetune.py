@@ -811,6 +811,11 @@ class LossGuard:
         self.reference: float | None = None
         self.running: float | None = None
 
+    @staticmethod
+    def limit(factor: float, start: float) -> float:
+        """The running mean above which a run that started at ``start`` has diverged."""
+        return factor * max(GUARD_MIN_REFERENCE, start)
+
     def update(self, loss: float) -> str | None:
         """Record a batch's loss; the reason the run counts as diverged, or None."""
         if self.factor is None or not math.isfinite(loss):
@@ -821,7 +826,7 @@ class LossGuard:
             if len(self.first) == GUARD_REFERENCE_BATCHES:
                 self.reference = max(GUARD_MIN_REFERENCE, sum(self.first) / len(self.first))
             return None
-        if self.running > self.factor * self.reference:
+        if self.running > self.limit(self.factor, self.reference):
             return (f"training loss diverged: its running mean {self.running:.4g} is over {self.factor:g}x where "
                     f"the run started ({self.reference:.4g})")
         return None
@@ -1131,7 +1136,8 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
     lowest_at = best_factor
     classes = _classes(run, judged[0], device=device)
     guess = (1 - PROBE_MARGIN) * math.log(classes)
-    limit = (run.recipe.divergence or DIVERGENCE_FACTOR) * max(reference, GUARD_MIN_REFERENCE)
+    divergence = run.recipe.divergence or DIVERGENCE_FACTOR
+    limit = LossGuard.limit(divergence, reference)
     # Neither the start nor any candidate had the loss clearly below a uniform guess's (ln C): a
     # network from random init after 8 steps, whose figures are noise (ResNet-18 from
     # torchvision's init, 60 runs: the best candidate 0.65-0.70 against ln 2 = 0.693, x1 rising
@@ -1151,7 +1157,7 @@ def _probe_rates(run: _Run, train_loader, *, device, group, log) -> float:
         run.rate_factor *= best_factor
     if log is not None:
         margin = "" if best_factor == lowest_at else (
-            f", the highest whose loss stayed within {run.recipe.divergence or DIVERGENCE_FACTOR:g}x of the "
+            f", the highest whose loss stayed within {divergence:g}x of the "
             f"start's (the loss guard's limit): neither the start nor any rate had the loss below "
             f"{1 - PROBE_MARGIN:.0%} of a uniform guess's over {classes} classes ({math.log(classes):.4g}), "
             f"too few steps to tell rates apart"
