@@ -664,7 +664,8 @@ def _pareto_front(ranks: tuple[np.ndarray, ...], bound2: np.ndarray, value: np.n
 #: ``cp_rank_limit`` only.  The proxy (``_BudgetSite._cp_bound2``) falls to 0 at the limit, but
 #: CP-ALS does not: on the trained VGG16 of the CIFAR-10 benchmark (layers of 64x64 to 512x512
 #: channels) the proxy was at or above ALS's squared error at every fraction up to 0.9
-#: (e.g. 0.030 against 0.006 on a 512x512 layer) and below it at 1.0 (0 against 0.0001-0.0022; 30-100 ALS iterations).
+#: (e.g. 0.030 against 0.006 on a 512x512 layer) and below it at 1.0 (0 against 0.0001-0.0022;
+#: 30-100 ALS iterations; benchmarks/RESULTS.md has the table).
 #: Without the cap, a budget chose ranks within 0.2% of the limit on layers whose MACs are cheap
 #: (2287 of 2291 on 2x2 maps at 32 px): nothing saved, a real error, and the slowest ALS there is.
 CP_PROXY_MAX_FRACTION = 0.9
