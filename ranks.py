@@ -566,7 +566,7 @@ class _SiteLatency:
     rank between the grid points around it.
     """
 
-    def __init__(self, site: _Site, table) -> None:
+    def __init__(self, site: _Site, table, *, cp_measured: bool = False) -> None:
         # pad_ranks pads the ranks of conv replacements only (an SVD Linear's rank is not a channel count).
         self.multiple = table.rank_multiple if site.kind == "conv" else None
         in_shape = tuple(site.in_shape[1:])
@@ -575,7 +575,8 @@ class _SiteLatency:
         if site.method == "tucker":
             fulls = [weight.shape[0], weight.shape[1]]
         elif site.method == "cp":
-            fulls = [D.cp_rank_limit(site.layer)]
+            # Up to the highest rank the budget may choose: no time spent on ranks never options.
+            fulls = [_cp_max_rank(site.layer, measured=cp_measured)]
         else:
             # Ranks past the break-even (as many weights as the layer) are never options.
             t, s = D.matrix_shape(site.layer)
@@ -600,13 +601,14 @@ class _SiteLatency:
         return self._interp(np.stack(points, axis=-1))
 
 
-def _site_latency(site: _Site, table) -> _SiteLatency | None:
-    """The site's latency model, built once per table (the grid is the slow part)."""
+def _site_latency(site: _Site, table, *, cp_measured: bool = False) -> _SiteLatency | None:
+    """The site's latency model, built once per table (the grid is the slow part).
+    ``cp_measured``: the CP ranks' errors are measured (conv="auto"), so they span the whole range."""
     if site.in_shape is None:
         return None
-    key = (site.method, latency.signature(site.layer, tuple(site.in_shape[1:])))
+    key = (site.method, site.method == "cp" and cp_measured, latency.signature(site.layer, tuple(site.in_shape[1:])))
     if key not in table.site_models:
-        table.site_models[key] = _SiteLatency(site, table)
+        table.site_models[key] = _SiteLatency(site, table, cp_measured=cp_measured)
     return table.site_models[key]
 
 
@@ -671,6 +673,14 @@ def _pareto_front(ranks: tuple[np.ndarray, ...], bound2: np.ndarray, value: np.n
 CP_PROXY_MAX_FRACTION = 0.9
 
 
+def _cp_max_rank(layer: nn.Module, *, measured: bool) -> int:
+    """The highest CP rank a budget considers: where the CP layer is as large as the original
+    (beyond, it never pays), or with the proxy for CP's error (not ``measured``) only up to
+    :data:`CP_PROXY_MAX_FRACTION` of that."""
+    limit = D.cp_rank_limit(layer)
+    return limit if measured else max(1, math.floor(CP_PROXY_MAX_FRACTION * limit))
+
+
 @dataclass
 class _BudgetSite:
     """One layer's options under a budget: every rank choice that shrinks it, with its cost and error bound."""
@@ -691,14 +701,8 @@ class _BudgetSite:
             ranks = (r_out.ravel(), r_in.ravel())
             bound2 = t_out[ranks[0]] + t_in[ranks[1]]
         else:
-            # CP ranks up to where the CP layer is as large as the original (beyond, it never pays);
-            # with the proxy for CP's error, only up to CP_PROXY_MAX_FRACTION of that (see there).
-            if site.method != "cp":
-                full = min(D.matrix_shape(site.layer))
-            elif self.cp_errors2 is not None:
-                full = D.cp_rank_limit(site.layer)
-            else:
-                full = max(1, math.floor(CP_PROXY_MAX_FRACTION * D.cp_rank_limit(site.layer)))
+            full = (_cp_max_rank(site.layer, measured=self.cp_errors2 is not None) if site.method == "cp"
+                    else min(D.matrix_shape(site.layer)))
             ranks = (np.arange(1, full + 1),)
             if site.method != "cp":
                 bound2 = self.tails[0][ranks[0]]
@@ -836,15 +840,15 @@ class _MixedBudgetSite(_BudgetSite):
 def _budget_site(site: _Site, cache: dict, metric: str, multiple: int | None = None,
                  table=None) -> _BudgetSite:
     """A movable layer's options under a budget (``table``: the latency table of a latency budget)."""
-    def timing(s: _Site) -> _SiteLatency | None:
-        return _site_latency(s, table) if metric == "latency" else None
+    def timing(s: _Site, *, cp_measured: bool = False) -> _SiteLatency | None:
+        return _site_latency(s, table, cp_measured=cp_measured) if metric == "latency" else None
 
     if site.method == "auto":
         tucker, cp = (_Site(site.name, site.layer, site.kind, m, site.in_shape, site.macs, site.params)
                       for m in ("tucker", "cp"))
         tucker_site = _budget_site(tucker, cache, metric, multiple, table)
         cp_site = _BudgetSite(cp, _cost_model(cp), tucker_site.tails, metric, cp_errors2=_cp_errors2(cp, cache),
-                              multiple=multiple, latency=timing(cp))
+                              multiple=multiple, latency=timing(cp, cp_measured=True))
         return _MixedBudgetSite(tucker_site, cp_site)
     full = [site.layer.weight.shape[0], site.layer.weight.shape[1]] if site.method in ("tucker", "cp") else \
         [min(D.matrix_shape(site.layer))]

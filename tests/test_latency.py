@@ -204,6 +204,20 @@ def test_padded_ranks_cost_their_whole_block():
     assert t17 == pytest.approx(report.count_macs(padded, (64, 16, 16)) * MS_PER_MAC)
 
 
+def test_cp_latency_grid_ends_where_the_budget_stops():
+    # With CP's proxy errors (conv="cp") a budget never goes past CP_PROXY_MAX_FRACTION of the
+    # rank limit, so the timing grid stops there; with measured errors (conv="auto") it spans all.
+    net = _net()
+    table = MacsTable(backend="eager", batch=1, cache_path=False)
+    site = {s.name: s for s in ranks._sites(net, ranks.Policy(conv="cp"), SIZE)}["4"]
+    limit = D.cp_rank_limit(site.layer)
+    proxy, measured = ranks._site_latency(site, table), ranks._site_latency(site, table, cp_measured=True)
+    assert proxy.grids[0][-1] == math.floor(ranks.CP_PROXY_MAX_FRACTION * limit) < limit
+    assert measured.grids[0][-1] == limit and proxy is not measured
+    options = ranks._budget_site(site, {}, "latency", table=table)
+    assert options.latency is proxy and options.ranks[0].max() <= proxy.grids[0][-1]
+
+
 def test_the_measured_check_corrects_a_time_model_that_misses():
     # Time grows faster than MACs here, so layers timed alone underestimate the whole model and
     # the first plan misses; the next plans correct the request until the planned model
