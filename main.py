@@ -1172,8 +1172,8 @@ def evaluate_int8(model: torch.nn.Module, args: argparse.Namespace, test_loader,
     batches = _int8_calibration(args, image_size, classes)
     example = torch.randn(args.latency_batch, 3, image_size, image_size)
     try:
-        float_bytes, int8_bytes = inference.onnx_float_and_int8(model.to("cpu"), example, batches,
-                                                                float_bytes=float_bytes)
+        # The export works from a copy on the model's own device: the caller's model stays where it is.
+        float_bytes, int8_bytes = inference.onnx_float_and_int8(model, example, batches, float_bytes=float_bytes)
     except ImportError as exc:
         raise UserError(f"--quantize int8 needs the onnx and onnxruntime packages ({exc}); "
                         f"pip install onnx onnxruntime") from None
