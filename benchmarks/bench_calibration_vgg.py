@@ -142,8 +142,13 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[
         logger.info("seed %d: original int8 %.2f%%", seed, 100 * result["int8_original"]["acc_int8"])
     first = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     macs0 = report.count_macs(model, input_size)
-    for method in args.methods:
-        base = {"conv": method, "fc": "svd", "fc_rank_ratio": args.fc_rank_ratio, "skip": {first: "first conv kept"}}
+    for method, fc in ((m, f) for m in args.methods for f in args.fc):
+        # "svd": the FC layers at the fixed --fc_rank_ratio (this benchmark's protocol); "budget": at
+        # the ranks the budget (or VBMF) gives them, as --fc svd without --fc_rank_ratio does; "none":
+        # kept dense, the tool's default (the convs then carry the whole budget).
+        fc_policy = ({"fc": "svd", "fc_rank_ratio": args.fc_rank_ratio} if fc == "svd" else
+                     {"fc": "svd"} if fc == "budget" else {"fc": "none"})
+        base = {"conv": method, **fc_policy, "skip": {first: "first conv kept"}}
         spectra: dict = {}
         for target in args.targets:
             policy = ranks.Policy(**base) if target == "vbmf" else ranks.Policy(target_macs=float(target), **base)
@@ -155,7 +160,7 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[
                                                       calibration=batches if variant == "data-aware" else None)
                 seconds = time.perf_counter() - start
                 acc = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
-                row = {"method": method, "target": target, "variant": variant,
+                row = {"method": method, "fc": fc, "target": target, "variant": variant,
                        "macs_ratio": macs0 / report.count_macs(net, input_size), "acc": acc, "seconds": seconds,
                        "data_free_layers": [r.name for r in rows if "data-free" in (r.reason or "")]}
                 if args.int8 and variant == "data-aware":
@@ -172,8 +177,8 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[
                     row["acc_ft"] = finetune.evaluate(net, test_loader, device=device, show_progress=progress)["acc"]
                     row["ft_epochs"], row["ft_images"] = args.ft_after, args.ft_images
                 result["rows"].append(row)
-                logger.info("seed %d %s %s %s: %.2fx MACs, %.2f%% (original %.2f%%), %.1f s", seed, method, target,
-                            variant, row["macs_ratio"], 100 * acc, 100 * acc_original, seconds)
+                logger.info("seed %d %s (fc %s) %s %s: %.2fx MACs, %.2f%% (original %.2f%%), %.1f s", seed, method,
+                            fc, target, variant, row["macs_ratio"], 100 * acc, 100 * acc_original, seconds)
                 del net
     return result
 
@@ -189,12 +194,15 @@ def summarize(runs: list[dict[str, Any]]) -> str:
     lines = [f"seeds {', '.join(str(r['seed']) for r in runs)}; original (fine-tuned) {_mean_sd(originals)}%", "",
              "| method | target | variant | MACs ratio | straight after | drop (paired) | after fine-tuning "
              "| drop (paired) | seconds |", "|---|---|---|--:|--:|--:|--:|--:|--:|"]
-    keys = list(dict.fromkeys((row["method"], row["target"], row["variant"]) for r in runs for row in r["rows"]))
-    for method, target, variant in keys:
-        pairs = [(r, row) for r in runs for row in r["rows"]
-                 if (row["method"], row["target"], row["variant"]) == (method, target, variant)]
+    def key(row: dict) -> tuple:  # rows from before --fc had the FC layers at the fixed ratio
+        return row["method"], row.get("fc", "svd"), row["target"], row["variant"]
+
+    keys = list(dict.fromkeys(key(row) for r in runs for row in r["rows"]))
+    for method, fc, target, variant in keys:
+        pairs = [(r, row) for r in runs for row in r["rows"] if key(row) == (method, fc, target, variant)]
         ratios = [row["macs_ratio"] for _, row in pairs]
-        lines.append(f"| {method} | {target} | {variant} | {min(ratios):.2f}-{max(ratios):.2f}x | "
+        shown = method if fc == "svd" else f"{method}, fc {fc}"
+        lines.append(f"| {shown} | {target} | {variant} | {min(ratios):.2f}-{max(ratios):.2f}x | "
                      f"{_mean_sd([100 * row['acc'] for _, row in pairs])} | "
                      f"{_mean_sd([100 * (r['acc_original'] - row['acc']) for r, row in pairs])} | "
                      f"{_mean_sd(tuned) if (tuned := [100 * row['acc_ft'] for _, row in pairs if 'acc_ft' in row]) else '-'} | "
@@ -239,6 +247,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ft_images", type=int, default=0, help="seeded subset of train/ that the fine-tuning epochs go through (0: all)")
     parser.add_argument("--int8", action="store_true", help="also each data-aware model's accuracy in int8")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--fc", type=bench_real._csv(str), default=["svd"],
+                        help="FC layers: 'svd' (at --fc_rank_ratio), 'budget' (SVD at the budget's ranks), 'none'")
     parser.add_argument("--fc_rank_ratio", type=float, default=bench_real.DEFAULT_FC_RANK_RATIO)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
@@ -249,6 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.summarize and not args.weights:
         parser.error("--weights FILE is needed (the trained conv stack)")
+    if set(args.fc) - {"svd", "budget", "none"}:
+        parser.error(f"--fc takes svd, budget and none, got {','.join(args.fc)}")
     return args
 
 
