@@ -575,8 +575,12 @@ class _SiteLatency:
         if site.method == "tucker":
             fulls = [weight.shape[0], weight.shape[1]]
         elif site.method == "cp":
-            # Up to the highest rank the budget may choose: no time spent on ranks never options.
-            fulls = [_cp_max_rank(site.layer, measured=cp_measured)]
+            # Up to the highest rank the budget may choose, as the backend pads it (a rank just
+            # under the cap runs as the block above): no time spent on ranks never options.
+            top = _cp_max_rank(site.layer, measured=cp_measured)
+            if self.multiple:
+                top = min(D.cp_rank_limit(site.layer), -(-top // self.multiple) * self.multiple)
+            fulls = [top]
         else:
             # Ranks past the break-even (as many weights as the layer) are never options.
             t, s = D.matrix_shape(site.layer)

@@ -216,6 +216,16 @@ def test_cp_latency_grid_ends_where_the_budget_stops():
     assert measured.grids[0][-1] == limit and proxy is not measured
     options = ranks._budget_site(site, {}, "latency", table=table)
     assert options.latency is proxy and options.ranks[0].max() <= proxy.grids[0][-1]
+    # onnxruntime pads ranks to blocks of 16: the grid reaches the block the cap falls in, so a
+    # rank just under the cap costs that whole block, as below it.
+    padded = MacsTable(backend="onnx", batch=1, cache_path=False)
+    cap = math.floor(ranks.CP_PROXY_MAX_FRACTION * limit)
+    block = -(-cap // 16) * 16
+    timing = ranks._site_latency(site, padded)
+    assert cap < timing.grids[0][-1] == min(limit, block)
+    assert timing(([cap],)) == pytest.approx(timing(([block],)))
+    assert timing(([cap],)) == pytest.approx(
+        report.count_macs(inference.pad_ranks(D.CPConv2d(site.layer, cap), 16), (64, 16, 16)) * MS_PER_MAC)
 
 
 def test_the_measured_check_corrects_a_time_model_that_misses():
