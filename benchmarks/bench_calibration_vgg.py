@@ -68,6 +68,11 @@ logger = logging.getLogger("bench_calibration_vgg")
 ARCH = "vgg16"
 SIZE = 64
 DEFAULT_OUT = BENCH_DIR / "results" / "calibration" / "vgg16_fmnist"
+#: --fc: the tool's --fc for each.  "svd": the FC layers at the fixed --fc_rank_ratio (this
+#: benchmark's protocol); "budget": at the ranks the budget (or VBMF) gives them, as --fc svd
+#: without --fc_rank_ratio does; "none": kept dense, the tool's default (the convs then carry
+#: the whole budget).
+FC_MODES = {"svd": "svd", "budget": "svd", "none": "none"}
 
 
 def _subset(ds, images: int, seed: int):
@@ -143,12 +148,8 @@ def run_seed(args: argparse.Namespace, seed: int, device: torch.device) -> dict[
     first = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     macs0 = report.count_macs(model, input_size)
     for method, fc in ((m, f) for m in args.methods for f in args.fc):
-        # "svd": the FC layers at the fixed --fc_rank_ratio (this benchmark's protocol); "budget": at
-        # the ranks the budget (or VBMF) gives them, as --fc svd without --fc_rank_ratio does; "none":
-        # kept dense, the tool's default (the convs then carry the whole budget).
-        fc_policy = ({"fc": "svd", "fc_rank_ratio": args.fc_rank_ratio} if fc == "svd" else
-                     {"fc": "svd"} if fc == "budget" else {"fc": "none"})
-        base = {"conv": method, **fc_policy, "skip": {first: "first conv kept"}}
+        fc_policy = {"fc_rank_ratio": args.fc_rank_ratio} if fc == "svd" else {}
+        base = {"conv": method, "fc": FC_MODES[fc], **fc_policy, "skip": {first: "first conv kept"}}
         spectra: dict = {}
         for target in args.targets:
             policy = ranks.Policy(**base) if target == "vbmf" else ranks.Policy(target_macs=float(target), **base)
@@ -259,8 +260,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.summarize and not args.weights:
         parser.error("--weights FILE is needed (the trained conv stack)")
-    if set(args.fc) - {"svd", "budget", "none"}:
-        parser.error(f"--fc takes svd, budget and none, got {','.join(args.fc)}")
+    if set(args.fc) - set(FC_MODES):
+        parser.error(f"--fc takes {', '.join(FC_MODES)}, got {','.join(args.fc)}")
     return args
 
 
